@@ -1,0 +1,34 @@
+# Two entry points for a fresh clone: `make serve` and `make test`. Both set up .venv first;
+# the set-up is skipped when pyproject.toml has not changed since the last install.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PROTO_STAMP := service/_proto/.generated
+
+.PHONY: serve test venv protos models bench lint clean
+
+venv: $(STAMP) $(PROTO_STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+protos: $(PROTO_STAMP)
+
+$(PROTO_STAMP): $(STAMP) $(shell find protos -name '*.proto' 2>/dev/null) scripts/gen_protos.py
+	$(BIN)/python scripts/gen_protos.py
+
+serve: venv
+	$(BIN)/quorum serve
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+models: venv
+	$(BIN)/python models/make_digits.py
+
+clean:
+	rm -rf $(VENV) service/_proto

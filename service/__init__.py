@@ -1,0 +1,3 @@
+"""Quorum: gRPC inference-and-ensemble serving."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,51 @@
+"""Domain errors raised below the API layer; one interceptor maps them to gRPC status codes."""
+
+from __future__ import annotations
+
+
+class QuorumError(Exception):
+    """Base of every error Quorum reports to a client."""
+
+
+class InvalidInput(QuorumError):
+    """The request is malformed: wrong dtype, shape, missing input, bad value."""
+
+
+class ModelNotFound(QuorumError):
+    """No such model or version in the repository."""
+
+
+class ModelNotReady(QuorumError):
+    """The model exists but is not loaded (loading, unloaded or failed)."""
+
+
+class Overloaded(QuorumError):
+    """A queue is full; the client should back off and retry."""
+
+
+class DeadlineExceeded(QuorumError):
+    """The request's deadline passed before enough of the work was done."""
+
+
+class FailedPrecondition(QuorumError):
+    """The request asks for something the server cannot meet (e.g. an objective)."""
+
+
+class Unauthenticated(QuorumError):
+    """Missing or wrong credentials."""
+
+
+class ModelLoadError(QuorumError):
+    """A model version could not be loaded; names the folder and the cause."""
+
+    def __init__(self, folder: str, message: str) -> None:
+        super().__init__(f"{folder}: {message}")
+        self.folder = folder
+
+
+class ManifestError(ModelLoadError):
+    """A version folder's manifest is missing, unreadable or invalid; names the field."""
+
+    def __init__(self, folder: str, field: str, message: str) -> None:
+        super().__init__(folder, f"variant.json field '{field}': {message}")
+        self.field = field

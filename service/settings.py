@@ -1,0 +1,55 @@
+"""Server settings: parsed once in `main` (flags over env `QUORUM_*` over defaults), then passed down."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+BUNDLED_MODELS = Path(__file__).resolve().parent.parent / "models"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="QUORUM_", extra="ignore")
+
+    grpc_host: str = "[::]"
+    """Address the gRPC server binds."""
+    grpc_port: int = Field(8500, ge=0, le=65535)
+    """gRPC port for every service (0 picks a free port)."""
+    metrics_port: int = Field(8502, ge=0, le=65535)
+    """HTTP port of the Prometheus /metrics endpoint (0 picks a free port)."""
+
+    model_repository: Path = BUNDLED_MODELS
+    """Model repository root: one folder per model (TF Serving layout)."""
+    device: str = "auto"
+    """Default placement: auto (a GPU if one is visible, else the CPU), cpu, gpu or gpu:N."""
+    device_overrides: dict[str, str] = {}
+    """Per-variant placement, model name -> device, e.g. {"digits_cnn_a": "cpu"}."""
+    intra_op_threads: int = Field(0, ge=0)
+    """Threads per model for ONNX Runtime / TensorFlow intra-op parallelism (0: library default)."""
+    batch_invariance: Literal["strict", "tolerant"] = "tolerant"
+    """strict: pad every batch to the model's max batch size, so outputs are bitwise
+    identical whatever else is in the batch; tolerant: run batches at their own size."""
+
+    poll_interval_s: float = Field(2.0, ge=0)
+    """How often to rescan the repository for new or removed versions (0 disables polling)."""
+    grace_period_s: float = Field(10.0, ge=0)
+    """On SIGTERM, how long in-flight requests get to finish before the server stops."""
+    max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    """Largest gRPC message accepted or sent."""
+
+    tls_cert: Path | None = None
+    """PEM certificate chain of the server; with tls_key, turns TLS on."""
+    tls_key: Path | None = None
+    """PEM private key of the server."""
+    tls_client_ca: Path | None = None
+    """PEM CA bundle; when set, clients must present a certificate it signed (mTLS)."""
+    auth_token: str | None = None
+    """Bearer token clients must send in `authorization` metadata (health and reflection stay open)."""
+    auth_token_file: Path | None = None
+    """File holding the bearer token (read once at start); wins over auth_token."""
+
+    log_level: str = "INFO"
+    """Python logging level."""
