@@ -1,0 +1,322 @@
+"""Dynamic batching for one model instance.
+
+Requests queue while the model is busy; the moment it is free, everything queued (up to
+`max_batch_size` rows) goes out as one batch. With the default `max_queue_delay_us=0` a
+request that finds the model idle is dispatched at once: no timer tax on lone requests
+(see ANCHORS.md). A positive delay lets a small batch wait, from its oldest request's
+arrival, for the next preferred size.
+
+Rules:
+- A request is never split across batches; one with more rows than `max_batch_size` is
+  rejected with InvalidInput (the API documents the limit).
+- Requests with different row shapes or dtypes are never merged: a batch is the longest
+  run of compatible requests from the head of the queue; the next request starts the next.
+- A full queue rejects at once with Overloaded.
+- A request whose deadline passes while queued fails with DeadlineExceeded at that
+  instant and never runs; a caller cancelled while queued is dropped. Once its batch has
+  started, a request runs to the end (compute cannot be interrupted) and its caller gets
+  the answer, even past the deadline.
+- If `run_batch` raises, every request of that batch gets the exception; the batcher
+  keeps serving.
+
+The queue is a deque plus an asyncio.Event created inside the running loop (on `start()`
+or the first `submit`), because the dispatcher needs to look at the head, to take a
+prefix by rows and to skip dead entries, which asyncio.Queue cannot do. Expired and
+cancelled entries are dropped lazily, so every operation is O(1) per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+import numpy as np
+
+from service.batching.config import BatchingConfig
+from service.batching.requests import merge, split
+from service.errors import DeadlineExceeded, InvalidInput, ModelNotReady, Overloaded
+
+log = logging.getLogger(__name__)
+
+RunBatch = Callable[[np.ndarray], Awaitable[np.ndarray]]
+
+
+class BatchObserver(Protocol):
+    def on_batch(self, model: str, batch_rows: int, queue_waits_s: list[float]) -> None:
+        """Called once per dispatched batch with its row count and each request's wait."""
+
+
+class _Pending:
+    __slots__ = ("rows", "n", "deadline", "arrival", "future", "timer", "queued")
+
+    def __init__(self, rows: np.ndarray, deadline: float | None, arrival: float,
+                 future: asyncio.Future[np.ndarray]) -> None:
+        self.rows = rows
+        self.n = rows.shape[0]
+        self.deadline = deadline
+        self.arrival = arrival
+        self.future = future
+        self.timer: asyncio.TimerHandle | None = None
+        self.queued = True
+
+
+class DynamicBatcher:
+    def __init__(self, name: str, run_batch: RunBatch, config: BatchingConfig,
+                 observer: BatchObserver | None = None) -> None:
+        self.name = name
+        self._run_batch = run_batch
+        self._config = config
+        self._observer = observer
+        self._queue: deque[_Pending] = deque()
+        self._wakeup: asyncio.Event | None = None
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._running: set[asyncio.Task[None]] = set()
+        self._depth = 0          # live requests queued
+        self._queued_rows = 0    # their rows
+        self._in_flight = 0      # rows in running batches
+        self._batches_running = 0
+        self._stopping = False
+
+    @property
+    def config(self) -> BatchingConfig:
+        return self._config
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting to be dispatched."""
+        return self._depth
+
+    @property
+    def in_flight(self) -> int:
+        """Rows in batches that are running."""
+        return self._in_flight
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start the dispatcher in the running loop (submit also does this lazily)."""
+        self._ensure_started()
+
+    def _ensure_started(self) -> None:
+        if self._dispatcher is None:
+            self._wakeup = asyncio.Event()
+            self._dispatcher = asyncio.get_running_loop().create_task(
+                self._dispatch_loop(), name=f"batcher-{self.name}")
+            self._dispatcher.add_done_callback(self._dispatcher_done)
+
+    async def stop(self, timeout: float | None = None) -> None:
+        """Refuse new requests, let queued and running work finish, stop the dispatcher.
+
+        After `timeout` seconds, requests still queued fail with ModelNotReady; batches
+        already running finish in the background (their callers still get answers).
+        """
+        self._stopping = True
+        if self._dispatcher is None:
+            return
+        self._wake()
+        done, _ = await asyncio.wait({self._dispatcher}, timeout=timeout)
+        if not done:
+            self._fail_queued(ModelNotReady(
+                f"model '{self.name}' stopped before the request was dispatched"))
+            self._wake()
+
+    # -- requests --------------------------------------------------------------------------
+    async def submit(self, rows: np.ndarray, deadline: float | None = None) -> np.ndarray:
+        """Queue `rows` (n, ...) and return their n output rows.
+
+        `deadline` is an absolute time.monotonic() instant.
+        """
+        if self._stopping:
+            raise ModelNotReady(f"model '{self.name}' is stopping")
+        cfg = self._config
+        if rows.ndim == 0 or rows.shape[0] == 0:
+            raise InvalidInput(f"model '{self.name}': a request needs at least one row, "
+                               f"got shape {list(rows.shape)}")
+        if rows.shape[0] > cfg.max_batch_size:
+            raise InvalidInput(
+                f"model '{self.name}': request has {rows.shape[0]} rows, more than the "
+                f"max batch size of {cfg.max_batch_size}; send at most "
+                f"{cfg.max_batch_size} rows per request")
+        if self._depth >= cfg.max_queue_size:
+            raise Overloaded(f"model '{self.name}': queue full "
+                             f"({self._depth} requests waiting); retry later")
+        now = time.monotonic()
+        if deadline is not None and deadline <= now:
+            raise DeadlineExceeded(f"model '{self.name}': deadline passed before queueing")
+        self._ensure_started()
+        loop = asyncio.get_running_loop()
+        pending = _Pending(rows, deadline, now, loop.create_future())
+        if deadline is not None:
+            pending.timer = loop.call_later(deadline - now, self._expire, pending)
+        self._queue.append(pending)
+        self._depth += 1
+        self._queued_rows += pending.n
+        self._wake()
+        try:
+            return await pending.future
+        except asyncio.CancelledError:
+            if pending.queued:
+                self._unqueue(pending)
+                self._wake()
+            raise
+
+    def _unqueue(self, pending: _Pending) -> None:
+        """Mark a live queued entry dead (it is popped later) and free its rows."""
+        pending.queued = False
+        self._depth -= 1
+        self._queued_rows -= pending.n
+        if pending.timer is not None:
+            pending.timer.cancel()
+        pending.rows = None  # type: ignore[assignment]
+
+    def _expire(self, pending: _Pending) -> None:
+        if pending.queued:
+            self._unqueue(pending)
+            if not pending.future.done():
+                pending.future.set_exception(DeadlineExceeded(
+                    f"model '{self.name}': deadline passed after "
+                    f"{time.monotonic() - pending.arrival:.4f} s in the queue"))
+            self._wake()
+
+    def _fail_queued(self, exc: BaseException) -> None:
+        while self._queue:
+            pending = self._queue.popleft()
+            if pending.queued:
+                self._unqueue(pending)
+                if not pending.future.done():
+                    pending.future.set_exception(exc)
+
+    def _wake(self) -> None:
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    # -- dispatcher ------------------------------------------------------------------------
+    async def _dispatch_loop(self) -> None:
+        cfg = self._config
+        wakeup = self._wakeup
+        assert wakeup is not None
+        while True:
+            while not (self._depth and self._batches_running < cfg.max_concurrent_batches):
+                if self._stopping and not self._depth and not self._batches_running:
+                    return
+                wakeup.clear()
+                await wakeup.wait()
+            if cfg.max_queue_delay_us and not self._stopping:
+                await self._linger()
+            batch, rows = self._take()
+            if not batch:
+                continue
+            self._batches_running += 1
+            self._in_flight += rows
+            if cfg.max_concurrent_batches == 1:
+                await self._run(batch, rows)  # inline: one task switch fewer per batch
+            else:
+                task = asyncio.get_running_loop().create_task(self._run(batch, rows))
+                self._running.add(task)
+                task.add_done_callback(self._running.discard)
+
+    async def _linger(self) -> None:
+        """Wait, up to max_queue_delay_us after the oldest queued request arrived, for
+        the queued rows to reach the next preferred batch size."""
+        cfg = self._config
+        wakeup = self._wakeup
+        assert wakeup is not None
+        head = self._head()
+        if head is None:
+            return
+        until = head.arrival + cfg.max_queue_delay_s
+        while self._depth and self._queued_rows < cfg.target_rows(self._queued_rows) \
+                and not self._stopping:
+            remaining = until - time.monotonic()
+            if remaining <= 0:
+                return
+            wakeup.clear()
+            try:
+                async with asyncio.timeout(remaining):
+                    await wakeup.wait()
+            except TimeoutError:
+                return
+
+    def _head(self) -> _Pending | None:
+        queue = self._queue
+        while queue and not queue[0].queued:
+            queue.popleft()
+        return queue[0] if queue else None
+
+    def _take(self) -> tuple[list[_Pending], int]:
+        """Pop the longest run of compatible live requests that fits in one batch."""
+        queue = self._queue
+        limit = self._config.max_batch_size
+        now = time.monotonic()
+        batch: list[_Pending] = []
+        rows = 0
+        signature = None
+        while queue:
+            pending = queue[0]
+            if not pending.queued:
+                queue.popleft()
+                continue
+            if pending.deadline is not None and pending.deadline <= now:
+                queue.popleft()
+                self._expire(pending)
+                continue
+            if rows + pending.n > limit:
+                break
+            if signature is None:
+                signature = (pending.rows.shape[1:], pending.rows.dtype)
+            elif (pending.rows.shape[1:], pending.rows.dtype) != signature:
+                break
+            queue.popleft()
+            pending.queued = False
+            if pending.timer is not None:
+                pending.timer.cancel()
+            batch.append(pending)
+            rows += pending.n
+        self._depth -= len(batch)
+        self._queued_rows -= rows
+        return batch, rows
+
+    async def _run(self, batch: list[_Pending], rows: int) -> None:
+        try:
+            if self._observer is not None:
+                self._observe(batch, rows)
+            merged, counts = merge([pending.rows for pending in batch])
+            for pending in batch:
+                pending.rows = None  # type: ignore[assignment]
+            outputs = split(await self._run_batch(merged), counts)
+        except Exception as exc:  # noqa: BLE001 - every caller of the batch gets it
+            for pending in batch:
+                if not pending.future.done():
+                    pending.future.set_exception(exc)
+        except BaseException:
+            # Cancelled (the loop is shutting down): fail the callers, then propagate.
+            for pending in batch:
+                if not pending.future.done():
+                    pending.future.set_exception(ModelNotReady(
+                        f"model '{self.name}' stopped while the batch was running"))
+            raise
+        else:
+            for pending, output in zip(batch, outputs):
+                if not pending.future.done():
+                    pending.future.set_result(output)
+        finally:
+            self._in_flight -= rows
+            self._batches_running -= 1
+            self._wake()
+
+    def _observe(self, batch: list[_Pending], rows: int) -> None:
+        now = time.monotonic()
+        try:
+            self._observer.on_batch(self.name, rows, [now - p.arrival for p in batch])  # type: ignore[union-attr]
+        except Exception:  # noqa: BLE001 - metrics must never fail a batch
+            log.exception("batch observer failed for model '%s'", self.name)
+
+    def _dispatcher_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            if not task.cancelled():
+                log.error("batcher '%s' dispatcher died", self.name, exc_info=task.exception())
+            self._stopping = True
+            self._fail_queued(ModelNotReady(f"model '{self.name}': batcher stopped"))

@@ -1,0 +1,182 @@
+from __future__ import annotations
+
+import asyncio
+import gc
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from service.ensemble.fanout import FanOut, MemberOutcome, gather_with_deadline
+from service.errors import DeadlineExceeded, Overloaded
+
+SLACK_S = 0.1
+
+
+async def member(value, delay: float, error: BaseException | None = None):
+    await asyncio.sleep(delay)
+    if error is not None:
+        raise error
+    return value
+
+
+async def test_straggler_is_left_out_and_named_and_the_answer_arrives_in_time():
+    start = time.monotonic()
+    deadline = start + 0.1
+    out = await gather_with_deadline(
+        {"fast": member(1, 0.01), "medium": member(2, 0.03), "slow": member(3, 5.0)},
+        deadline, safety_margin_s=0.02, quorum=2)
+    elapsed = time.monotonic() - start
+    results, latencies, left_out = out.results, out.latencies_s, out.left_out
+    assert elapsed < 0.1  # answered before the deadline itself
+    assert elapsed >= 0.08 - 0.005  # waited until the cutoff for the straggler
+    assert results == {"fast": 1, "medium": 2}
+    assert left_out == ["slow"]
+    assert set(latencies) == {"fast", "medium", "slow"}
+    assert 0.01 <= latencies["fast"] < 0.01 + SLACK_S
+    assert 0.03 <= latencies["medium"] < 0.03 + SLACK_S
+    assert latencies["slow"] >= 0.07  # a lower bound: waited that long
+    # The outcomes themselves, by name in call order.
+    assert isinstance(out, FanOut) and list(out) == ["fast", "medium", "slow"]
+    assert out["slow"] == MemberOutcome("slow", in_time=False, latency_s=latencies["slow"])
+    assert out["fast"].result == 1 and out["fast"].answered
+
+
+async def test_all_in_time_returns_as_soon_as_all_answer():
+    start = time.monotonic()
+    out = await gather_with_deadline({"a": member(1, 0.01), "b": member(2, 0.02)},
+                        deadline=start + 5.0, safety_margin_s=0.0, quorum=2)
+    assert time.monotonic() - start < 0.02 + SLACK_S
+    assert out.results == {"a": 1, "b": 2}
+    assert out.left_out == []
+    assert all(o.in_time and o.answered for o in out.values())
+
+
+async def test_below_quorum_raises_deadline_exceeded_naming_members():
+    start = time.monotonic()
+    with pytest.raises(DeadlineExceeded) as info:
+        await gather_with_deadline(
+            {"fast": member(1, 0.0), "slow1": member(2, 5.0), "slow2": member(3, 5.0)},
+            start + 0.05, safety_margin_s=0.0, quorum=2)
+    assert time.monotonic() - start < 0.05 + SLACK_S
+    message = str(info.value)
+    assert "1 of 3 members answered (quorum 2)" in message
+    assert "answered: fast" in message
+    assert "slow1 (no answer" in message and "slow2 (no answer" in message
+
+
+async def test_raising_member_is_left_out_and_its_error_kept():
+    out = await gather_with_deadline({"ok": member(1, 0.0), "bad": member(2, 0.0, RuntimeError("boom"))},
+                        deadline=time.monotonic() + 1.0, safety_margin_s=0.0, quorum=1)
+    assert out.results == {"ok": 1}
+    assert out.left_out == ["bad"]
+    assert isinstance(out.errors["bad"], RuntimeError)
+    bad = out["bad"]
+    assert bad.in_time and not bad.answered
+
+
+async def test_errors_without_lateness_raise_the_member_error():
+    """Quorum missed only through errors: the client sees the real cause, and at once."""
+    start = time.monotonic()
+    with pytest.raises(Overloaded):
+        await gather_with_deadline({"a": member(1, 0.0, Overloaded("queue full")),
+                       "b": member(2, 5.0)},
+                      deadline=start + 10.0, safety_margin_s=0.0, quorum=2)
+    assert time.monotonic() - start < SLACK_S  # quorum out of reach: no waiting for b
+
+
+async def test_deadline_with_errors_and_stragglers_is_deadline_exceeded():
+    with pytest.raises(DeadlineExceeded, match=r"bad \(RuntimeError: boom\)"):
+        await gather_with_deadline({"ok": member(1, 0.0), "bad": member(2, 0.0, RuntimeError("boom")),
+                       "slow": member(3, 5.0)},
+                      deadline=time.monotonic() + 0.05, safety_margin_s=0.0, quorum=2)
+
+
+async def test_no_deadline_waits_for_all():
+    start = time.monotonic()
+    out = await gather_with_deadline(
+        {"a": member(1, 0.05), "b": member(2, 0.15)}, None, safety_margin_s=0.02, quorum=1)
+    assert time.monotonic() - start >= 0.15 - 0.005
+    assert out.results == {"a": 1, "b": 2} and out.left_out == []
+    assert out.latencies_s["b"] >= out.latencies_s["a"]
+
+
+async def test_members_run_concurrently():
+    start = time.monotonic()
+    out = await gather_with_deadline({f"m{i}": member(i, 0.05) for i in range(10)}, None, 0.0, 10)
+    assert time.monotonic() - start < 0.05 + SLACK_S
+    assert len(out.results) == 10
+
+
+async def test_deadline_already_past_is_exceeded_at_once():
+    start = time.monotonic()
+    with pytest.raises(DeadlineExceeded, match="0 of 1"):
+        await gather_with_deadline({"a": member(1, 0.01)}, start + 0.001, safety_margin_s=0.01, quorum=1)
+    assert time.monotonic() - start < SLACK_S
+
+
+async def test_late_member_is_cancelled_by_default():
+    cancelled = asyncio.Event()
+
+    async def slow():
+        try:
+            await asyncio.sleep(5)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    await gather_with_deadline({"a": member(1, 0.0), "slow": slow()}, time.monotonic() + 0.03, 0.0, 1)
+    await asyncio.wait_for(cancelled.wait(), 1.0)
+
+
+async def test_late_executor_member_finishes_silently_in_the_background(caplog):
+    """Executor work cannot be interrupted: the fan-out stops waiting, and the late member's
+    later exception is retrieved, so nothing is logged as never retrieved."""
+    loop = asyncio.get_running_loop()
+    finished = asyncio.Event()
+
+    def blocking():
+        time.sleep(0.1)
+        loop.call_soon_threadsafe(finished.set)
+        raise RuntimeError("late failure")
+
+    async def late_failure():
+        await asyncio.sleep(0.05)
+        raise RuntimeError("late failure")
+
+    with ThreadPoolExecutor(1) as executor:
+        for cancel_late in (True, False):
+            finished.clear()
+            out = await gather_with_deadline(
+                {"a": member(1, 0.0), "thread": loop.run_in_executor(executor, blocking),
+                 "coro": late_failure()},
+                time.monotonic() + 0.02, 0.0, 1, cancel_late=cancel_late)
+            assert out.left_out == ["thread", "coro"]
+            await asyncio.wait_for(finished.wait(), 2.0)
+            await asyncio.sleep(0.1)
+    gc.collect()
+    await asyncio.sleep(0)
+    assert "never retrieved" not in caplog.text
+
+
+async def test_cancelling_the_fan_out_cancels_the_members():
+    cancelled = asyncio.Event()
+
+    async def slow():
+        try:
+            await asyncio.sleep(5)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    task = asyncio.create_task(gather_with_deadline({"slow": slow()}, None, 0.0, 1))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.wait_for(cancelled.wait(), 1.0)
+
+
+async def test_quorum_must_be_reachable():
+    with pytest.raises(ValueError, match="quorum"):
+        await gather_with_deadline({"a": asyncio.sleep(0)}, None, 0.0, 2)
