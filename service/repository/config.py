@@ -1,0 +1,115 @@
+"""Per-model configuration files: optional `model.yaml` beside a model's version folders, and
+`ensemble.yaml` for an ensemble folder. Both are written by hand, so errors name the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from service.errors import ModelLoadError
+
+MODEL_CONFIG = "model.yaml"
+ENSEMBLE_CONFIG = "ensemble.yaml"
+
+Policy = Literal["majority", "soft", "confidence", "confidence_entropy", "accuracy"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Latest(_Strict):
+    num_versions: int = Field(1, ge=1)
+
+
+class Specific(_Strict):
+    versions: tuple[int, ...] = Field(min_length=1)
+
+
+class VersionPolicy(_Strict):
+    """TF Serving's model_version_policy: exactly one of latest (default: the newest
+    version), all, or specific versions."""
+
+    latest: Latest | None = None
+    all: dict[str, Any] | None = None
+    specific: Specific | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "VersionPolicy":
+        chosen = [k for k in ("latest", "all", "specific") if getattr(self, k) is not None]
+        if len(chosen) > 1:
+            raise ValueError(f"choose one of latest, all, specific (got {chosen})")
+        return self
+
+    def select(self, available: set[int]) -> set[int]:
+        """Versions to serve among those present on disk."""
+        if self.all is not None:
+            return set(available)
+        if self.specific is not None:
+            return set(self.specific.versions) & available
+        keep = (self.latest or Latest()).num_versions
+        return set(sorted(available)[-keep:])
+
+
+class Batching(_Strict):
+    """Dynamic batching knobs (see service.batching.config.BatchingConfig)."""
+
+    max_batch_size: int | None = Field(None, ge=1)
+    max_queue_delay_us: int = Field(0, ge=0)
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_size: int = Field(1024, ge=1)
+
+
+class ModelConfig(_Strict):
+    version_policy: VersionPolicy = VersionPolicy()
+    version_labels: dict[str, int] = Field(default_factory=dict, description="e.g. stable: 1, canary: 2")
+    device: str | None = None
+    batching: Batching | None = None
+
+
+class EnsembleConfig(_Strict):
+    members: tuple[str, ...] = Field(min_length=1)
+    policy: Policy = "confidence"
+    batching: Batching | None = Field(None, description="applied to members without their own")
+    quorum: int = Field(1, ge=1, description="fewest members whose answers make a vote")
+    deadline_margin_ms: float = Field(2.0, ge=0, description="safety margin before a deadline")
+    objective: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "EnsembleConfig":
+        if len(set(self.members)) != len(self.members):
+            raise ValueError("members must be distinct")
+        if self.quorum > len(self.members):
+            raise ValueError(f"quorum {self.quorum} exceeds the {len(self.members)} members")
+        return self
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ModelLoadError(str(path), f"not readable YAML ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ModelLoadError(str(path), "must hold a mapping")
+    return data
+
+
+def _validate(cls: type[_Strict], path: Path) -> Any:
+    try:
+        return cls.model_validate(_read_yaml(path))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "(root)"
+        raise ModelLoadError(str(path), f"field '{field}': {first['msg']}") from exc
+
+
+def load_model_config(model_dir: Path) -> ModelConfig:
+    path = model_dir / MODEL_CONFIG
+    return _validate(ModelConfig, path) if path.is_file() else ModelConfig()
+
+
+def load_ensemble_config(model_dir: Path) -> EnsembleConfig:
+    return _validate(EnsembleConfig, model_dir / ENSEMBLE_CONFIG)

@@ -1,0 +1,410 @@
+"""The model manager: loads what the repository and its version policies ask for, and keeps
+it in step with the disk.
+
+A new version is loaded and warmed up to the side, then swapped in: routing to a model's
+newest available version changes in one step on the event loop. Requests already holding
+a lease on the old version finish on it; only then is it drained and unloaded. A version
+that fails to load is reported and leaves whatever serves in place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from enum import IntEnum
+from pathlib import Path
+from typing import AsyncIterator, Protocol
+
+import numpy as np
+
+from service.batching.batcher import BatchObserver, DynamicBatcher
+from service.batching.config import BatchingConfig
+from service.errors import ModelLoadError, ModelNotFound, ModelNotReady, QuorumError
+from service.repository.config import (
+    Batching, EnsembleConfig, ModelConfig, load_ensemble_config, load_model_config)
+from service.repository.manifest import VariantManifest, load_manifest
+from service.repository.scan import ModelEntry, scan_model, scan_repository, valid_model_name
+from service.runtimes import Runtime, RuntimeOptions, create_runtime
+from service.runtimes.devices import place
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class State(IntEnum):
+    """TF Serving's ModelVersionStatus.State values."""
+
+    UNKNOWN = 0
+    START = 10
+    LOADING = 20
+    AVAILABLE = 30
+    UNLOADING = 40
+    END = 50
+
+
+class ManagerObserver(BatchObserver, Protocol):
+    """What the manager reports: batches (from the batchers), compute time, load failures."""
+
+    def on_compute(self, model: str, version: int, rows: int, seconds: float) -> None: ...
+
+    def on_load_failure(self, model: str, version: int) -> None: ...
+
+
+@dataclass(eq=False)
+class ServedVersion:
+    """One loaded checkpoint: its runtime behind its own dynamic batcher."""
+
+    manifest: VariantManifest
+    folder: Path
+    runtime: Runtime
+    batcher: DynamicBatcher
+    batching: BatchingConfig
+    state: State = State.LOADING
+    loaded_at: float = 0.0
+    _leases: int = 0
+    _idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def version(self) -> int:
+        return self.manifest.version
+
+    @property
+    def device(self) -> str:
+        return self.runtime.device
+
+    @contextlib.asynccontextmanager
+    async def lease(self) -> AsyncIterator["ServedVersion"]:
+        """Held by each request for its whole run, so unload waits for it."""
+        self._leases += 1
+        self._idle.clear()
+        try:
+            yield self
+        finally:
+            self._leases -= 1
+            if self._leases == 0:
+                self._idle.set()
+
+    async def infer(self, rows: np.ndarray, deadline: float | None = None) -> np.ndarray:
+        """Logits for `rows`, through the batcher."""
+        async with self.lease():
+            return await self.batcher.submit(rows, deadline)
+
+    async def drain_and_unload(self, grace_s: float) -> None:
+        self.state = State.UNLOADING
+        end = time.monotonic() + grace_s
+        if self._leases:
+            try:
+                await asyncio.wait_for(self._idle.wait(), timeout=grace_s)
+            except asyncio.TimeoutError:
+                log.warning("%s version %d: %d requests still running after %.1fs; unloading",
+                            self.name, self.version, self._leases, grace_s)
+        await self.batcher.stop(timeout=max(0.0, end - time.monotonic()))
+        await self.runtime.unload()
+        self.state = State.END
+        log.info("unloaded %s version %d", self.name, self.version)
+
+
+@dataclass(frozen=True)
+class VersionStatus:
+    model: str
+    version: int
+    state: State
+    error: str = ""
+    device: str = ""
+
+
+@dataclass(eq=False)
+class VariantModel:
+    entry: ModelEntry
+    config: ModelConfig
+    versions: dict[int, ServedVersion] = field(default_factory=dict)
+    failed: dict[int, str] = field(default_factory=dict)
+    unloaded_by_request: bool = False
+
+    def serving(self) -> ServedVersion | None:
+        available = [v for v in self.versions.values() if v.state == State.AVAILABLE]
+        return max(available, key=lambda v: v.version) if available else None
+
+
+@dataclass(eq=False)
+class EnsembleModel:
+    entry: ModelEntry
+    config: EnsembleConfig | None
+    error: str = ""
+    unloaded_by_request: bool = False
+
+
+class ModelManager:
+    def __init__(self, settings: Settings, observer: ManagerObserver | None = None) -> None:
+        self.settings = settings
+        self.root = Path(settings.model_repository)
+        self.variants: dict[str, VariantModel] = {}
+        self.ensembles: dict[str, EnsembleModel] = {}
+        self.load_failures: dict[str, int] = {}
+        self._observer = observer
+        self._slot = 0  # spreads variants over the visible GPUs
+        self._lock = asyncio.Lock()
+        self._poller: asyncio.Task | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.sync()
+        if self.settings.poll_interval_s > 0:
+            self._poller = asyncio.create_task(self._poll(), name="repository-poller")
+
+    async def stop(self) -> None:
+        if self._poller:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+        async with self._lock:
+            await asyncio.gather(*(
+                v.drain_and_unload(self.settings.grace_period_s)
+                for m in self.variants.values() for v in m.versions.values()))
+            self.variants.clear()
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.poll_interval_s)
+            try:
+                await self.sync()
+            except Exception:  # a bad scan must not kill the poller
+                log.exception("repository poll failed")
+
+    # -- syncing with the disk -------------------------------------------------------------
+    async def sync(self) -> None:
+        """Bring loaded versions in line with the disk and the version policies."""
+        async with self._lock:
+            entries = scan_repository(self.root)
+            for name in [n for n in self.variants if n not in entries]:
+                await self._retire(self.variants.pop(name))
+            for name in [n for n in self.ensembles if n not in entries]:
+                del self.ensembles[name]
+            for entry in entries.values():
+                if entry.kind == "ensemble":
+                    self._sync_ensemble(entry)
+            for entry in entries.values():
+                if entry.kind == "variant":
+                    await self._sync_variant(entry)
+
+    def _sync_ensemble(self, entry: ModelEntry) -> None:
+        current = self.ensembles.get(entry.name)
+        try:
+            config = load_ensemble_config(entry.path)
+        except ModelLoadError as exc:
+            log.error("ensemble %s: %s", entry.name, exc)
+            if current is None:
+                self.ensembles[entry.name] = EnsembleModel(entry, None, str(exc))
+            else:
+                current.error = str(exc)  # keep serving the last good configuration
+            return
+        if current is None:
+            self.ensembles[entry.name] = EnsembleModel(entry, config)
+        else:
+            current.config, current.error = config, ""
+
+    async def _sync_variant(self, entry: ModelEntry) -> None:
+        model = self.variants.get(entry.name)
+        try:
+            config = load_model_config(entry.path)
+        except ModelLoadError as exc:
+            log.error("model %s: %s", entry.name, exc)
+            self._count_failure(entry.name, 0)
+            return
+        if model is None:
+            model = self.variants[entry.name] = VariantModel(entry, config)
+        model.entry, model.config = entry, config
+        if model.unloaded_by_request:
+            return
+        wanted = config.version_policy.select(set(entry.versions))
+        # Forget failures of versions that were removed, so a fixed re-upload is retried.
+        model.failed = {v: e for v, e in model.failed.items() if v in entry.versions}
+        for version in sorted(wanted - set(model.versions) - set(model.failed)):
+            await self._load_version(model, version)
+        if wanted - set(model.versions):
+            return  # a wanted version failed: whatever serves now stays in place
+        for version in sorted(set(model.versions) - wanted):
+            await self._retire_version(model, version)
+
+    async def _load_version(self, model: VariantModel, version: int) -> None:
+        folder = model.entry.path / str(version)
+        try:
+            manifest = load_manifest(folder)
+            if manifest.name != model.entry.name or manifest.version != version:
+                raise ModelLoadError(str(folder), (
+                    f"manifest names {manifest.name} version {manifest.version}, "
+                    f"but the folder is {model.entry.name}/{version}"))
+            served = await self._start_version(model, folder, manifest)
+        except Exception as exc:  # a version that cannot load must never take the server down
+            model.failed[version] = str(exc)
+            self._count_failure(model.entry.name, version)
+            log.error("failed to load %s version %d: %s", model.entry.name, version, exc)
+            return
+        model.versions[version] = served
+        served.state = State.AVAILABLE  # routing switches here, in one step
+        served.loaded_at = time.time()
+
+    async def _start_version(self, model: VariantModel, folder: Path, manifest: VariantManifest) -> ServedVersion:
+        knobs = model.config.batching or self._ensemble_batching(model.entry.name) or Batching()
+        batching = BatchingConfig(
+            max_batch_size=knobs.max_batch_size or manifest.max_batch_size,
+            max_queue_delay_us=knobs.max_queue_delay_us,
+            preferred_batch_sizes=tuple(knobs.preferred_batch_sizes),
+            max_queue_size=knobs.max_queue_size)
+        spec = model.config.device or self.settings.device_overrides.get(model.entry.name) or self.settings.device
+        device = place(spec, self._slot)
+        self._slot += 1
+        options = RuntimeOptions(
+            device=device, intra_op_threads=self.settings.intra_op_threads,
+            batch_invariance=self.settings.batch_invariance, max_batch_size=batching.max_batch_size)
+        runtime = create_runtime(folder, manifest, options)
+        await runtime.load()
+        batcher = DynamicBatcher(f"{manifest.name}:{manifest.version}", self._timed(runtime), batching,
+                                 self._observer)
+        return ServedVersion(manifest, folder, runtime, batcher, batching)
+
+    def _timed(self, runtime: Runtime):
+        """runtime.predict, reporting each batch's compute time to the observer."""
+        observer = self._observer
+        if observer is None:
+            return runtime.predict
+        name, version = runtime.name, runtime.version
+
+        async def run_batch(rows: np.ndarray) -> np.ndarray:
+            start = time.perf_counter()
+            out = await runtime.predict(rows)
+            observer.on_compute(name, version, rows.shape[0], time.perf_counter() - start)
+            return out
+
+        return run_batch
+
+    def _ensemble_batching(self, member: str) -> Batching | None:
+        for ensemble in self.ensembles.values():
+            if ensemble.config and member in ensemble.config.members and ensemble.config.batching:
+                return ensemble.config.batching
+        return None
+
+    async def _retire_version(self, model: VariantModel, version: int) -> None:
+        served = model.versions.pop(version)
+        await served.drain_and_unload(self.settings.grace_period_s)
+
+    async def _retire(self, model: VariantModel) -> None:
+        for version in list(model.versions):
+            await self._retire_version(model, version)
+
+    def _count_failure(self, name: str, version: int) -> None:
+        self.load_failures[name] = self.load_failures.get(name, 0) + 1
+        if self._observer:
+            self._observer.on_load_failure(name, version)
+
+    # -- explicit load / unload ------------------------------------------------------------
+    async def load_model(self, name: str) -> None:
+        """Load (or reload) a model by name, as RepositoryModelLoad asks."""
+        self._check_name(name)
+        entry = scan_model(self.root, name)
+        if entry is None:
+            raise ModelNotFound(f"model '{name}' is not in the repository")
+        async with self._lock:
+            if entry.kind == "ensemble":
+                self._sync_ensemble(entry)
+                ensemble = self.ensembles[name]
+                if ensemble.config is None:
+                    raise ModelLoadError(str(entry.path), ensemble.error)
+                ensemble.unloaded_by_request = False
+                for member in ensemble.config.members:
+                    if member in self.variants:
+                        self.variants[member].unloaded_by_request = False
+                        self.variants[member].failed.clear()
+                    member_entry = scan_model(self.root, member)
+                    if member_entry and member_entry.kind == "variant":
+                        await self._sync_variant(member_entry)
+                return
+            model = self.variants.get(name)
+            if model:
+                model.unloaded_by_request = False
+                model.failed.clear()
+            await self._sync_variant(entry)
+            model = self.variants.get(name)
+            if model and model.serving() is None:
+                errors = "; ".join(model.failed.values()) or "no version selected by the policy"
+                raise ModelLoadError(str(entry.path), errors)
+
+    async def unload_model(self, name: str) -> None:
+        """Unload every version of a model; polling leaves it unloaded until load_model."""
+        self._check_name(name)
+        async with self._lock:
+            if name in self.ensembles:
+                self.ensembles[name].unloaded_by_request = True
+                return
+            model = self.variants.get(name)
+            if model is None:
+                raise ModelNotFound(f"model '{name}' is not loaded")
+            model.unloaded_by_request = True
+            await self._retire(model)
+
+    @staticmethod
+    def _check_name(name: str) -> None:
+        if not valid_model_name(name):
+            raise ModelNotFound(f"'{name}' is not a valid model name")
+
+    # -- lookups for the data plane --------------------------------------------------------
+    def resolve(self, name: str, version: int | None = None) -> ServedVersion:
+        """The version to serve: the one asked for, or the newest available."""
+        model = self.variants.get(name)
+        if model is None:
+            raise ModelNotFound(f"model '{name}' not found")
+        if version:
+            served = model.versions.get(version)
+            if served is None or served.state != State.AVAILABLE:
+                if version in model.failed:
+                    raise ModelNotReady(f"model '{name}' version {version} failed to load: {model.failed[version]}")
+                raise ModelNotFound(f"model '{name}' has no version {version} being served")
+            return served
+        served = model.serving()
+        if served is None:
+            raise ModelNotReady(f"model '{name}' has no version ready")
+        return served
+
+    def ensemble(self, name: str) -> EnsembleModel | None:
+        return self.ensembles.get(name)
+
+    def is_ready(self, name: str) -> bool:
+        ensemble = self.ensembles.get(name)
+        if ensemble is not None:
+            return (ensemble.config is not None and not ensemble.unloaded_by_request and
+                    all(self._variant_ready(m) for m in ensemble.config.members))
+        return self._variant_ready(name)
+
+    def _variant_ready(self, name: str) -> bool:
+        model = self.variants.get(name)
+        return model is not None and model.serving() is not None
+
+    def all_ready(self) -> bool:
+        """Every model the repository asks for is serving (for health checks)."""
+        names = [n for n, m in self.variants.items() if not m.unloaded_by_request]
+        names += [n for n, e in self.ensembles.items() if not e.unloaded_by_request]
+        return bool(names) and all(self.is_ready(n) for n in names)
+
+    def statuses(self, name: str | None = None) -> list[VersionStatus]:
+        out: list[VersionStatus] = []
+        for model in self.variants.values():
+            if name and model.entry.name != name:
+                continue
+            for version, served in sorted(model.versions.items()):
+                out.append(VersionStatus(model.entry.name, version, served.state, device=served.device))
+            for version, error in sorted(model.failed.items()):
+                out.append(VersionStatus(model.entry.name, version, State.END, error=error))
+        return out
+
+    def served_versions(self) -> list[ServedVersion]:
+        return [v for m in self.variants.values() for v in m.versions.values() if v.state == State.AVAILABLE]
+
+
+__all__ = ["ModelManager", "ServedVersion", "State", "VersionStatus", "QuorumError"]
