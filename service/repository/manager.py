@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
-from typing import AsyncIterator, Protocol
+from typing import Iterator, Protocol
 
 import numpy as np
 
@@ -79,9 +79,10 @@ class ServedVersion:
     def device(self) -> str:
         return self.runtime.device
 
-    @contextlib.asynccontextmanager
-    async def lease(self) -> AsyncIterator["ServedVersion"]:
-        """Held by each request for its whole run, so unload waits for it."""
+    @contextlib.contextmanager
+    def lease(self) -> Iterator["ServedVersion"]:
+        """Held by each request for its whole run, so unload waits for it. Synchronous, so a
+        caller can take it in the same step as resolving the version (no swap in between)."""
         self._leases += 1
         self._idle.clear()
         try:
@@ -93,7 +94,7 @@ class ServedVersion:
 
     async def infer(self, rows: np.ndarray, deadline: float | None = None) -> np.ndarray:
         """Logits for `rows`, through the batcher."""
-        async with self.lease():
+        with self.lease():
             return await self.batcher.submit(rows, deadline)
 
     async def drain_and_unload(self, grace_s: float) -> None:

@@ -1,0 +1,83 @@
+"""Starting the real server, as a separate process on free ports, for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.helpers import MODELS, ROOT, free_port
+
+
+@dataclass
+class RunningServer:
+    process: subprocess.Popen
+    grpc_port: int
+    metrics_port: int
+    log: Path
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(self.address)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def health(self, service: str = "", channel: grpc.Channel | None = None) -> int:
+        with (channel or self.channel()) as ch:
+            return health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=2).status
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        return self.process.wait(timeout=timeout)
+
+
+def wait_serving(server: RunningServer, timeout: float = 90, channel_factory=None) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"server exited with {server.process.returncode}:\n{server.output()[-4000:]}")
+        try:
+            channel = channel_factory() if channel_factory else None
+            if server.health(channel=channel) == health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.RpcError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"server not SERVING after {timeout}s:\n{server.output()[-4000:]}")
+
+
+@contextmanager
+def running_server(tmp_path: Path, repository: Path = MODELS, *, wait: bool = True,
+                   env: dict[str, str] | None = None, args: list[str] = ()) -> Iterator[RunningServer]:
+    """`quorum serve` on free ports; settings through flags and QUORUM_* env, as a user would."""
+    grpc_port, metrics_port = free_port(), free_port()
+    log = tmp_path / f"server-{grpc_port}.log"
+    command = [sys.executable, "-m", "service.cli", "serve", "--model-repository", str(repository),
+               "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port), "--device", "cpu", *args]
+    full_env = {**os.environ, "QUORUM_POLL_INTERVAL_S": "0.5", "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT)
+    server = RunningServer(process, grpc_port, metrics_port, log)
+    try:
+        if wait:
+            wait_serving(server)
+        yield server
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
