@@ -1,0 +1,54 @@
+"""What the servicers share: the data plane, the manager, feedback and statistics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from service.dataplane import DataPlane, InferenceResult
+from service.monitoring.statistics import Statistics
+from service.objectives.feedback import FeedbackStore
+from service.repository.manager import ModelManager, State
+
+STATE_NAMES = {State.START: "LOADING", State.LOADING: "LOADING", State.AVAILABLE: "READY",
+               State.UNLOADING: "UNLOADING", State.END: "UNAVAILABLE", State.UNKNOWN: "UNAVAILABLE"}
+
+
+class InferenceObserver(Protocol):
+    def on_inference(self, result: InferenceResult, rows: int, seconds: float) -> None: ...
+
+
+@dataclass
+class ApiContext:
+    manager: ModelManager
+    data: DataPlane
+    statistics: Statistics
+    feedback: FeedbackStore = field(default_factory=FeedbackStore)
+    draining: bool = False
+    monitor: InferenceObserver | None = None
+    """Metrics and drift (service.monitoring.monitor.Monitor); None when monitoring is off."""
+
+    def ready(self) -> bool:
+        return not self.draining and self.manager.all_ready()
+
+    def on_inference(self, result: InferenceResult, rows: int, seconds: float) -> None:
+        self.statistics.on_request(result.model, 0 if len(result.members) > 1 else result.version,
+                                   rows, seconds, ok=True)
+        if self.monitor is not None:
+            self.monitor.on_inference(result, rows, seconds)
+
+    def on_failure(self, model: str, seconds: float) -> None:
+        self.statistics.on_request(model, 0, 0, seconds, ok=False)
+
+    def repository_index(self) -> list[tuple[str, str, str, str]]:
+        """(name, version, state, reason) for every model on disk or loaded."""
+        rows = [(s.model, str(s.version), "UNAVAILABLE" if s.error else STATE_NAMES[s.state], s.error)
+                for s in self.manager.statuses()]
+        for name, model in self.manager.variants.items():
+            if model.unloaded_by_request and not model.versions:
+                rows.append((name, "", "UNAVAILABLE", "unloaded"))
+        for name, ensemble in self.manager.ensembles.items():
+            state = "READY" if self.manager.is_ready(name) else "UNAVAILABLE"
+            reason = ensemble.error or ("unloaded" if ensemble.unloaded_by_request else "")
+            rows.append((name, "1", state, reason))
+        return sorted(rows)

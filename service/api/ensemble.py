@@ -1,0 +1,154 @@
+"""Quorum's own quorum.v1.EnsembleService: the vote with every member's part, feedback, status."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import grpc
+
+from service._proto.quorum.v1 import ensemble_pb2 as pb
+from service._proto.quorum.v1 import ensemble_pb2_grpc as pb_grpc
+from service.api.common import deadline_of, model_rows
+from service.api.context import ApiContext
+from service.codecs import v2 as codec
+from service.codecs.dtypes import from_v2
+from service.errors import InvalidInput, QuorumError
+from service.repository.manager import State
+
+POLICY_OF = {pb.VOTING_POLICY_MAJORITY: "majority", pb.VOTING_POLICY_SOFT: "soft",
+             pb.VOTING_POLICY_CONFIDENCE: "confidence", pb.VOTING_POLICY_ACCURACY: "accuracy",
+             pb.VOTING_POLICY_CONFIDENCE_ENTROPY: "confidence_entropy"}
+ENUM_OF = {v: k for k, v in POLICY_OF.items()}
+VERSION_STATE = {State.START: pb.VERSION_STATE_LOADING, State.LOADING: pb.VERSION_STATE_LOADING,
+                 State.AVAILABLE: pb.VERSION_STATE_READY, State.UNLOADING: pb.VERSION_STATE_UNLOADING,
+                 State.END: pb.VERSION_STATE_UNLOADED}
+
+
+class EnsembleServicer(pb_grpc.EnsembleServiceServicer):
+    def __init__(self, api: ApiContext) -> None:
+        self.api = api
+
+    async def Predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext) -> pb.PredictResponse:
+        start = time.perf_counter()
+        info = self.api.data.info(request.model)
+        what = f"model '{request.model}' inputs"
+        try:
+            dtype = from_v2(request.inputs.dtype)
+        except InvalidInput as exc:
+            raise InvalidInput(f"{what}: {exc}") from exc
+        rows = codec.decode_raw(what, dtype, codec.check_shape(what, request.inputs.shape), request.inputs.content)
+        rows = model_rows(info, {info.input.name: rows})
+        deadline = deadline_of(context)
+        if request.HasField("latency_budget_ms"):
+            budget = time.monotonic() + request.latency_budget_ms / 1000.0
+            deadline = budget if deadline is None else min(deadline, budget)
+        try:
+            result = await self.api.data.infer(
+                request.model, rows, version=request.version or None, deadline=deadline,
+                policy=POLICY_OF.get(request.policy))
+        except QuorumError:
+            self.api.on_failure(request.model, time.perf_counter() - start)
+            raise
+        request_id = request.request_id or uuid.uuid4().hex
+        self.api.feedback.record(request_id, result)
+        response = pb.PredictResponse(
+            request_id=request_id, model=result.model, version=result.version,
+            members_left_out=result.left_out, policy=ENUM_OF[result.policy])
+        vote = result.vote
+        by_name = {m.name: m for m in result.members}
+        for row in range(vote.label_index.shape[0]):
+            winner = int(vote.label_index[row])
+            prediction = response.predictions.add(
+                label=result.labels[winner], class_index=winner,
+                probabilities=vote.probabilities[row].tolist(),
+                confidence=float(vote.confidence[row]), agreement=float(vote.agreement[row]))
+            if not request.return_member_votes:
+                continue
+            for m, name in enumerate(vote.members):
+                member = by_name[name]
+                index = int(vote.member_labels[m, row])
+                prediction.member_votes.add(
+                    member=name, version=member.version, label=result.labels[index], class_index=index,
+                    confidence=float(result.member_confidence[m, row]),
+                    weight=float(vote.member_weights[m, row]), latency_ms=member.latency_s * 1000.0,
+                    in_time=True)
+            for name in result.left_out:
+                member = by_name[name]
+                prediction.member_votes.add(member=name, version=member.version, class_index=-1,
+                                            latency_ms=member.latency_s * 1000.0, in_time=False)
+        self.api.on_inference(result, rows.shape[0], time.perf_counter() - start)
+        return response
+
+    async def Feedback(self, request: pb.FeedbackRequest, context: grpc.aio.ServicerContext) -> pb.FeedbackResponse:
+        now = time.time()
+        accepted, unknown = 0, []
+        for item in request.labels:
+            if self.api.feedback.add(item.request_id, item.row, item.label, now):
+                accepted += 1
+            elif item.request_id not in unknown:
+                unknown.append(item.request_id)
+        return pb.FeedbackResponse(accepted=accepted, unknown_ids=unknown)
+
+    async def GetStatus(self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext) -> pb.GetStatusResponse:
+        manager = self.api.manager
+        names = sorted(set(manager.variants) | set(manager.ensembles))
+        if request.model:
+            if request.model not in names:
+                self.api.data.info(request.model)  # raises NOT_FOUND
+            names = [request.model]
+        response = pb.GetStatusResponse()
+        for name in names:
+            status = response.models.add(name=name)
+            ensemble = manager.ensemble(name)
+            if ensemble is not None:
+                self._ensemble_status(status, name)
+            else:
+                self._variant_status(status, name)
+        return response
+
+    def _variant_status(self, status: pb.ModelStatus, name: str) -> None:
+        model = self.api.manager.variants[name]
+        serving = model.serving()
+        for version, served in sorted(model.versions.items()):
+            status.versions.add(version=version, state=VERSION_STATE[served.state], device=served.device,
+                                framework=served.runtime.framework, serving=served is serving)
+        for version, error in sorted(model.failed.items()):
+            status.versions.add(version=version, state=pb.VERSION_STATE_FAILED, reason=error)
+        status.members.append(name)
+        status.policy = pb.VOTING_POLICY_SOFT
+        if serving is not None:
+            b = serving.batching
+            status.batching.CopyFrom(pb.BatchingConfig(
+                enabled=True, max_batch_size=b.max_batch_size, max_queue_delay_ms=b.max_queue_delay_us / 1000.0,
+                max_queue_size=b.max_queue_size, strict=self.api.manager.settings.batch_invariance == "strict"))
+            status.class_labels.extend(serving.manifest.labels)
+            self._member_stats(status, name, serving, name)
+
+    def _ensemble_status(self, status: pb.ModelStatus, name: str) -> None:
+        manager = self.api.manager
+        ensemble = manager.ensemble(name)
+        status.ensemble = True
+        ready = manager.is_ready(name)
+        status.versions.add(version=1, state=pb.VERSION_STATE_READY if ready else pb.VERSION_STATE_FAILED,
+                            reason=ensemble.error, serving=ready, framework="ensemble")
+        if ensemble.config is None:
+            return
+        status.members.extend(ensemble.config.members)
+        status.policy = ENUM_OF[ensemble.config.policy]
+        for member in ensemble.config.members:
+            model = manager.variants.get(member)
+            serving = model.serving() if model else None
+            if serving is not None:
+                if not status.class_labels:
+                    status.class_labels.extend(serving.manifest.labels)
+                self._member_stats(status, member, serving, f"{name}/{member}")
+
+    def _member_stats(self, status: pb.ModelStatus, member: str, served, live_key: str) -> None:
+        stats = status.member_stats.add(
+            member=member, version=served.version,
+            validation_accuracy=served.manifest.validation.calibrated.accuracy, selected=True)
+        live, samples = self.api.feedback.live(live_key)
+        stats.live_samples = samples
+        if live is not None:
+            stats.live_accuracy = live

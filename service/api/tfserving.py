@@ -1,0 +1,214 @@
+"""TF Serving's tensorflow.serving.PredictionService and ModelService, for the stubs of the
+tensorflow-serving-api package."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import numpy as np
+from tensorflow.core.framework import tensor_shape_pb2, types_pb2
+from tensorflow.core.protobuf import meta_graph_pb2
+from tensorflow_serving.apis import (
+    classification_pb2, get_model_metadata_pb2, get_model_status_pb2, inference_pb2,
+    model_management_pb2, predict_pb2, prediction_service_pb2_grpc, regression_pb2, status_pb2)
+from tensorflow_serving.apis import model_service_pb2_grpc
+
+
+from service.api.common import deadline_of, model_rows
+from service.api.context import ApiContext
+from service.codecs import tensorproto
+from service.codecs.dtypes import from_numpy
+from service.dataplane import ModelInfo, output_names, result_tensors
+from service.errors import InvalidInput, ModelNotFound, QuorumError
+from service.repository.manager import State
+
+SIGNATURES = ("", "serving_default", "predict")
+OUTPUT_DTYPES = {"probabilities": types_pb2.DT_FLOAT, "label": types_pb2.DT_STRING,
+                 "class_index": types_pb2.DT_INT64, "confidence": types_pb2.DT_FLOAT,
+                 "agreement": types_pb2.DT_FLOAT, "logits": types_pb2.DT_FLOAT}
+
+
+class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
+    def __init__(self, api: ApiContext) -> None:
+        self.api = api
+
+    def _version(self, spec) -> int | None:
+        """model_spec's version, or its version_label resolved through model.yaml."""
+        if spec.HasField("version"):
+            return spec.version.value or None
+        if spec.version_label:
+            model = self.api.manager.variants.get(spec.name)
+            labels = model.config.version_labels if model else {}
+            if spec.version_label not in labels:
+                raise ModelNotFound(f"model '{spec.name}' has no version label '{spec.version_label}'")
+            return labels[spec.version_label]
+        return None
+
+    def _signature(self, spec) -> None:
+        if spec.signature_name not in SIGNATURES:
+            raise InvalidInput(f"model '{spec.name}' has no signature '{spec.signature_name}' (use serving_default)")
+
+    async def Predict(self, request: predict_pb2.PredictRequest, context: grpc.aio.ServicerContext) -> predict_pb2.PredictResponse:
+        spec = request.model_spec
+        start = time.perf_counter()
+        self._signature(spec)
+        info = self.api.data.info(spec.name)
+        inputs = {k: tensorproto.decode(v, k) for k, v in request.inputs.items()}
+        rows = model_rows(info, inputs)
+        try:
+            result = await self.api.data.infer(spec.name, rows, version=self._version(spec),
+                                               deadline=deadline_of(context))
+        except QuorumError:
+            self.api.on_failure(spec.name, time.perf_counter() - start)
+            raise
+        response = predict_pb2.PredictResponse()
+        response.model_spec.name = spec.name
+        response.model_spec.version.value = result.version
+        response.model_spec.signature_name = "serving_default"
+        for name, array in result_tensors(result, list(request.output_filter)).items():
+            tensorproto.encode_into(array, response.outputs[name])
+        self.api.on_inference(result, rows.shape[0], time.perf_counter() - start)
+        return response
+
+    async def Classify(self, request: classification_pb2.ClassificationRequest,
+                       context: grpc.aio.ServicerContext) -> classification_pb2.ClassificationResponse:
+        spec = request.model_spec
+        start = time.perf_counter()
+        self._signature(spec)
+        info = self.api.data.info(spec.name)
+        rows = model_rows(info, {info.input.name: _examples_to_rows(request.input, info)})
+        result = await self.api.data.infer(spec.name, rows, version=self._version(spec),
+                                           deadline=deadline_of(context))
+        response = classification_pb2.ClassificationResponse()
+        response.model_spec.name = spec.name
+        response.model_spec.version.value = result.version
+        response.model_spec.signature_name = "serving_default"
+        probabilities = result.vote.probabilities
+        for row in range(probabilities.shape[0]):
+            classes = response.result.classifications.add().classes
+            for label, score in zip(result.labels, probabilities[row].tolist()):
+                classes.add(label=label, score=score)
+        self.api.on_inference(result, rows.shape[0], time.perf_counter() - start)
+        return response
+
+    async def Regress(self, request: regression_pb2.RegressionRequest, context: grpc.aio.ServicerContext):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                            "Regress is not served: Quorum's models are classifiers; use Classify or Predict")
+
+    async def MultiInference(self, request: inference_pb2.MultiInferenceRequest, context: grpc.aio.ServicerContext):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                            "MultiInference is not served; call Classify or Predict per model")
+
+    async def GetModelMetadata(self, request: get_model_metadata_pb2.GetModelMetadataRequest,
+                               context: grpc.aio.ServicerContext) -> get_model_metadata_pb2.GetModelMetadataResponse:
+        spec = request.model_spec
+        if list(request.metadata_field) != ["signature_def"]:
+            raise InvalidInput(f"metadata_field must be ['signature_def'], got {list(request.metadata_field)}")
+        info = self.api.data.info(spec.name)
+        version = self._version(spec) or (info.versions[-1] if info.versions else 1)
+        response = get_model_metadata_pb2.GetModelMetadataResponse()
+        response.model_spec.name = spec.name
+        response.model_spec.version.value = version
+        signatures = get_model_metadata_pb2.SignatureDefMap()
+        signatures.signature_def["serving_default"].CopyFrom(_signature_def(info))
+        response.metadata["signature_def"].Pack(signatures)
+        return response
+
+
+def _signature_def(info: ModelInfo) -> meta_graph_pb2.SignatureDef:
+    signature = meta_graph_pb2.SignatureDef(method_name="tensorflow/serving/predict")
+    tensor = signature.inputs[info.input.name]
+    tensor.name = f"{info.input.name}:0"
+    tensor.dtype = from_numpy(np.dtype(info.input.dtype)).tf
+    tensor.tensor_shape.CopyFrom(_shape(info.input.shape))
+    classes = len(info.labels)
+    for name in output_names(info.kind):
+        out = signature.outputs[name]
+        out.name, out.dtype = f"{name}:0", OUTPUT_DTYPES[name]
+        out.tensor_shape.CopyFrom(_shape((-1, classes) if name in ("probabilities", "logits") else (-1,)))
+    return signature
+
+
+def _shape(dims) -> tensor_shape_pb2.TensorShapeProto:
+    return tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in dims])
+
+
+def _examples_to_rows(request_input, info: ModelInfo) -> np.ndarray:
+    """tf.Example inputs carrying the model's input as a float feature, one row each."""
+    kind = request_input.WhichOneof("kind")
+    if kind == "example_list":
+        examples = request_input.example_list.examples
+    elif kind == "example_list_with_context":
+        examples = request_input.example_list_with_context.examples
+    else:
+        raise InvalidInput("Classify needs input.example_list with one tf.Example per row")
+    if not examples:
+        raise InvalidInput(f"model '{info.name}': Classify got no examples")
+    name = info.input.name
+    rows = []
+    for i, example in enumerate(examples):
+        feature = example.features.feature.get(name)
+        if feature is None or feature.WhichOneof("kind") != "float_list":
+            raise InvalidInput(f"model '{info.name}': example {i} needs float feature '{name}'")
+        rows.append(np.asarray(feature.float_list.value, dtype=np.float32))
+    if len({r.size for r in rows}) != 1:
+        raise InvalidInput(f"model '{info.name}': examples' '{name}' features differ in length")
+    return np.stack(rows)
+
+
+TF_STATE = {State.START: get_model_status_pb2.ModelVersionStatus.START,
+            State.LOADING: get_model_status_pb2.ModelVersionStatus.LOADING,
+            State.AVAILABLE: get_model_status_pb2.ModelVersionStatus.AVAILABLE,
+            State.UNLOADING: get_model_status_pb2.ModelVersionStatus.UNLOADING,
+            State.END: get_model_status_pb2.ModelVersionStatus.END}
+
+
+class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
+    def __init__(self, api: ApiContext) -> None:
+        self.api = api
+
+    async def GetModelStatus(self, request: get_model_status_pb2.GetModelStatusRequest,
+                             context: grpc.aio.ServicerContext) -> get_model_status_pb2.GetModelStatusResponse:
+        name = request.model_spec.name
+        response = get_model_status_pb2.GetModelStatusResponse()
+        manager = self.api.manager
+        if manager.ensemble(name) is not None:
+            ready = manager.is_ready(name)
+            status = response.model_version_status.add(
+                version=1, state=TF_STATE[State.AVAILABLE if ready else State.END])
+            status.status.error_code = 0 if ready else 14  # UNAVAILABLE
+            status.status.error_message = "" if ready else (manager.ensemble(name).error or "members not ready")
+            return response
+        statuses = manager.statuses(name)
+        wanted = request.model_spec.version.value if request.model_spec.HasField("version") else None
+        if wanted:
+            statuses = [s for s in statuses if s.version == wanted]
+        if not statuses:
+            raise ModelNotFound(f"model '{name}'" + (f" version {wanted}" if wanted else "") + " not found")
+        for s in statuses:
+            status = response.model_version_status.add(version=s.version, state=TF_STATE[s.state])
+            status.status.error_code = 9 if s.error else 0  # FAILED_PRECONDITION
+            status.status.error_message = s.error
+        return response
+
+    async def HandleReloadConfigRequest(self, request: model_management_pb2.ReloadConfigRequest,
+                                        context: grpc.aio.ServicerContext) -> model_management_pb2.ReloadConfigResponse:
+        """The listed models are served, every other one is unloaded (TF Serving replaces
+        its whole model config the same way). Models come from this server's repository."""
+        wanted = [c.name for c in request.config.model_config_list.config]
+        manager = self.api.manager
+        errors = []
+        for name in wanted:
+            try:
+                await manager.load_model(name)
+            except QuorumError as exc:
+                errors.append(str(exc))
+        members = {m for e in (manager.ensemble(n) for n in wanted) if e and e.config for m in e.config.members}
+        for name in list(manager.variants) + list(manager.ensembles):
+            if name not in wanted and name not in members:
+                await manager.unload_model(name)
+        response = model_management_pb2.ReloadConfigResponse()
+        response.status.CopyFrom(status_pb2.StatusProto(
+            error_code=3 if errors else 0, error_message="; ".join(errors)))
+        return response

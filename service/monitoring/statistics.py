@@ -1,0 +1,61 @@
+"""Cumulative per-model statistics, as the v2 ModelStatistics RPC reports them (Triton's
+semantics: inference_count counts rows, execution_count counts batches)."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Duration:
+    count: int = 0
+    ns: int = 0
+
+    def add(self, seconds: float, count: int = 1) -> None:
+        self.count += count
+        self.ns += int(seconds * 1e9)
+
+
+@dataclass
+class ModelStats:
+    inference_count: int = 0
+    execution_count: int = 0
+    last_inference_ms: int = 0
+    success: Duration = field(default_factory=Duration)
+    fail: Duration = field(default_factory=Duration)
+    queue: Duration = field(default_factory=Duration)
+    compute: Duration = field(default_factory=Duration)
+    batches: dict[int, Duration] = field(default_factory=lambda: defaultdict(Duration))
+
+
+class Statistics:
+    """Keyed by (model, version); version 0 stands for a whole ensemble."""
+
+    def __init__(self) -> None:
+        self.models: dict[tuple[str, int], ModelStats] = defaultdict(ModelStats)
+        self.load_failures: dict[str, int] = defaultdict(int)
+
+    def on_load_failure(self, model: str, version: int) -> None:
+        self.load_failures[model] += 1
+
+    def on_request(self, model: str, version: int, rows: int, seconds: float, ok: bool) -> None:
+        stats = self.models[(model, version)]
+        if ok:
+            stats.success.add(seconds)
+            stats.inference_count += rows
+            stats.last_inference_ms = int(time.time() * 1000)
+        else:
+            stats.fail.add(seconds)
+
+    def on_batch(self, model: str, batch_rows: int, queue_waits_s: list[float]) -> None:
+        name, _, version = model.rpartition(":")
+        stats = self.models[(name, int(version))]
+        stats.queue.add(sum(queue_waits_s), len(queue_waits_s))
+
+    def on_compute(self, model: str, version: int, rows: int, seconds: float) -> None:
+        stats = self.models[(model, version)]
+        stats.execution_count += 1
+        stats.compute.add(seconds)
+        stats.batches[rows].add(seconds)
