@@ -1,0 +1,140 @@
+"""The manifests and the image agree with the server: ports, probes, env names (against
+service.settings.Settings), the user, and the metric names the autoscaler depends on."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+
+import pytest
+import yaml
+
+from service.settings import Settings
+from tests.deploy.manifests import (K8S, OVERLAYS, ROOT, base_metric, container, find, metric_catalogue, render,
+                                    settings_data)
+
+DEFAULTS = Settings()
+ENV_NAMES = {f"QUORUM_{name.upper()}" for name in Settings.model_fields}
+DOCKERFILE = (ROOT / "Dockerfile").read_text()
+
+
+def _port(ports: list[dict], name: str) -> dict:
+    return next(p for p in ports if p["name"] == name)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
+def test_settings_configmap_names_settings_fields_and_parses(overlay, monkeypatch):
+    data = settings_data(render(overlay))
+    assert set(data) <= ENV_NAMES, f"not Settings fields: {set(data) - ENV_NAMES}"
+    for key in [k for k in __import__("os").environ if k.startswith("QUORUM_")]:
+        monkeypatch.delenv(key)
+    for key, value in data.items():
+        monkeypatch.setenv(key, value)
+    settings = Settings()  # the pod's settings parse
+    assert settings.grpc_port == DEFAULTS.grpc_port == 8500
+    assert settings.metrics_port == DEFAULTS.metrics_port == 8502
+    expected = "gpu" if "gpu" in overlay.name else "cpu"
+    assert settings.device == expected
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
+def test_ports_and_probes_match_the_server(overlay):
+    objects = render(overlay)
+    data = settings_data(objects)
+    grpc_port, metrics_port = int(data["QUORUM_GRPC_PORT"]), int(data["QUORUM_METRICS_PORT"])
+    c = container(objects)
+    assert _port(c["ports"], "grpc")["containerPort"] == grpc_port
+    assert _port(c["ports"], "metrics")["containerPort"] == metrics_port
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[probe]["grpc"]["port"] == grpc_port, probe  # native gRPC health probe
+        assert c[probe]["grpc"].get("service", "") == ""  # overall health: every model ready
+    service = find(objects, "Service", "quorum")["spec"]["ports"]
+    assert _port(service, "grpc") == {"name": "grpc", "port": grpc_port, "targetPort": "grpc",
+                                      "protocol": "TCP", "appProtocol": "grpc"}
+    assert _port(service, "metrics")["port"] == metrics_port
+    headless = find(objects, "Service", "quorum-headless")["spec"]
+    assert headless["clusterIP"] == "None" and _port(headless["ports"], "grpc")["port"] == grpc_port
+    monitor = find(objects, "ServiceMonitor", "quorum")["spec"]
+    assert [e["port"] for e in monitor["endpoints"]] == ["metrics"]
+    labels = find(objects, "Service", "quorum")["metadata"]["labels"]
+    assert monitor["selector"]["matchLabels"].items() <= labels.items()
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
+def test_pod_hardening_and_shutdown(overlay):
+    objects = render(overlay)
+    pod = find(objects, "Deployment", "quorum")["spec"]["template"]["spec"]
+    c = container(objects)
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == int(re.search(r"^USER (\d+)", DOCKERFILE, re.M).group(1))
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    tmp = next(v for v in pod["volumes"] if v["name"] == "tmp")
+    assert "emptyDir" in tmp and {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
+    grace = float(settings_data(objects)["QUORUM_GRACE_PERIOD_S"])
+    assert pod["terminationGracePeriodSeconds"] > grace + c["lifecycle"]["preStop"]["sleep"]["seconds"]
+    hpa = find(objects, "HorizontalPodAutoscaler", "quorum")["spec"]
+    assert hpa["scaleTargetRef"]["name"] == "quorum" and hpa["minReplicas"] >= 2
+    assert "replicas" not in find(objects, "Deployment", "quorum")["spec"]  # the HPA owns it
+
+
+def test_gpu_overlay_asks_for_a_gpu():
+    objects = render(K8S / "overlays" / "gpu")
+    c = container(objects)
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert c["image"].endswith("-gpu")
+    pod = find(objects, "Deployment", "quorum")["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] and any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
+    assert not container(render(K8S / "overlays" / "cpu"))["image"].endswith("-gpu")
+
+
+def test_autoscaler_metrics_are_served_by_the_adapter_and_exported_by_the_server():
+    hpa = find(render(K8S / "overlays" / "cpu"), "HorizontalPodAutoscaler")["spec"]
+    wanted = {m["pods"]["metric"]["name"] for m in hpa["metrics"] if m["type"] == "Pods"}
+    assert wanted == {"quorum_inflight_requests", "quorum_queue_depth"}
+    config = yaml.safe_load(find(render(K8S / "prometheus-adapter"), "ConfigMap")["data"]["config.yaml"])
+    served = {r["name"]["as"] for r in config["rules"]}
+    assert wanted <= served
+    series = {re.match(r"(\w+)\{", r["seriesQuery"]).group(1) for r in config["rules"]}
+    for rule in config["rules"]:
+        assert {"namespace", "pod"} <= set(rule["resources"]["overrides"])
+    catalogue = metric_catalogue()
+    if catalogue is None:
+        pytest.skip("no metric catalogue yet (service/monitoring/metrics.py, docs/metrics.md)")
+    families = {base_metric(n) for n in catalogue}
+    assert series <= families, f"not in the metric catalogue: {series - families}"
+
+
+def test_kserve_predictor_runs_the_same_server():
+    isvc = yaml.safe_load((K8S / "kserve" / "inferenceservice.yaml").read_text())
+    c = isvc["spec"]["predictor"]["containers"][0]
+    env = {e["name"]: e["value"] for e in c["env"]}
+    assert set(env) <= ENV_NAMES
+    assert c["ports"] == [{"name": "h2c", "containerPort": int(env["QUORUM_GRPC_PORT"]), "protocol": "TCP"}]
+    assert c["readinessProbe"]["grpc"]["port"] == DEFAULTS.grpc_port
+
+
+def test_dockerfile_matches_the_server():
+    assert re.search(r"^EXPOSE (\d+) (\d+)$", DOCKERFILE, re.M).groups() == (
+        str(DEFAULTS.grpc_port), str(DEFAULTS.metrics_port))
+    assert DOCKERFILE.count('ENTRYPOINT ["quorum", "serve"]') == 2  # cpu and gpu targets
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["quorum"] == "service.cli:main"
+    env = set(re.findall(r"\b(QUORUM_[A-Z_]+)=", DOCKERFILE))
+    assert env and env <= ENV_NAMES, env - ENV_NAMES
+    stages = re.findall(r"^FROM (\S+) AS (\S+)$", DOCKERFILE, re.M)
+    assert [s for _, s in stages] == ["cpu-builder", "cpu", "gpu-builder", "gpu"]  # gpu is the default
+    cuda = re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:(\d+)\.\d+\.\d+-cudnn-runtime-ubuntu\d+\.\d+$", DOCKERFILE, re.M)
+    assert cuda and cuda.group(1) == "13"  # onnxruntime-gpu 1.31 is built for CUDA 13 / cuDNN 9
+    assert "python scripts/gen_protos.py" in DOCKERFILE
+    # the model path baked into the image is the one the ConfigMap points at
+    image_models = re.search(r"QUORUM_MODEL_REPOSITORY=(\S+)", DOCKERFILE).group(1)
+    assert settings_data(render(K8S / "overlays" / "cpu"))["QUORUM_MODEL_REPOSITORY"] == image_models
+    assert f"COPY --chown=root:root models {image_models}" in DOCKERFILE
+
+
+def test_dockerignore_keeps_what_the_build_needs():
+    rules = [line for line in (ROOT / ".dockerignore").read_text().splitlines() if line and line[0] != "#"]
+    assert rules[0] == "*"
+    for needed in ("!pyproject.toml", "!service/", "!protos/", "!scripts/gen_protos.py", "!models/"):
+        assert needed in rules
+    assert "service/_proto/" in rules
