@@ -6,7 +6,10 @@ vote (label, calibrated probabilities, confidence, agreement) and each member's 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,10 +18,16 @@ import numpy as np
 
 from service.ensemble.fanout import gather_with_deadline
 from service.ensemble.voting import Vote, calibrate, vote
-from service.errors import DeadlineExceeded, InvalidInput, ModelNotFound, ModelNotReady
+from service.errors import DeadlineExceeded, FailedPrecondition, InvalidInput, ModelNotFound, ModelNotReady
+from service.objectives.feedback import FeedbackStore
+from service.objectives.selection import blend
+from service.objectives.tracker import MemberInfo, ObjectiveTracker
 from service.repository.config import Policy
 from service.repository.manager import ModelManager, ServedVersion
 from service.repository.manifest import TensorSpec
+
+log = logging.getLogger(__name__)
+PRIOR_STRENGTH = 200  # validation accuracy counts as this many live rows (single models)
 
 
 @dataclass(frozen=True)
@@ -40,14 +49,17 @@ class InferenceResult:
     vote: Vote
     members: tuple[MemberResult, ...]
     left_out: tuple[str, ...]
-    member_confidence: np.ndarray
-    """(M, n) each answering member's own calibrated max-probability, in vote.members order."""
+    member_probabilities: np.ndarray
+    """(M, n, C) each answering member's calibrated probabilities, in vote.members order."""
     logits: np.ndarray | None = None
     """The model's raw logits, for a single model only (an ensemble has no single set)."""
     inputs: np.ndarray | None = None
     """The request's input rows (a reference, for drift monitoring)."""
     vote_s: float = 0.0
     """Seconds spent calibrating and voting."""
+    shadow: dict[str, tuple[int, asyncio.Task]] = dataclasses.field(default_factory=dict)
+    """Members asked in the background (exploration): member -> (version, task giving its
+    calibrated probabilities, or None if it failed)."""
 
 
 @dataclass(frozen=True)
@@ -65,29 +77,49 @@ class ModelInfo:
 
 
 class DataPlane:
-    def __init__(self, manager: ModelManager) -> None:
+    def __init__(self, manager: ModelManager, feedback: FeedbackStore | None = None) -> None:
         self.manager = manager
+        self.feedback = feedback or FeedbackStore()
+        self.trackers: dict[str, ObjectiveTracker] = {}
+        self._shadow_tasks: set[asyncio.Task] = set()
 
     # -- inference -------------------------------------------------------------------------
     async def infer(self, model: str, rows: np.ndarray, *, version: int | None = None,
-                    deadline: float | None = None, policy: Policy | None = None) -> InferenceResult:
+                    deadline: float | None = None, policy: Policy | None = None,
+                    min_accuracy: float | None = None, members: Sequence[str] | None = None) -> InferenceResult:
         """Vote of `model` (an ensemble or a single model) on `rows`.
 
         `deadline` is an absolute time.monotonic() instant; an ensemble votes with the
-        members that answered before it (less the ensemble's safety margin)."""
+        members that answered before it (less the ensemble's safety margin). With a deadline
+        or `min_accuracy`, an ensemble asks the best member subset that fits them; `members`
+        names the subset explicitly instead (offline evaluation)."""
+        start = time.perf_counter()
         if deadline is not None and deadline <= time.monotonic():
             raise DeadlineExceeded(f"model '{model}': the deadline passed before the request started")
         ensemble = self.manager.ensemble(model)
         if ensemble is None:
-            return await self._infer_single(model, rows, version, deadline, policy)
+            return await self._infer_single(model, rows, version, deadline, policy, min_accuracy)
         if version not in (None, 0, 1):
-            raise ModelNotFound(f"ensemble '{model}' has only version 1")
+            raise ModelNotFound(f"ensemble '{model}' has no version {version} (only version 1)")
         if ensemble.config is None:
             raise ModelNotReady(f"ensemble '{model}' is misconfigured: {ensemble.error}")
         if ensemble.unloaded_by_request:
             raise ModelNotReady(f"ensemble '{model}' is unloaded")
         config = ensemble.config
-        served = {m: self.manager.resolve(m) for m in config.members}
+        tracker = self.tracker(model)
+        if members is None:
+            budget = None if deadline is None else deadline - time.monotonic() - config.deadline_margin_ms / 1000
+            members = tracker.choose(budget, min_accuracy)
+        served, missing = {}, {}
+        for m in members:
+            try:
+                served[m] = self.manager.resolve(m)
+            except (ModelNotFound, ModelNotReady) as exc:
+                missing[m] = exc  # voted without, like a member that missed the deadline
+        quorum = min(config.quorum, len(members))
+        if len(served) < quorum:
+            raise ModelNotReady(f"ensemble '{model}': only {len(served)} of {len(members)} members are "
+                                f"serving, fewer than its quorum {quorum} ({'; '.join(map(str, missing.values()))})")
         first = next(iter(served.values()))
         with contextlib.ExitStack() as leases:
             # Leases are taken now, before the member tasks start, so that a version swap
@@ -96,13 +128,51 @@ class DataPlane:
                 leases.enter_context(s.lease())
             outcomes = await gather_with_deadline(
                 {m: s.infer(rows, deadline) for m, s in served.items()},
-                deadline=deadline, safety_margin_s=config.deadline_margin_ms / 1000.0,
-                quorum=config.quorum)
-        return self._combine(model, 1, policy or config.policy, served, outcomes, first, rows)
+                deadline=deadline, safety_margin_s=config.deadline_margin_ms / 1000.0, quorum=quorum)
+        result = self._combine(model, 1, policy or config.policy, served, outcomes, first, rows, missing)
+        tracker.observe({m.name: m.latency_s for m in result.members if m.in_time}, time.perf_counter() - start)
+        shadow = tracker.shadow(members)
+        if shadow:
+            result = dataclasses.replace(result, shadow=self._start_shadow(tracker, shadow, rows))
+        return result
+
+    def _start_shadow(self, tracker: ObjectiveTracker, members: Sequence[str], rows: np.ndarray
+                      ) -> dict[str, tuple[int, asyncio.Task]]:
+        """Ask members the selection left out, without waiting for them: their answers
+        feed live accuracy (through feedback) and their latency keeps being measured."""
+        started = {}
+        for name in members:
+            try:
+                served = self.manager.resolve(name)
+            except (ModelNotFound, ModelNotReady):
+                continue
+            task = asyncio.create_task(self._shadow_call(tracker, served, rows), name=f"shadow-{name}")
+            self._shadow_tasks.add(task)
+            task.add_done_callback(self._shadow_tasks.discard)
+            started[name] = (served.version, task)
+        return started
+
+    @staticmethod
+    async def _shadow_call(tracker: ObjectiveTracker, served: ServedVersion, rows: np.ndarray) -> np.ndarray | None:
+        start = time.perf_counter()
+        try:
+            logits = await served.infer(rows)
+        except Exception:  # a shadow failure never reaches a client; the member is just unmeasured
+            log.debug("shadow call to %s failed", served.name, exc_info=True)
+            return None
+        tracker.observe({served.name: time.perf_counter() - start}, None)
+        return calibrate(logits, served.manifest.calibration.temperature).astype(np.float32)
 
     async def _infer_single(self, model: str, rows: np.ndarray, version: int | None,
-                            deadline: float | None, policy: Policy | None) -> InferenceResult:
+                            deadline: float | None, policy: Policy | None,
+                            min_accuracy: float | None) -> InferenceResult:
         served = self.manager.resolve(model, version)
+        if min_accuracy is not None:
+            live, samples = self.feedback.live(model)
+            expected = blend(served.manifest.validation.calibrated.accuracy, live, samples, PRIOR_STRENGTH)
+            if expected < min_accuracy:
+                raise FailedPrecondition(
+                    f"model '{model}': min_accuracy {min_accuracy:.4f} exceeds its expected accuracy {expected:.4f}")
         start = time.perf_counter()
         logits = await served.infer(rows, deadline)
         latency = time.perf_counter() - start
@@ -112,11 +182,12 @@ class DataPlane:
         vote_s = time.perf_counter() - start
         member = MemberResult(model, served.version, served.device, latency, True)
         return InferenceResult(model, served.version, policy or "soft", served.manifest.labels,
-                               result, (member,), (), probs.max(axis=1)[None], logits, inputs=rows, vote_s=vote_s)
+                               result, (member,), (), probs[None].astype(np.float32), logits,
+                               inputs=rows, vote_s=vote_s)
 
     def _combine(self, model: str, version: int, policy: Policy,
                  served: dict[str, ServedVersion], outcomes, first: ServedVersion,
-                 rows: np.ndarray | None = None) -> InferenceResult:
+                 rows: np.ndarray | None = None, missing: dict[str, Exception] | None = None) -> InferenceResult:
         start = time.perf_counter()
         answered = [m for m, o in outcomes.items() if o.in_time and o.error is None]
         probs = [calibrate(outcomes[m].result, served[m].manifest.calibration.temperature) for m in answered]
@@ -126,10 +197,50 @@ class DataPlane:
             MemberResult(m, served[m].version, served[m].device, o.latency_s,
                          m in answered, "" if o.error is None else str(o.error))
             for m, o in outcomes.items())
-        left_out = tuple(m for m in outcomes if m not in answered)
-        confidence = np.stack([p.max(axis=1) for p in probs])
+        members += tuple(MemberResult(m, 0, "", 0.0, False, str(exc)) for m, exc in (missing or {}).items())
+        left_out = tuple(m.name for m in members if not m.in_time)
         return InferenceResult(model, version, policy, first.manifest.labels, result, members, left_out,
-                               confidence, inputs=rows, vote_s=time.perf_counter() - start)
+                               np.stack(probs).astype(np.float32), inputs=rows,
+                               vote_s=time.perf_counter() - start)
+
+    # -- satisficing -----------------------------------------------------------------------
+    def tracker(self, ensemble: str) -> ObjectiveTracker:
+        """The ensemble's objective tracker, made anew when its configuration changes."""
+        config = self.manager.ensemble(ensemble).config
+        tracker = self.trackers.get(ensemble)
+        if tracker is None or (tracker.members, tracker.configured, tracker.policy) != (
+                config.members, config.objective, config.policy):
+            tracker = self.trackers[ensemble] = ObjectiveTracker(
+                ensemble, config.members, config.objective, config.policy)
+        return tracker
+
+    async def evaluate_objectives(self) -> None:
+        """Re-evaluate every ensemble's member selection (the replay runs in a thread)."""
+        for name, ensemble in list(self.manager.ensembles.items()):
+            if ensemble.config is None:
+                continue
+            tracker = self.tracker(name)
+            infos = {}
+            for member in ensemble.config.members:
+                model = self.manager.variants.get(member)
+                served = model.serving() if model else None
+                if served is not None:
+                    infos[member] = member_info(served)
+            if not infos:
+                continue
+            rows = list(self.feedback.rows.get(name, ()))
+            live = {m: self.feedback.live(f"{name}/{m}") for m in infos}
+            await asyncio.to_thread(tracker.evaluate, infos, rows, live)
+
+    async def run_objectives(self, interval_s: float = 1.0) -> None:
+        """Re-evaluate periodically: feedback and latency move the choice over time."""
+        while True:
+            try:
+                await self.evaluate_objectives()
+            except Exception:  # a failed evaluation must not stop the next one
+                log.exception("objective evaluation failed")
+            await asyncio.sleep(interval_s)
+
 
     # -- metadata --------------------------------------------------------------------------
     def info(self, model: str) -> ModelInfo:
@@ -145,6 +256,15 @@ class DataPlane:
         m = served.manifest
         return ModelInfo(model, "model", versions, m.input, m.labels, (model,), "soft", served.batching.max_batch_size)
 
+
+
+def member_info(served: ServedVersion) -> MemberInfo:
+    validation = served.manifest.validation
+    return MemberInfo(
+        name=served.name, version=served.version, device=served.device,
+        warmup_latency_s=served.runtime.warmup_latency_s, memory_mb=served.runtime.artifact_mb,
+        validation_accuracy=validation.calibrated.accuracy, validation_indices=validation.indices,
+        validation_labels=np.asarray(validation.labels), validation_probabilities=np.asarray(validation.probabilities))
 
 
 OUTPUTS_ENSEMBLE = ("probabilities", "label", "class_index", "confidence", "agreement")

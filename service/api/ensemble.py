@@ -46,7 +46,8 @@ class EnsembleServicer(pb_grpc.EnsembleServiceServicer):
         try:
             result = await self.api.data.infer(
                 request.model, rows, version=request.version or None, deadline=deadline,
-                policy=POLICY_OF.get(request.policy))
+                policy=POLICY_OF.get(request.policy),
+                min_accuracy=request.min_accuracy if request.HasField("min_accuracy") else None)
         except QuorumError:
             self.api.on_failure(request.model, time.perf_counter() - start)
             raise
@@ -70,7 +71,7 @@ class EnsembleServicer(pb_grpc.EnsembleServiceServicer):
                 index = int(vote.member_labels[m, row])
                 prediction.member_votes.add(
                     member=name, version=member.version, label=result.labels[index], class_index=index,
-                    confidence=float(result.member_confidence[m, row]),
+                    confidence=float(result.member_probabilities[m, row].max()),
                     weight=float(vote.member_weights[m, row]), latency_ms=member.latency_s * 1000.0,
                     in_time=True)
             for name in result.left_out:
@@ -117,6 +118,9 @@ class EnsembleServicer(pb_grpc.EnsembleServiceServicer):
             status.versions.add(version=version, state=pb.VERSION_STATE_FAILED, reason=error)
         status.members.append(name)
         status.policy = pb.VOTING_POLICY_SOFT
+        live, status.live_samples = self.api.feedback.live(name)
+        if live is not None:
+            status.live_accuracy = live
         if serving is not None:
             b = serving.batching
             status.batching.CopyFrom(pb.BatchingConfig(
@@ -136,15 +140,34 @@ class EnsembleServicer(pb_grpc.EnsembleServiceServicer):
             return
         status.members.extend(ensemble.config.members)
         status.policy = ENUM_OF[ensemble.config.policy]
+        live, status.live_samples = self.api.feedback.live(name)
+        if live is not None:
+            status.live_accuracy = live
+        tracker = self.api.data.tracker(name)
+        selected = set(tracker.selected.members) if tracker.selected else set(ensemble.config.members)
+        latency = {m.name: m for m in tracker.member_status}
         for member in ensemble.config.members:
             model = manager.variants.get(member)
             serving = model.serving() if model else None
             if serving is not None:
                 if not status.class_labels:
                     status.class_labels.extend(serving.manifest.labels)
-                self._member_stats(status, member, serving, f"{name}/{member}")
+                stats = self._member_stats(status, member, serving, f"{name}/{member}")
+                stats.selected = member in selected
+                if member in latency:
+                    stats.latency_p50_ms = latency[member].latency_p50_ms or 0.0
+                    stats.latency_p99_ms = latency[member].latency_p99_ms or 0.0
+        objective = status.objective
+        objective.objective = "accuracy"
+        objective.reason = tracker.reason
+        if tracker.selected is not None:
+            objective.objective_value = tracker.selected.accuracy
+            objective.selected_members.extend(tracker.selected.members)
+        for c in tracker.constraints:
+            objective.constraints.add(name=c.name, threshold=c.threshold, value=c.value, holds=c.holds,
+                                      bound=pb.BOUND_UPPER)
 
-    def _member_stats(self, status: pb.ModelStatus, member: str, served, live_key: str) -> None:
+    def _member_stats(self, status: pb.ModelStatus, member: str, served, live_key: str) -> pb.MemberStats:
         stats = status.member_stats.add(
             member=member, version=served.version,
             validation_accuracy=served.manifest.validation.calibrated.accuracy, selected=True)
@@ -152,3 +175,4 @@ class EnsembleServicer(pb_grpc.EnsembleServiceServicer):
         stats.live_samples = samples
         if live is not None:
             stats.live_accuracy = live
+        return stats

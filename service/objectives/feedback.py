@@ -3,12 +3,13 @@ accuracy over a sliding window of labelled rows, for each model and ensemble mem
 
 from __future__ import annotations
 
+import asyncio
 from collections import OrderedDict, deque
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from service.dataplane import InferenceResult
 
 
 @dataclass(frozen=True)
@@ -17,8 +18,17 @@ class _Prediction:
     labels: tuple[str, ...]
     predicted: np.ndarray
     """(n,) the answer's class index per row."""
-    members: dict[str, np.ndarray]
-    """member -> (n,) its own class index per row (members that answered in time)."""
+    members: dict[str, tuple[int, Any]]
+    """member -> (version, (n, C) calibrated probabilities), for members that answered in
+    time; for shadow members, an asyncio task that gives them (or None)."""
+
+
+@dataclass(frozen=True)
+class LiveRow:
+    """One labelled row: the truth and what each member (at its version) said."""
+
+    truth: int
+    members: dict[str, tuple[int, np.ndarray]]
 
 
 class SlidingAccuracy:
@@ -44,19 +54,23 @@ class SlidingAccuracy:
 
 
 class FeedbackStore:
-    def __init__(self, capacity: int = 100_000, window: int = 1000) -> None:
+    def __init__(self, capacity: int = 20_000, window: int = 1000) -> None:
         self._capacity = capacity
         self._window = window
         self._predictions: OrderedDict[str, _Prediction] = OrderedDict()
         self._labelled: set[tuple[str, int]] = set()
         self.accuracy: dict[str, SlidingAccuracy] = {}
         """Live accuracy by model, and by "ensemble/member" for members' own votes."""
+        self.rows: dict[str, deque[LiveRow]] = {}
+        """Labelled rows by model, for replaying member subsets (satisficing selection)."""
         self.last_feedback_at: float | None = None
 
-    def record(self, request_id: str, result: InferenceResult) -> None:
+    def record(self, request_id: str, result) -> None:  # result: service.dataplane.InferenceResult
         """Remember a request's answers (oldest forgotten first beyond the capacity)."""
         vote = result.vote
-        members = {name: vote.member_labels[i] for i, name in enumerate(vote.members)}
+        versions = {m.name: m.version for m in result.members}
+        members = {name: (versions[name], result.member_probabilities[i]) for i, name in enumerate(vote.members)}
+        members.update(result.shadow)  # (version, task): resolved when feedback arrives
         self._predictions[request_id] = _Prediction(result.model, result.labels, vote.label_index, members)
         if len(self._predictions) > self._capacity:
             old_id, _ = self._predictions.popitem(last=False)
@@ -73,11 +87,33 @@ class FeedbackStore:
         truth = prediction.labels.index(label)
         self._labelled.add((request_id, row))
         self._window_for(prediction.model).add(bool(prediction.predicted[row] == truth))
-        if len(prediction.members) > 1 or prediction.model not in prediction.members:
-            for member, predicted in prediction.members.items():
-                self._window_for(f"{prediction.model}/{member}").add(bool(predicted[row] == truth))
+        live = LiveRow(truth, {})
+        per_member = len(prediction.members) > 1 or prediction.model not in prediction.members
+        for member, (version, answer) in prediction.members.items():
+            if isinstance(answer, asyncio.Future) and not answer.done():
+                # A shadow call still running: score it when it finishes.
+                answer.add_done_callback(
+                    lambda task, m=member, v=version: self._score(prediction.model, live, m, v, task, row, per_member))
+            else:
+                self._score(prediction.model, live, member, version, answer, row, per_member)
+        rows = self.rows.get(prediction.model)
+        if rows is None:
+            rows = self.rows[prediction.model] = deque(maxlen=self._window)
+        rows.append(live)
         self.last_feedback_at = now
         return True
+
+    def _score(self, model: str, live: LiveRow, member: str, version: int, answer: Any, row: int,
+               per_member: bool) -> None:
+        """Add one member's answer on a labelled row (a shadow task's result once it is done)."""
+        if isinstance(answer, asyncio.Future):
+            if answer.cancelled() or answer.exception() is not None or answer.result() is None:
+                return
+            answer = answer.result()
+        probs = answer[row]
+        live.members[member] = (version, probs)
+        if per_member:
+            self._window_for(f"{model}/{member}").add(bool(probs.argmax() == live.truth))
 
     def _window_for(self, key: str) -> SlidingAccuracy:
         window = self.accuracy.get(key)

@@ -70,13 +70,28 @@ class ModelConfig(_Strict):
     batching: Batching | None = None
 
 
+class Objective(_Strict):
+    """Maximise accuracy subject to satisficing constraints (each optional)."""
+
+    optimize: Literal["accuracy"] = "accuracy"
+    latency_p99_ms: float | None = Field(None, gt=0, description="p99 end-to-end latency budget")
+    device_memory_mb: float | None = Field(None, gt=0, description="memory budget per device")
+    latency_window: int = Field(1000, ge=10, description="requests in the latency windows")
+    min_latency_samples: int = Field(20, ge=1, description="below this, warm-up timings stand in")
+    prior_strength: int = Field(200, ge=1, description="validation accuracy counts as this many live rows")
+    hysteresis: float = Field(0.005, ge=0, description="accuracy gain needed to switch subsets")
+    explore_fraction: float = Field(0.05, ge=0, le=1, description=(
+        "share of requests that also ask the members left out, in the background (shadow), "
+        "so their live accuracy and latency stay measured"))
+
+
 class EnsembleConfig(_Strict):
     members: tuple[str, ...] = Field(min_length=1)
     policy: Policy = "confidence"
     batching: Batching | None = Field(None, description="applied to members without their own")
     quorum: int = Field(1, ge=1, description="fewest members whose answers make a vote")
-    deadline_margin_ms: float = Field(2.0, ge=0, description="safety margin before a deadline")
-    objective: dict[str, Any] | None = None
+    deadline_margin_ms: float = Field(5.0, ge=0, description="safety margin before a deadline (vote and reply)")
+    objective: Objective | None = Field(None, description="without one, every member votes")
 
     @model_validator(mode="after")
     def _check(self) -> "EnsembleConfig":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ class Runtime(ABC):
         self.options = options
         self.device = options.device  # the device actually obtained, set by _load
         self.ready = False
+        self.warmup_latency_s = 0.0
         spec = manifest.input
         self._row_shape = tuple(spec.shape[1:])
         self._features = feature_count(spec)
@@ -80,6 +82,17 @@ class Runtime(ABC):
         # Warm-up compiles kernels and allocates arenas for the shapes traffic will use.
         for rows in {1, self.options.max_batch_size}:
             self._run_padded(np.zeros((rows, *self._row_shape), dtype=self._dtype))
+        # One timed single-row run: the latency estimate until live measurements exist.
+        start = time.perf_counter()
+        self._run_padded(np.zeros((1, *self._row_shape), dtype=self._dtype))
+        self.warmup_latency_s = time.perf_counter() - start
+
+    @property
+    def artifact_mb(self) -> float:
+        """Size of the checkpoint on disk: the memory estimate for satisficing."""
+        path = self.folder / self.manifest.artifact
+        files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+        return sum(p.stat().st_size for p in files) / 2**20
 
     # -- inference -------------------------------------------------------------------------
     async def predict(self, rows: np.ndarray) -> np.ndarray:
