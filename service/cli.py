@@ -22,6 +22,8 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
                    help="seconds between repository scans (0 disables hot reload)")
     p.add_argument("--grace-period", type=float, dest="grace_period_s",
                    help="seconds in-flight requests get to finish on SIGTERM")
+    p.add_argument("--drain-delay", type=float, dest="drain_delay_s",
+                   help="seconds to keep accepting after turning NOT_SERVING on SIGTERM (default 0)")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING...")
 
 
@@ -45,11 +47,16 @@ def main(argv: list[str] | None = None) -> int:
     from service.export import cli as export_cli
 
     export_cli.add_parser(sub)
+    from service.client import predict as predict_cli
+
+    predict_cli.add_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args)
     if args.command == "export":
         return export_cli.run(args)
+    if args.command == "predict":
+        return predict_cli.run(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -76,7 +76,8 @@ class QuorumServer:
         # The monitor observes the manager and forwards to the statistics (ModelStatistics RPC).
         self.monitor = Monitor(settings, self.statistics) if settings.monitoring else None
         self.manager = ModelManager(settings, self.monitor or self.statistics)
-        self.api = ApiContext(self.manager, DataPlane(self.manager), self.statistics, monitor=self.monitor)
+        data = DataPlane(self.manager)
+        self.api = ApiContext(self.manager, data, self.statistics, feedback=data.feedback, monitor=self.monitor)
         if self.monitor:
             self.monitor.attach(self.manager, self.api.feedback)
         self.metrics_port: int | None = None
@@ -84,6 +85,7 @@ class QuorumServer:
         self.port = settings.grpc_port
         self._server: grpc.aio.Server | None = None
         self._health_task: asyncio.Task | None = None
+        self._objectives_task: asyncio.Task | None = None
         self._stopping = asyncio.Event()
 
     def _credentials(self) -> grpc.ServerCredentials | None:
@@ -135,6 +137,8 @@ class QuorumServer:
         self._log_models()
         await self._set_health(self.api.ready())
         self._health_task = asyncio.create_task(self._follow_health(), name="health")
+        self._objectives_task = asyncio.create_task(
+            self.api.data.run_objectives(self.settings.objective_interval_s), name="objectives")
 
     async def _set_health(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -175,10 +179,11 @@ class QuorumServer:
         grace = self.settings.grace_period_s
         log.info("stopping: NOT_SERVING, draining in-flight requests (grace %.1fs)", grace)
         self.api.draining = True
-        if self._health_task:
-            self._health_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._health_task
+        for task in (self._health_task, self._objectives_task):
+            if task:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.health.enter_graceful_shutdown()
         if self.settings.drain_delay_s:
             log.info("NOT_SERVING; still accepting for %.1fs while endpoints update", self.settings.drain_delay_s)

@@ -20,6 +20,16 @@ class Settings(BaseSettings):
     """gRPC port for every service (0 picks a free port)."""
     metrics_port: int = Field(8502, ge=0, le=65535)
     """HTTP port of the Prometheus /metrics endpoint (0 picks a free port)."""
+    metrics_host: str = "0.0.0.0"
+    """Address the /metrics endpoint binds."""
+    monitoring: bool = True
+    """Prometheus metrics and drift monitoring; off only to measure their overhead."""
+    drift_window: int = Field(500, ge=10)
+    """Live rows per model in the drift window compared with the training reference."""
+    drift_min_rows: int = Field(100, ge=1)
+    """Fewest rows in the window before drift statistics are computed."""
+    drift_interval_s: float = Field(5.0, gt=0)
+    """Seconds between drift evaluations (off the request path)."""
 
     model_repository: Path = BUNDLED_MODELS
     """Model repository root: one folder per model (TF Serving layout)."""
@@ -37,6 +47,12 @@ class Settings(BaseSettings):
     """How often to rescan the repository for new or removed versions (0 disables polling)."""
     grace_period_s: float = Field(10.0, ge=0)
     """On SIGTERM, how long in-flight requests get to finish before the server stops."""
+    drain_delay_s: float = Field(0.0, ge=0)
+    """On SIGTERM, how long the server keeps accepting requests after turning NOT_SERVING,
+    so that load balancers and Kubernetes endpoints stop routing to it first; the grace
+    period starts after it."""
+    objective_interval_s: float = Field(1.0, gt=0)
+    """How often ensembles re-evaluate which members to ask (satisficing selection)."""
     max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     """Largest gRPC message accepted or sent."""
 

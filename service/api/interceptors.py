@@ -67,6 +67,14 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
     return parse
 
 
+async def _parsed(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+    """A client stream's requests, ending the call with INTERNAL at one that did not parse."""
+    async for request in requests:
+        if isinstance(request, _Unparsable):
+            await context.abort(grpc.StatusCode.INTERNAL, request.message)
+        yield request
+
+
 def _wrap(handler: grpc.RpcMethodHandler, method: str, token: bytes | None,
           observer: RpcObserver | None) -> grpc.RpcMethodHandler:
     """Rewrap the handler's behaviour, keeping its (de)serializers and streaming kind."""
@@ -102,7 +110,7 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, token: bytes | None,
                 authorize(context)
                 if isinstance(request, _Unparsable):
                     await context.abort(grpc.StatusCode.INTERNAL, request.message)
-                return await inner(request, context)
+                return await inner(_parsed(request, context) if handler.stream_unary else request, context)
             except errors.QuorumError as exc:
                 code = status_of(exc)
                 await fail(context, exc)
@@ -131,7 +139,7 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, token: bytes | None,
             authorize(context)
             if isinstance(request, _Unparsable):
                 await context.abort(grpc.StatusCode.INTERNAL, request.message)
-            responses = inner_stream(request, context)
+            responses = inner_stream(_parsed(request, context) if handler.stream_stream else request, context)
             if hasattr(responses, "__aiter__"):
                 async for item in responses:
                     yield item

@@ -1,0 +1,213 @@
+"""Graceful shutdown of the real server: SIGTERM in the middle of a burst of requests.
+
+What the contract says (and Kubernetes relies on): health turns NOT_SERVING first; every
+request the server had already accepted gets its answer; a request that arrives after the
+listener closed is refused with UNAVAILABLE (it was never accepted, so a client may retry it
+elsewhere); the models unload only after the RPCs finished; the process exits 0 within the
+grace period. With `drain_delay_s`, the server keeps accepting for that long after going
+NOT_SERVING, so endpoints can be updated before the listener closes.
+
+To make "accepted before the signal" certain rather than a race, the burst runs against a
+copy of the digits ensemble whose batcher lingers (max_queue_delay) long enough that all 200
+requests are queued inside the server when SIGTERM is sent, and are answered after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from service._proto.quorum.v1 import ensemble_pb2 as pb
+from service._proto.quorum.v1 import ensemble_pb2_grpc as pb_grpc
+from tests.helpers import MODELS, VARIANTS
+from tests.server import RunningServer, running_server
+
+BURST = 200
+LINGER_S = 2.5  # how long the scratch ensemble's batcher holds the burst
+GRACE_S = 15.0
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def _lingering_repo(root) -> None:
+    """The bundled digits members, with an ensemble whose batches wait LINGER_S to fill."""
+    for name in VARIANTS:
+        shutil.copytree(MODELS / name, root / name)
+    (root / "digits").mkdir()
+    members = (MODELS / "digits" / "ensemble.yaml").read_text().splitlines()[0]
+    (root / "digits" / "ensemble.yaml").write_text(
+        f"{members}\npolicy: confidence\n"
+        f"batching: {{max_batch_size: 256, max_queue_delay_us: {int(LINGER_S * 1e6)}}}\n")
+
+
+def _request(pixels: np.ndarray) -> pb.PredictRequest:
+    rows = np.ascontiguousarray(pixels, dtype=np.float32).reshape(-1, 64)
+    return pb.PredictRequest(model="digits", inputs=pb.Tensor(
+        dtype="FP32", shape=list(rows.shape), content=rows.tobytes()))
+
+
+@dataclass
+class Timeline:
+    """Monotonic instants of what the test saw, to check their order."""
+
+    health: list[tuple[float, int]] = field(default_factory=list)
+    watch_ended: float | None = None
+    watch_code: grpc.StatusCode | None = None
+    exited: float | None = None
+
+    def first(self, status: int) -> float | None:
+        return next((t for t, s in self.health if s == status), None)
+
+
+def _watch_health(server: RunningServer, timeline: Timeline, started: threading.Event) -> None:
+    """Health.Watch on its own channel, recording each status with the time it arrived."""
+    with grpc.insecure_channel(server.address) as channel:
+        stream = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""),
+                                                            timeout=60)
+        try:
+            for response in stream:
+                timeline.health.append((time.monotonic(), response.status))
+                started.set()
+            timeline.watch_code = grpc.StatusCode.OK
+        except grpc.RpcError as exc:
+            timeline.watch_code = exc.code()
+        timeline.watch_ended = time.monotonic()
+
+
+def _watch_exit(server: RunningServer, timeline: Timeline) -> None:
+    server.process.wait(timeout=90)
+    timeline.exited = time.monotonic()
+
+
+def _start_watchers(server: RunningServer, timeline: Timeline) -> list[threading.Thread]:
+    started = threading.Event()
+    threads = [threading.Thread(target=_watch_health, args=(server, timeline, started), daemon=True),
+               threading.Thread(target=_watch_exit, args=(server, timeline), daemon=True)]
+    for t in threads:
+        t.start()
+    assert started.wait(10), "Health.Watch sent nothing"
+    assert timeline.health[0][1] == health_pb2.HealthCheckResponse.SERVING
+    return threads
+
+
+@dataclass
+class Outcome:
+    sent: float
+    done: float
+    code: grpc.StatusCode
+    label: str = ""
+
+
+async def _call(stub: pb_grpc.EnsembleServiceStub, pixels: np.ndarray) -> Outcome:
+    sent = time.monotonic()
+    try:
+        response = await stub.Predict(_request(pixels), timeout=60)
+        return Outcome(sent, time.monotonic(), grpc.StatusCode.OK, response.predictions[0].label)
+    except grpc.aio.AioRpcError as exc:
+        return Outcome(sent, time.monotonic(), exc.code())
+
+
+async def _late_request(address: str, pixels: np.ndarray) -> Outcome:
+    async with grpc.aio.insecure_channel(address) as channel:
+        return await _call(pb_grpc.EnsembleServiceStub(channel), pixels)
+
+
+@pytest.fixture
+def lingering_repo(tmp_path):
+    root = tmp_path / "repo"
+    root.mkdir()
+    _lingering_repo(root)
+    return root
+
+
+def test_sigterm_during_a_burst_answers_every_accepted_request(tmp_path, lingering_repo, test_split):
+    x, y = test_split
+    pixels = [x[i % len(x)][None] for i in range(BURST)]
+    timeline = Timeline()
+    with running_server(tmp_path, lingering_repo, env={"QUORUM_GRACE_PERIOD_S": str(GRACE_S)}) as server:
+        threads = _start_watchers(server, timeline)
+
+        async def scenario() -> tuple[list[Outcome], float, Outcome, Outcome]:
+            async with grpc.aio.insecure_channel(server.address) as channel:
+                stub = pb_grpc.EnsembleServiceStub(channel)
+                await channel.channel_ready()
+                burst = [asyncio.ensure_future(_call(stub, p)) for p in pixels]
+                await asyncio.sleep(LINGER_S / 3)  # every request is on the wire and queued
+                assert not any(f.done() for f in burst), "the burst finished before the signal"
+                signalled = time.monotonic()
+                server.process.send_signal(signal.SIGTERM)
+                while timeline.first(NOT_SERVING) is None:  # the listener closes right after
+                    await asyncio.sleep(0.02)
+                await asyncio.sleep(0.2)
+                late_new_channel = await _late_request(server.address, pixels[0])
+                late_same_channel = await _call(stub, pixels[0])
+                return await asyncio.gather(*burst), signalled, late_new_channel, late_same_channel
+
+        outcomes, signalled, late_new, late_same = asyncio.run(scenario())
+        code = server.process.wait(timeout=GRACE_S + 10)
+        for t in threads:
+            t.join(timeout=10)
+        log = server.output()
+
+    # Every request sent before the signal was accepted, and answered after the signal.
+    codes = {o.code for o in outcomes}
+    assert codes == {grpc.StatusCode.OK}, f"{[o.code.name for o in outcomes if o.code != grpc.StatusCode.OK]}\n{log[-3000:]}"
+    assert all(o.sent < signalled < o.done for o in outcomes)
+    accuracy = np.mean([o.label == str(y[i % len(y)]) for i, o in enumerate(outcomes)])
+    assert accuracy > 0.9
+    # A request that arrives once the server stopped accepting is refused, never half-served.
+    assert late_new.code == grpc.StatusCode.UNAVAILABLE, late_new
+    assert late_same.code == grpc.StatusCode.UNAVAILABLE, late_same
+    assert late_new.done < min(o.done for o in outcomes)  # refused while the burst was in flight
+
+    # Order: NOT_SERVING, then the answers, then the exit, all within the grace period.
+    not_serving = timeline.first(NOT_SERVING)
+    assert not_serving is not None and signalled < not_serving < min(o.done for o in outcomes)
+    assert timeline.exited is not None and max(o.done for o in outcomes) < timeline.exited
+    assert code == 0, log[-3000:]
+    assert timeline.exited - signalled < GRACE_S
+    # A Health.Watch stream must not hold the shutdown for the whole grace period: it ends
+    # cleanly once it has delivered NOT_SERVING.
+    assert timeline.watch_code == grpc.StatusCode.OK
+    assert timeline.exited - max(o.done for o in outcomes) < 3.0
+    # Models unload only after the RPCs finished.
+    assert log.index("draining") < log.index("unloaded") < log.index("stopped")
+    assert "still running" not in log
+
+
+def test_drain_delay_keeps_accepting_after_not_serving(tmp_path, test_split):
+    """With drain_delay_s the listener stays open while endpoints catch up with NOT_SERVING."""
+    x, _ = test_split
+    delay = 2.0
+    timeline = Timeline()
+    with running_server(tmp_path, env={"QUORUM_DRAIN_DELAY_S": str(delay),
+                                       "QUORUM_GRACE_PERIOD_S": str(GRACE_S)}) as server:
+        threads = _start_watchers(server, timeline)
+        signalled = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        while timeline.first(NOT_SERVING) is None and time.monotonic() - signalled < 5:
+            time.sleep(0.02)
+        during = asyncio.run(_late_request(server.address, x[:1]))
+        checked = server.health()
+        code = server.process.wait(timeout=GRACE_S + 10)
+        for t in threads:
+            t.join(timeout=10)
+        after = asyncio.run(_late_request(server.address, x[:1]))
+        log = server.output()
+
+    not_serving = timeline.first(NOT_SERVING)
+    assert not_serving is not None and not_serving - signalled < 1.0
+    assert during.code == grpc.StatusCode.OK and during.label in "0123456789", log[-3000:]
+    assert during.done < signalled + delay
+    assert checked == NOT_SERVING
+    assert after.code == grpc.StatusCode.UNAVAILABLE
+    assert code == 0, log[-3000:]
+    assert delay <= timeline.exited - signalled < delay + GRACE_S
