@@ -144,9 +144,14 @@ def main(argv: list[str] | None = None) -> int:
                        source="models/make_digits.py")
         print(f"{name}: {fmt}, {time.perf_counter() - start:.1f} s", file=sys.stderr)
 
-    (out / ENSEMBLE).mkdir(exist_ok=True)
     members = ", ".join(v[0] for v in VARIANTS)
+    (out / ENSEMBLE).mkdir(exist_ok=True)
     (out / ENSEMBLE / "ensemble.yaml").write_text(f"members: [{members}]\npolicy: confidence\n")
+    # The same members under a latency objective: the server picks the most accurate
+    # subset whose p99 stays within budget (satisficing).
+    (out / f"{ENSEMBLE}_slo").mkdir(exist_ok=True)
+    (out / f"{ENSEMBLE}_slo" / "ensemble.yaml").write_text(
+        f"members: [{members}]\npolicy: confidence\nobjective:\n  optimize: accuracy\n  latency_p99_ms: 20\n")
     return 0
 
 
