@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROTO_STAMP := service/_proto/.generated
 
-.PHONY: serve test venv protos models bench lint clean
+.PHONY: serve test venv protos models bench lint clean prometheus
 
 venv: $(STAMP) $(PROTO_STAMP)
 
@@ -24,7 +24,13 @@ $(PROTO_STAMP): $(STAMP) $(shell find protos -name '*.proto' 2>/dev/null) script
 serve: venv
 	$(BIN)/quorum serve
 
-test: venv
+# promtool and prometheus for tests/monitoring (rule checks, a real scrape of the server).
+prometheus:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus; }
+
+test: venv prometheus
 	$(BIN)/python -m pytest -q
 
 models: venv

@@ -79,7 +79,7 @@ class QuorumServer:
         data = DataPlane(self.manager)
         self.api = ApiContext(self.manager, data, self.statistics, feedback=data.feedback, monitor=self.monitor)
         if self.monitor:
-            self.monitor.attach(self.manager, self.api.feedback)
+            self.monitor.attach(self.manager, self.api.feedback, data.trackers)
         self.metrics_port: int | None = None
         self.health = HealthServicer()
         self.port = settings.grpc_port

@@ -1,0 +1,330 @@
+"""The server's one observer: manager hooks (batches, compute, load failures), RPC hooks
+from the interceptor, per-inference hooks from the API, drift windows, and the scrape-time
+collectors. It forwards the manager's hooks to `Statistics` (the v2 ModelStatistics RPC).
+
+Per-request work is a dict lookup for pre-bound labelled children, a few observe()/inc()
+calls and, for drift, one append to preallocated ring buffers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from service.monitoring import drift
+from service.monitoring.metrics import Catalogue, GpuCollector, MetricsServer, StateCollector, gauge
+from service.monitoring.statistics import Statistics
+
+if TYPE_CHECKING:  # no import cycles at run time; nothing here imports grpc
+    from service.dataplane import InferenceResult
+    from service.objectives.feedback import FeedbackStore
+    from service.objectives.tracker import ObjectiveTracker
+    from service.repository.manager import ModelManager
+    from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+API_OF = (("/inference.GRPCInferenceService/", "kserve_v2"),
+          ("/tensorflow.serving.", "tfserving"),
+          ("/quorum.v1.", "quorum"),
+          ("/grpc.health.", "health"),
+          ("/grpc.reflection.", "reflection"))
+OK = "OK"
+
+
+def api_of(method: str) -> str:
+    for prefix, api in API_OF:
+        if method.startswith(prefix):
+            return api
+    return "other"
+
+
+def request_model(request: Any) -> str:
+    """The model a request names, whatever the protocol ('' when it names none)."""
+    if request is None:
+        return ""
+    for field in ("model_name", "model", "name"):
+        value = getattr(request, field, None)
+        if isinstance(value, str):
+            return value
+    spec = getattr(request, "model_spec", None)
+    return getattr(spec, "name", "") if spec is not None else ""
+
+
+class Monitor:
+    def __init__(self, settings: "Settings", statistics: Statistics | None = None) -> None:
+        self.settings = settings
+        self.statistics = statistics
+        self.metrics = Catalogue()
+        self.registry = self.metrics.registry
+        self.trackers: dict[str, "ObjectiveTracker"] = {}
+        self.gpus = GpuCollector()
+        self.manager: ModelManager | None = None
+        self.feedback: FeedbackStore | None = None
+        self.window = settings.drift_window
+        self.min_rows = min(settings.drift_min_rows, settings.drift_window)
+        self.drift_windows: dict[str, drift.DriftWindow] = {}
+        self.drift_results: dict[str, list[drift.SignalValue]] = {}
+        self._no_reference: set[str] = set()
+        self._rpc: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        self._inflight: dict[str, Any] = {}
+        self._per_model: dict[str, tuple[Any, ...]] = {}
+        self._per_ensemble: dict[str, tuple[Any, dict[str, Any]]] = {}
+        self._known: frozenset[str] = frozenset()
+        self._known_at = 0.0
+        self._server: MetricsServer | None = None
+        self._task: asyncio.Task | None = None
+        for part in (self._collect_models, self._collect_feedback, self._collect_drift, self._collect_satisficing):
+            self.registry.register(StateCollector(part))  # each guarded: one failing part skips only itself
+        self.registry.register(self.gpus)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def attach(self, manager: "ModelManager", feedback: "FeedbackStore",
+               trackers: dict[str, "ObjectiveTracker"] | None = None) -> None:
+        """The state exported at scrape time: models, feedback and satisficing trackers."""
+        self.manager, self.feedback = manager, feedback
+        self.trackers = trackers if trackers is not None else {}
+
+    def start_http(self, host: str, port: int) -> int:
+        self._server = MetricsServer(self.registry, host, port)
+        return self._server.start()
+
+    @property
+    def port(self) -> int | None:
+        return self._server.port if self._server else None
+
+    def start_drift(self) -> None:
+        self._task = asyncio.create_task(self._drift_loop(), name="drift")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._server:
+            self._server.stop()
+
+    # -- manager observer ------------------------------------------------------------------
+    def _model(self, name: str) -> tuple[Any, ...]:
+        children = self._per_model.get(name)
+        if children is None:
+            m = self.metrics
+            children = self._per_model[name] = (
+                m.batch_size.labels(name), m.queue_wait.labels(name), m.compute.labels(name),
+                m.vote.labels(name), m.inference_rows.labels(name))
+        return children
+
+    def on_batch(self, model: str, batch_rows: int, queue_waits_s: list[float]) -> None:
+        if self.statistics:
+            self.statistics.on_batch(model, batch_rows, queue_waits_s)
+        batch, queue = self._model(model.rpartition(":")[0] or model)[:2]
+        batch.observe(batch_rows)
+        for wait in queue_waits_s:
+            queue.observe(wait)
+
+    def on_compute(self, model: str, version: int, rows: int, seconds: float) -> None:
+        if self.statistics:
+            self.statistics.on_compute(model, version, rows, seconds)
+        self._model(model)[2].observe(seconds)
+
+    def on_load_failure(self, model: str, version: int) -> None:
+        if self.statistics:
+            self.statistics.on_load_failure(model, version)
+        self.metrics.load_failures.labels(model).inc()
+
+    # -- RPC observer (the interceptor) ----------------------------------------------------
+    def _bounded(self, model: str) -> str:
+        if not model:
+            return ""
+        now = time.monotonic()
+        if model not in self._known and now - self._known_at > 1.0 and self.manager is not None:
+            self._known = frozenset(self.manager.variants) | frozenset(self.manager.ensembles)
+            self._known_at = now
+        return model if model in self._known else "unknown"
+
+    def on_rpc_start(self, method: str) -> None:
+        gauge_ = self._inflight.get(method)
+        if gauge_ is None:
+            gauge_ = self._inflight[method] = self.metrics.inflight.labels(api_of(method))
+        gauge_.inc()
+
+    def on_rpc(self, method: str, code: Any, seconds: float, request: Any = None) -> None:
+        model = self._bounded(request_model(request))
+        code_name = getattr(code, "name", None) or str(code)
+        key = (method, model, code_name)
+        children = self._rpc.get(key)
+        if children is None:
+            api = api_of(method)
+            children = self._rpc[key] = (
+                self.metrics.requests.labels(api, method.rpartition("/")[2], model, code_name),
+                self.metrics.request_duration.labels(api, model), self.metrics.inflight.labels(api))
+        counter, duration, inflight = children
+        counter.inc()
+        duration.observe(seconds)
+        inflight.dec()
+
+    # -- per inference (the API) -----------------------------------------------------------
+    def on_inference(self, result: "InferenceResult", rows: int, seconds: float) -> None:
+        children = self._model(result.model)
+        children[4].inc(rows)
+        vote_s = getattr(result, "vote_s", None)
+        if vote_s is not None:
+            children[3].observe(vote_s)
+        vote = result.vote
+        ensemble = len(result.members) > 1 or result.members[0].name != result.model
+        if ensemble:
+            agreement, member_latency = self._ensemble_children(result.model)
+            for value in vote.agreement.tolist():
+                agreement.observe(value)
+            for member in result.members:
+                child = member_latency.get(member.name)
+                if child is None:
+                    child = member_latency[member.name] = self.metrics.member_latency.labels(result.model, member.name)
+                child.observe(member.latency_s)
+            for member in result.left_out:
+                self.metrics.members_dropped.labels(result.model, member).inc()
+        window = self._drift_window(result)
+        if window is not None:
+            window.observe(getattr(result, "inputs", None), vote.label_index, vote.confidence,
+                           vote.agreement if ensemble else None)
+
+    def _ensemble_children(self, ensemble: str) -> tuple[Any, dict[str, Any]]:
+        children = self._per_ensemble.get(ensemble)
+        if children is None:
+            children = self._per_ensemble[ensemble] = (self.metrics.agreement.labels(ensemble), {})
+        return children
+
+    def _drift_window(self, result: "InferenceResult") -> drift.DriftWindow | None:
+        name = result.model
+        key = tuple((m.name, m.version) for m in result.members)
+        window = self.drift_windows.get(name)
+        if window is not None and window.key == key:
+            return window
+        if (name, key) in self._no_reference or self.manager is None:
+            return None
+        try:
+            reference = self._reference(name, result)
+        except Exception as exc:  # a model without a usable reference is just not monitored
+            log.warning("no drift monitoring for %s: %s", name, exc)
+            self._no_reference.add((name, key))
+            return None
+        window = self.drift_windows[name] = drift.DriftWindow(reference, self.window, key)
+        self.drift_results.pop(name, None)
+        return window
+
+    def _reference(self, name: str, result: "InferenceResult") -> drift.ModelReference:
+        manager = self.manager
+        ensemble = manager.ensemble(name)
+        if ensemble is None or ensemble.config is None:
+            return drift.ModelReference.of_model(manager.resolve(name, result.version).manifest)
+        manifests = [manager.resolve(m.name, m.version).manifest for m in result.members]
+        return drift.ModelReference.of_ensemble(manifests, ensemble.config.policy)
+
+    # -- drift evaluation (off the hot path) -----------------------------------------------
+    async def _drift_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.drift_interval_s)
+            try:
+                await asyncio.to_thread(self.evaluate_drift)
+            except Exception:
+                log.exception("drift evaluation failed")
+
+    def evaluate_drift(self) -> None:
+        for name, window in list(self.drift_windows.items()):
+            self.drift_results[name] = window.evaluate(self.min_rows)
+            self.metrics.drift_evaluations.labels(name).inc()
+
+    # -- scrape-time state -----------------------------------------------------------------
+    def _collect_models(self) -> Iterable:
+        manager = self.manager
+        if manager is None:
+            return
+        depth: dict[str, float] = {}
+        inflight_rows: dict[str, float] = {}
+        info, ready = [], []
+        for name, model in list(manager.variants.items()):
+            self.metrics.load_failures.labels(name)  # every model's failure counter starts at 0
+            for version, served in list(model.versions.items()):
+                depth[name] = depth.get(name, 0) + served.batcher.queue_depth
+                inflight_rows[name] = inflight_rows.get(name, 0) + served.batcher.in_flight
+                info.append(([name, str(version), served.device, served.runtime.framework,
+                              served.state.name], 1.0))
+            ready.append(([name, "model"], float(manager.is_ready(name))))
+        for name, ensemble in list(manager.ensembles.items()):
+            ready.append(([name, "ensemble"], float(manager.is_ready(name))))
+            if ensemble.config is not None:
+                for member in ensemble.config.members:
+                    self.metrics.members_dropped.labels(name, member)  # starts at 0
+        yield gauge("quorum_queue_depth", "Requests waiting in a model's batching queue (all loaded versions).",
+                    ["model"], ((([n]), v) for n, v in depth.items()))
+        yield gauge("quorum_batch_inflight_rows", "Rows in batches running in a model's runtime.",
+                    ["model"], (([n], v) for n, v in inflight_rows.items()))
+        yield gauge("quorum_model_info", "1 for each loaded model version, with its device, framework and state.",
+                    ["model", "version", "device", "framework", "state"], info)
+        yield gauge("quorum_model_ready", "1 when a model (or every member of an ensemble) serves.",
+                    ["model", "kind"], ready)
+
+    def _collect_feedback(self) -> Iterable:
+        feedback = self.feedback
+        if feedback is None:
+            return
+        accuracy, samples = [], []
+        for key, window in list(feedback.accuracy.items()):
+            model, _, member = key.partition("/")
+            if window.value is not None:
+                accuracy.append(([model, member], window.value))
+            samples.append(([model, member], float(window.samples)))
+        yield gauge("quorum_live_accuracy", "Accuracy on the last labelled live rows (feedback), for a "
+                    "model, or for one member's own vote within an ensemble (member label).",
+                    ["model", "member"], accuracy)
+        yield gauge("quorum_live_accuracy_samples", "Labelled rows behind quorum_live_accuracy.",
+                    ["model", "member"], samples)
+        if feedback.last_feedback_at is not None:
+            yield gauge("quorum_feedback_last_timestamp_seconds", "Unix time of the last accepted feedback label.",
+                        [], [([], feedback.last_feedback_at)])
+
+    def _collect_drift(self) -> Iterable:
+        fill = [([name], w.fill) for name, w in list(self.drift_windows.items())]
+        distance, pvalue, detected = [], [], []
+        for name, results in list(self.drift_results.items()):
+            for s in results:
+                labels = [name, s.signal, s.feature]
+                distance.append((labels, s.distance))
+                detected.append((labels, float(s.detected)))
+                if s.pvalue is not None:
+                    pvalue.append((labels, s.pvalue))
+        baselines = [([name], w.reference.disagreement_baseline) for name, w in list(self.drift_windows.items())
+                     if w.reference.disagreement_baseline is not None]
+        yield gauge("quorum_drift_window_fill", "Share of a model's drift window holding live rows (0-1).",
+                    ["model"], fill)
+        yield gauge("quorum_drift_distance", "Drift distance by signal: PSI (feature, input: max), Jensen-"
+                    "Shannon distance (prediction), KS statistic (confidence), disagreement rate minus "
+                    "its validation baseline (disagreement).", ["model", "signal", "feature"], distance)
+        yield gauge("quorum_drift_pvalue", "Drift p-value by signal: Holm-adjusted chi-square (feature, input: "
+                    "min), chi-square (prediction), KS (confidence), one-sided binomial (disagreement).",
+                    ["model", "signal", "feature"], pvalue)
+        yield gauge("quorum_drift_detected", "1 when a drift signal crosses its threshold (see docs/metrics.md).",
+                    ["model", "signal", "feature"], detected)
+        yield gauge("quorum_ensemble_disagreement_baseline_ratio", "Share of validation rows on which the "
+                    "ensemble's members did not all vote for the winner.", ["model"], baselines)
+
+    def _collect_satisficing(self) -> Iterable:
+        trackers = [t for t in list(self.trackers.values()) if t.selected is not None]
+        constraints = [(t.ensemble, c) for t in trackers for c in t.constraints]
+        yield gauge("quorum_satisficing_constraint_value", "Current value of a satisficing constraint "
+                    "(measured when enough samples, else predicted).",
+                    ["ensemble", "constraint"], (([e, c.name], c.value) for e, c in constraints))
+        yield gauge("quorum_satisficing_constraint_threshold", "Threshold of a satisficing constraint.",
+                    ["ensemble", "constraint"], (([e, c.name], c.threshold) for e, c in constraints))
+        yield gauge("quorum_satisficing_constraint_holds", "1 while a satisficing constraint holds.",
+                    ["ensemble", "constraint"], (([e, c.name], float(c.holds)) for e, c in constraints))
+        yield gauge("quorum_satisficing_optimizing_value", "Expected value of the optimizing metric "
+                    "(accuracy) of the selected member subset.",
+                    ["ensemble", "metric"], (([t.ensemble, "accuracy"], t.selected.accuracy) for t in trackers))
+        yield gauge("quorum_satisficing_member_selected", "1 when the selection keeps a member in the vote.",
+                    ["ensemble", "member"], (([t.ensemble, m], float(m in t.selected.members))
+                                             for t in trackers for m in t.members))

@@ -1,0 +1,105 @@
+"""The metric catalogue and the monitor, without a server: own registry, HTTP on port 0,
+bounded labels, forwarding to Statistics, no GPU series without NVML."""
+
+from __future__ import annotations
+
+import urllib.request
+from types import SimpleNamespace
+
+import grpc
+import prometheus_client
+
+from service.monitoring.monitor import Monitor, api_of, request_model
+from service.monitoring.statistics import Statistics
+from service.settings import Settings
+
+
+def _monitor() -> Monitor:
+    return Monitor(Settings(), Statistics())
+
+
+def test_own_registry_and_http_endpoint_on_port_zero():
+    monitor = _monitor()
+    port = monitor.start_http("127.0.0.1", 0)
+    try:
+        assert port > 0
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    finally:
+        monitor._server.stop()
+    assert "quorum_satisficing_constraint_holds" in text
+    assert monitor.registry is not prometheus_client.REGISTRY
+    assert "quorum_requests_total" not in prometheus_client.generate_latest().decode()
+
+
+def test_rpc_metrics_bound_the_model_label():
+    monitor = _monitor()
+    monitor._known_at = 1e18  # the names below, not a manager's
+    monitor._known = frozenset({"digits_mlp_a", "digits"})
+    method = "/inference.GRPCInferenceService/ModelInfer"
+    for name in ("digits", "no-such-model-1", "no-such-model-2"):
+        monitor.on_rpc_start(method)
+        monitor.on_rpc(method, grpc.StatusCode.NOT_FOUND, 0.004, SimpleNamespace(model_name=name))
+    get = monitor.registry.get_sample_value
+    labels = {"api": "kserve_v2", "method": "ModelInfer", "code": "NOT_FOUND"}
+    assert get("quorum_requests_total", {**labels, "model": "digits"}) == 1
+    assert get("quorum_requests_total", {**labels, "model": "unknown"}) == 2
+    assert get("quorum_inflight_requests", {"api": "kserve_v2"}) == 0
+    assert get("quorum_request_duration_seconds_bucket", {"api": "kserve_v2", "model": "digits", "le": "0.005"}) == 1
+    assert get("quorum_request_duration_seconds_bucket", {"api": "kserve_v2", "model": "digits", "le": "0.003"}) == 0
+
+
+def test_manager_hooks_feed_metrics_and_statistics():
+    monitor = _monitor()
+    monitor.on_batch("digits_mlp_a:1", 3, [0.001, 0.002, 0.0005])
+    monitor.on_compute("digits_mlp_a", 1, 3, 0.002)
+    monitor.on_load_failure("digits_cnn_a", 2)
+    get = monitor.registry.get_sample_value
+    assert get("quorum_batch_size_rows_count", {"model": "digits_mlp_a"}) == 1
+    assert get("quorum_queue_wait_seconds_count", {"model": "digits_mlp_a"}) == 3
+    assert get("quorum_compute_seconds_count", {"model": "digits_mlp_a"}) == 1
+    assert get("quorum_model_load_failures_total", {"model": "digits_cnn_a"}) == 1
+    stats = monitor.statistics
+    assert stats.models[("digits_mlp_a", 1)].execution_count == 1
+    assert stats.models[("digits_mlp_a", 1)].queue.count == 3
+    assert stats.load_failures["digits_cnn_a"] == 1
+
+
+def test_satisficing_state_of_trackers_is_exported():
+    from service.objectives.selection import Candidate
+    from service.objectives.tracker import ConstraintStatus, ObjectiveTracker
+    from service.repository.config import Objective
+
+    monitor = _monitor()
+    tracker = ObjectiveTracker("digits", ["a", "b"], Objective(latency_p99_ms=20), "confidence")
+    monitor.trackers["digits"] = tracker
+    get = monitor.registry.get_sample_value
+    assert get("quorum_satisficing_member_selected", {"ensemble": "digits", "member": "a"}) is None
+    tracker.selected = Candidate(("a",), 0.97, 0.97, None, 0, 0.004, 1.0)
+    tracker.constraints = [ConstraintStatus("latency_p99_ms", 20.0, 25.0, False, True)]
+    assert get("quorum_satisficing_constraint_holds", {"ensemble": "digits", "constraint": "latency_p99_ms"}) == 0
+    assert get("quorum_satisficing_constraint_value", {"ensemble": "digits", "constraint": "latency_p99_ms"}) == 25
+    assert get("quorum_satisficing_constraint_threshold", {"ensemble": "digits", "constraint": "latency_p99_ms"}) == 20
+    assert get("quorum_satisficing_optimizing_value", {"ensemble": "digits", "metric": "accuracy"}) == 0.97
+    assert get("quorum_satisficing_member_selected", {"ensemble": "digits", "member": "a"}) == 1
+    assert get("quorum_satisficing_member_selected", {"ensemble": "digits", "member": "b"}) == 0
+
+
+def test_gpu_metrics_are_absent_without_nvml():
+    monitor = _monitor()
+    text = prometheus_client.generate_latest(monitor.registry).decode()
+    assert not monitor.gpus.available
+    assert "quorum_gpu_" not in text  # absent, not zero
+
+
+def test_api_and_model_of_requests():
+    assert api_of("/tensorflow.serving.PredictionService/Predict") == "tfserving"
+    assert api_of("/quorum.v1.EnsembleService/Predict") == "quorum"
+    assert api_of("/grpc.health.v1.Health/Check") == "health"
+    from service._proto.inference import grpc_service_pb2 as v2
+    from tensorflow_serving.apis import predict_pb2
+
+    assert request_model(v2.ModelInferRequest(model_name="digits")) == "digits"
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "digits_logreg"
+    assert request_model(request) == "digits_logreg"
+    assert request_model(None) == ""
