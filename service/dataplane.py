@@ -109,6 +109,9 @@ class DataPlane:
         tracker = self.tracker(model)
         if members is None:
             budget = None if deadline is None else deadline - time.monotonic() - config.deadline_margin_ms / 1000
+            if budget is not None and budget <= 0:  # no subset can help: the deadline, not an objective
+                raise DeadlineExceeded(f"ensemble '{model}': the deadline leaves no time after its "
+                                       f"{config.deadline_margin_ms:g} ms safety margin")
             members = tracker.choose(budget, min_accuracy)
         served, missing = {}, {}
         for m in members:

@@ -83,13 +83,17 @@ class EnsembleServicer(pb_grpc.EnsembleServiceServicer):
 
     async def Feedback(self, request: pb.FeedbackRequest, context: grpc.aio.ServicerContext) -> pb.FeedbackResponse:
         now = time.time()
-        accepted, unknown = 0, []
+        accepted, rejected, unknown = 0, 0, []
         for item in request.labels:
-            if self.api.feedback.add(item.request_id, item.row, item.label, now):
-                accepted += 1
-            elif item.request_id not in unknown:
-                unknown.append(item.request_id)
-        return pb.FeedbackResponse(accepted=accepted, unknown_ids=unknown)
+            try:
+                if self.api.feedback.add(item.request_id, item.row, item.label, now):
+                    accepted += 1
+                else:
+                    rejected += 1
+            except KeyError:
+                if item.request_id not in unknown:
+                    unknown.append(item.request_id)
+        return pb.FeedbackResponse(accepted=accepted, unknown_ids=unknown, rejected=rejected)
 
     async def GetStatus(self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext) -> pb.GetStatusResponse:
         manager = self.api.manager

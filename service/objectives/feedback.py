@@ -77,10 +77,12 @@ class FeedbackStore:
             self._labelled = {k for k in self._labelled if k[0] != old_id}
 
     def add(self, request_id: str, row: int, label: str, now: float) -> bool:
-        """Score one labelled row; False when the id is unknown (or forgotten), the row or
-        label out of range, or the row already labelled."""
+        """Score one labelled row; False when the row or label is out of range or the row is
+        already labelled; KeyError when the request id is unknown (or forgotten)."""
         prediction = self._predictions.get(request_id)
-        if prediction is None or not 0 <= row < len(prediction.predicted):
+        if prediction is None:
+            raise KeyError(request_id)
+        if not 0 <= row < len(prediction.predicted):
             return False
         if label not in prediction.labels or (request_id, row) in self._labelled:
             return False
