@@ -167,6 +167,7 @@ class EnsembleServicer(pb_grpc.EnsembleServiceServicer):
         if tracker.selected is not None:
             objective.objective_value = tracker.selected.accuracy
             objective.selected_members.extend(tracker.selected.members)
+            objective.score = tracker.score
         for c in tracker.constraints:
             objective.constraints.add(name=c.name, threshold=c.threshold, value=c.value, holds=c.holds,
                                       bound=pb.BOUND_UPPER)

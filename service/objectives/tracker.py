@@ -70,8 +70,9 @@ class ObjectiveTracker:
         requests with their own budget or accuracy floor pick a subset."""
         self.objective = objective or Objective()
         self.policy = policy
-        self.member_latency = {m: LatencyWindow(self.objective.latency_window) for m in members}
-        self.end_to_end = LatencyWindow(self.objective.latency_window)
+        window, age = self.objective.latency_window, self.objective.latency_window_s
+        self.member_latency = {m: LatencyWindow(window, age) for m in members}
+        self.end_to_end = LatencyWindow(window, age)
         self.candidates: list[Candidate] = []
         self.selected: Candidate | None = None
         self.reason = "not evaluated yet"

@@ -77,6 +77,7 @@ class Objective(_Strict):
     latency_p99_ms: float | None = Field(None, gt=0, description="p99 end-to-end latency budget")
     device_memory_mb: float | None = Field(None, gt=0, description="memory budget per device")
     latency_window: int = Field(1000, ge=10, description="requests in the latency windows")
+    latency_window_s: float = Field(60.0, gt=0, description="oldest observation the windows keep")
     min_latency_samples: int = Field(20, ge=1, description="below this, warm-up timings stand in")
     prior_strength: int = Field(200, ge=1, description="validation accuracy counts as this many live rows")
     hysteresis: float = Field(0.005, ge=0, description="accuracy gain needed to switch subsets")
