@@ -36,5 +36,12 @@ test: venv prometheus
 models: venv
 	$(BIN)/python models/make_digits.py
 
+# The side-by-side suite (floor, MLServer, Quorum, in-process ceiling), under 15 minutes on
+# 2 cores: results in bench/results/ (see docs/performance.md).
+bench: venv
+	$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/pip install --quiet -e '.[bench]'
+	bench/setup_mlserver.sh
+	$(BIN)/python bench/run_suite.py
+
 clean:
 	rm -rf $(VENV) service/_proto

@@ -84,6 +84,8 @@ def vote(policy: Policy | str, member_probs: Sequence[np.ndarray], member_names:
          validation_accuracy: Sequence[float] | None = None) -> Vote:
     """Combine members' calibrated probabilities (each (n, C)) by `policy`."""
     policy = Policy(policy)
+    if len(member_probs) == 1 and len(member_names) == 1 and policy in _WEIGHT_ONE:
+        return _lone(policy, member_probs[0], member_names[0])
     probs = _stack(member_probs, member_names)
     n_members = probs.shape[0]
     member_labels = probs.argmax(axis=2)  # (M, n)
@@ -115,6 +117,31 @@ def vote(policy: Policy | str, member_probs: Sequence[np.ndarray], member_names:
         member_labels=member_labels,
         member_weights=weights,
         members=tuple(member_names),
+    )
+
+
+# Policies under which a lone member's weight is 1 (its raw weight over itself).
+_WEIGHT_ONE = frozenset({Policy.SOFT, Policy.CONFIDENCE, Policy.CONFIDENCE_ENTROPY})
+
+
+def _lone(policy: Policy, member_probs: np.ndarray, name: str) -> Vote:
+    """The vote of a single member (every single-model request): the general path's result,
+    value for value, with a third of its numpy calls."""
+    probs = np.array(member_probs, dtype=np.float64)
+    if probs.ndim != 2:
+        raise ValueError(f"members' outputs must be (rows, classes), got {probs.shape}")
+    member_label = probs.argmax(axis=1)
+    combined = probs / probs.sum(axis=1, keepdims=True)  # exact sums, as the general path
+    label = combined.argmax(axis=1)
+    return Vote(
+        policy=policy,
+        label_index=label,
+        probabilities=combined,
+        confidence=combined.max(axis=1),
+        agreement=(member_label == label).astype(np.float64),
+        member_labels=member_label[None],
+        member_weights=np.ones((1, probs.shape[0])),
+        members=(name,),
     )
 
 

@@ -121,7 +121,9 @@ class Runtime(ABC):
     def normalize(self, rows: np.ndarray) -> np.ndarray:
         """(x - mean) / std with the training split's frozen statistics, row by row."""
         flat = rows.reshape(rows.shape[0], self._features).astype(self._dtype, copy=False)
-        return ((flat - self._mean) * self._scale).reshape(rows.shape)
+        out = np.subtract(flat, self._mean)  # one new array, scaled in place: same values
+        np.multiply(out, self._scale, out=out)
+        return out.reshape(rows.shape)
 
     def _run_padded(self, rows: np.ndarray) -> np.ndarray:
         if self.options.batch_invariance == "tolerant":

@@ -1,0 +1,58 @@
+"""bench/loadgen.py against bench/floor_server.py for about a second: sane JSON, no timings asserted."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCH = ROOT / "bench"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def floor_port():
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, str(BENCH / "floor_server.py"), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line = proc.stdout.readline()  # printed once the server is serving
+        assert "floor server on port" in line, line
+        yield port, proc.pid
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _loadgen(port: int, pid: int, tmp_path: Path, *load: str, protocol_args: tuple = ()) -> dict:
+    out = tmp_path / "result.json"
+    subprocess.run([sys.executable, str(BENCH / "loadgen.py"), "--target", f"localhost:{port}",
+                    "--duration", "1", "--warmup", "0.2", "--server-pid", str(pid), "--json", str(out),
+                    *load, *protocol_args], check=True, capture_output=True, timeout=60)
+    return json.loads(out.read_text())
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("load", [("--concurrency", "4"), ("--rate", "200")])
+def test_loadgen_reports_sane_json(floor_port, tmp_path, load):
+    port, pid = floor_port
+    r = _loadgen(port, pid, tmp_path, *load)
+    assert r["mode"] == ("closed" if load[0] == "--concurrency" else "open")
+    assert r["requests"] > 0 and r["errors"] == {}
+    assert r["throughput_rps"] > 0 and r["rows_per_s"] == pytest.approx(r["throughput_rps"])
+    lat = r["latency_ms"]
+    assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+    assert r["server_cpu_cores"] is not None and r["server_cpu_cores"] >= 0
+    assert r["client_cpu_cores"] >= 0
+    assert r["request_bytes"] > 256 and r["response_bytes"] > 0
+    assert r["extra"]["check"].startswith("probabilities:FP32[1, 10]")
