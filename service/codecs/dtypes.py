@@ -83,6 +83,9 @@ def from_tf(enum: int) -> DType:
 
 def from_numpy(dtype: np.dtype | type) -> DType:
     """The entry for a numpy dtype. Fixed-width bytes/str arrays ('S', 'U') map to BYTES."""
+    entry = _BY_NUMPY.get(dtype)  # the common case, native byte order: one dict hit
+    if entry is not None:
+        return entry
     dtype = np.dtype(dtype)
     if dtype.kind in "SU":
         return _BY_V2["BYTES"]

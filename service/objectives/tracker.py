@@ -80,6 +80,8 @@ class ObjectiveTracker:
         self.member_status: list[MemberStatus] = []
         self._lock = threading.Lock()  # evaluate() runs in a worker thread
         self._requests = 0
+        self._validation_key: tuple = ()
+        self._validation: dict[tuple[str, ...], float] = {}
 
     # -- hot path --------------------------------------------------------------------------
     def observe(self, member_latency_s: Mapping[str, float], seconds: float | None) -> None:
@@ -147,12 +149,12 @@ class ObjectiveTracker:
         device = {m: members[m].device for m in names}
         memory = {m: members[m].memory_mb for m in names}
         weights = {m: members[m].validation_accuracy for m in names}
-        val_probs, val_labels = _aligned_validation([members[m] for m in names])
+        validation = self._validation_replay(names, members, weights)
         live_probs, live_mask, live_truth = _live_matrix(names, members, live_rows)
 
         candidates = []
         for subset in subsets(names):
-            val = replay_accuracy(self.policy, val_probs, val_labels, subset, weights)
+            val = validation[subset]
             rows = np.logical_and.reduce([live_mask[m] for m in subset])
             n = int(rows.sum())
             live = (replay_accuracy(self.policy, {m: live_probs[m][rows] for m in subset}, live_truth[rows],
@@ -164,6 +166,17 @@ class ObjectiveTracker:
         self.candidates = candidates
         self._select(candidates)
         self._report(names, members, live_accuracy)
+
+    def _validation_replay(self, names: list[str], members: Mapping[str, MemberInfo],
+                           weights: Mapping[str, float]) -> dict[tuple[str, ...], float]:
+        """Every subset's validation accuracy; it changes only with the members' versions,
+        so it is replayed once per set of versions, not at every evaluation."""
+        key = tuple((m, members[m].version) for m in names)
+        if self._validation_key != key:
+            probs, labels = _aligned_validation([members[m] for m in names])
+            self._validation = {s: replay_accuracy(self.policy, probs, labels, s, weights) for s in subsets(names)}
+            self._validation_key = key
+        return self._validation
 
     def _member_p99(self, name: str, info: MemberInfo) -> float:
         window = self.member_latency[name]
