@@ -15,5 +15,5 @@ DASHBOARD = ROOT / "deploy" / "grafana" / "quorum-dashboard.json"
 def binary(name: str) -> str:
     path = shutil.which(name)
     if path is None:
-        pytest.skip(f"{name} is not installed (make prometheus installs it)")
+        pytest.fail(f"{name} is not installed: `make test` installs Debian's prometheus package")
     return path
