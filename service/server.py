@@ -77,7 +77,7 @@ class QuorumServer:
         self.monitor = Monitor(settings, self.statistics) if settings.monitoring else None
         self.manager = ModelManager(settings, self.monitor or self.statistics)
         data = DataPlane(self.manager)
-        self.api = ApiContext(self.manager, data, self.statistics, feedback=data.feedback, monitor=self.monitor)
+        self.api = ApiContext(self.manager, data, self.statistics, monitor=self.monitor)
         if self.monitor:
             self.monitor.attach(self.manager, self.api.feedback, data.trackers)
         self.metrics_port: int | None = None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from service.dataplane import DataPlane, InferenceResult
@@ -23,17 +23,19 @@ class ApiContext:
     manager: ModelManager
     data: DataPlane
     statistics: Statistics
-    feedback: FeedbackStore = field(default_factory=FeedbackStore)
     draining: bool = False
     monitor: InferenceObserver | None = None
     """Metrics and drift (service.monitoring.monitor.Monitor); None when monitoring is off."""
+
+    @property
+    def feedback(self) -> FeedbackStore:
+        return self.data.feedback
 
     def ready(self) -> bool:
         return not self.draining and self.manager.all_ready()
 
     def on_inference(self, result: InferenceResult, rows: int, seconds: float) -> None:
-        self.statistics.on_request(result.model, 0 if len(result.members) > 1 else result.version,
-                                   rows, seconds, ok=True)
+        self.statistics.on_request(result.model, result.version, rows, seconds, ok=True)
         if self.monitor is not None:
             self.monitor.on_inference(result, rows, seconds)
 
