@@ -82,6 +82,7 @@ class DataPlane:
         self.feedback = feedback or FeedbackStore()
         self.trackers: dict[str, ObjectiveTracker] = {}
         self._shadow_tasks: set[asyncio.Task] = set()
+        self._info: dict[tuple, ModelInfo] = {}
 
     # -- inference -------------------------------------------------------------------------
     async def infer(self, model: str, rows: np.ndarray, *, version: int | None = None,
@@ -247,17 +248,31 @@ class DataPlane:
 
     # -- metadata --------------------------------------------------------------------------
     def info(self, model: str) -> ModelInfo:
+        """The model's metadata; built once per serving state (every request asks)."""
         ensemble = self.manager.ensemble(model)
         if ensemble is not None:
             if ensemble.config is None:
                 raise ModelNotReady(f"ensemble '{model}' is misconfigured: {ensemble.error}")
-            first = self.manager.resolve(ensemble.config.members[0]).manifest
-            return ModelInfo(model, "ensemble", (1,), first.input, first.labels,
-                             ensemble.config.members, ensemble.config.policy, first.max_batch_size)
-        served = self.manager.resolve(model)
-        versions = tuple(sorted(v.version for v in self.manager.served_versions() if v.name == model))
-        m = served.manifest
-        return ModelInfo(model, "model", versions, m.input, m.labels, (model,), "soft", served.batching.max_batch_size)
+            first = self.manager.resolve(ensemble.config.members[0])
+            key = (model, ensemble.config, first)
+            info = self._info.get(key)
+            if info is None:
+                m = first.manifest
+                info = ModelInfo(model, "ensemble", (1,), m.input, m.labels, ensemble.config.members,
+                                 ensemble.config.policy, m.max_batch_size)
+        else:
+            served = self.manager.resolve(model)
+            versions = self.manager.variants[model].versions
+            key = (model, served, tuple(versions))
+            info = self._info.get(key)
+            if info is None:
+                m = served.manifest
+                info = ModelInfo(model, "model", tuple(sorted(versions)), m.input, m.labels, (model,), "soft",
+                                 served.batching.max_batch_size)
+        if key not in self._info:
+            self._info = {k: v for k, v in self._info.items() if k[0] != model}  # drop stale states
+            self._info[key] = info
+        return info
 
 
 
