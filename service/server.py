@@ -109,7 +109,7 @@ class QuorumServer:
             interceptors=[ServiceInterceptor(token=self._token(), observer=self.monitor)],
             options=[("grpc.max_receive_message_length", limit),
                      ("grpc.max_send_message_length", limit),
-                     ("grpc.so_reuseport", 0)])
+                     ("grpc.so_reuseport", int(self.settings.reuse_port))])
         from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionServicer(self.api), self._server)
@@ -207,5 +207,9 @@ async def serve(settings: Settings) -> None:
 
 
 def run(settings: Settings) -> int:
+    if settings.workers > 1:
+        from service.workers import run_workers
+
+        return run_workers(settings)
     asyncio.run(serve(settings))
     return 0

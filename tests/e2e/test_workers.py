@@ -1,0 +1,43 @@
+"""Several worker processes on one port: connections spread over them, each answers, and
+SIGTERM to the parent drains them all."""
+
+from __future__ import annotations
+
+import signal
+import urllib.request
+
+import grpc
+import numpy as np
+
+from service._proto.quorum.v1 import ensemble_pb2 as pb
+from service._proto.quorum.v1 import ensemble_pb2_grpc as pb_grpc
+from tests.server import running_server
+
+
+def _requests_served(port: int) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("quorum_requests_total{") and 'method="Predict"' in line and 'code="OK"' in line)
+
+
+def test_two_workers_share_the_port_and_stop_together(tmp_path, test_split):
+    x, y = test_split
+    with running_server(tmp_path, args=["--workers", "2"]) as server:
+        answers = []
+        for i in range(24):  # a new connection each time: the kernel spreads them over the workers
+            with grpc.insecure_channel(server.address, options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
+                stub = pb_grpc.EnsembleServiceStub(ch)
+                for _ in range(30):  # the second worker may still be loading at first
+                    try:
+                        response = stub.Predict(pb.PredictRequest(
+                            model="digits", inputs=pb.Tensor(dtype="FP32", shape=[1, 64],
+                                                             content=x[i:i + 1].tobytes())), timeout=10)
+                        break
+                    except grpc.RpcError as exc:
+                        assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+                answers.append(int(response.predictions[0].label))
+        assert np.mean(np.asarray(answers) == y[:24]) > 0.9
+        served = [_requests_served(server.metrics_port), _requests_served(server.metrics_port + 1)]
+        assert sum(served) == 24 and min(served) > 0, served
+        assert server.stop(signal.SIGTERM, timeout=60) == 0
+    assert "started 2 workers" in server.output()
