@@ -47,21 +47,8 @@ def server(tmp_path_factory, layout):
 
 
 @pytest.fixture(scope="module")
-def channel(server):
-    with grpc.insecure_channel(server.address) as ch:
-        yield ch
-
-
-@pytest.fixture(scope="module")
 def v2(channel):
     return service_pb2_grpc.GRPCInferenceServiceStub(channel)
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    c = grpcclient.InferenceServerClient(server.address)
-    yield c
-    c.close()
 
 
 @pytest.fixture(scope="module")

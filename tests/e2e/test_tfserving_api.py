@@ -10,21 +10,9 @@ from tensorflow_serving.apis import (
     classification_pb2, get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc,
     predict_pb2, prediction_service_pb2_grpc)
 
-from tests.e2e.fixtures import ENSEMBLE, MEMBER, Reference, as_text, module_server
+from tests.e2e.fixtures import ENSEMBLE, MEMBER, Reference, as_text
 
 ROWS = slice(0, 12)
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with module_server(tmp_path_factory, "tfserving") as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def channel(server):
-    with grpc.insecure_channel(server.address) as ch:
-        yield ch
 
 
 @pytest.fixture(scope="module")

@@ -9,22 +9,9 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from tests.e2e.fixtures import ENSEMBLE, MEMBER, Reference, as_text, module_server, repository_models
+from tests.e2e.fixtures import ENSEMBLE, MEMBER, Reference, as_text, repository_models
 
 UNLOADED = "digits_logreg"  # the member the load/unload test takes away and brings back
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with module_server(tmp_path_factory, "triton") as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    c = grpcclient.InferenceServerClient(server.address)
-    yield c
-    c.close()
 
 
 @pytest.fixture(scope="module")
