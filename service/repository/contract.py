@@ -1,0 +1,104 @@
+"""The ensemble contract: which members can vote together, checked from their manifests.
+
+Members must predict the same set of labels (in any order: each member's class axis is
+permuted to the ensemble's order) and take the same input (dtype and non-batch shape; the
+graph input's name may differ). The ensemble's own metadata is derived here once, when it
+loads, not borrowed from one member at request time. The server (on load and hot reload),
+`quorum ensemble create` and `quorum validate` all use this one check.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.errors import ModelLoadError
+from service.repository.manifest import TensorSpec, VariantManifest
+
+
+class EnsembleContractError(ModelLoadError):
+    """The members cannot vote together; the message names each offending member."""
+
+    def __init__(self, ensemble: str, problems: list[str]) -> None:
+        super().__init__(f"ensemble '{ensemble}'", "; ".join(problems))
+        self.ensemble = ensemble
+        self.problems = tuple(problems)
+
+
+@dataclass(frozen=True)
+class EnsembleSpec:
+    """What an ensemble answers with, derived from its members when it loads."""
+
+    labels: tuple[str, ...]
+    """The ensemble's class order: its first member's."""
+    input: TensorSpec
+    """The first member's input spec (every member takes the same dtype and row shape)."""
+    max_batch_size: int
+    """The smallest of the members' max batch sizes."""
+    permutations: Mapping[str, tuple[int, ...] | None]
+    """member -> indices that reorder its class axis into `labels` order (None: already in
+    order): `member_probs[..., perm]` is in the ensemble's order."""
+
+    def align(self, member: str, values: np.ndarray) -> np.ndarray:
+        """`values` (..., C) of `member` in the ensemble's class order."""
+        perm = self.permutations.get(member)
+        return values if perm is None else values[..., list(perm)]
+
+    def align_labels(self, member: str, class_indices: np.ndarray) -> np.ndarray:
+        """Class indices of `member` (e.g. its validation labels) as ensemble indices."""
+        perm = self.permutations.get(member)
+        if perm is None:
+            return class_indices
+        inverse = np.empty(len(perm), dtype=np.int64)
+        inverse[list(perm)] = np.arange(len(perm))
+        return inverse[np.asarray(class_indices, dtype=np.int64)]
+
+
+def _labels(labels: tuple[str, ...], limit: int = 8) -> str:
+    shown = ", ".join(labels[:limit])
+    return f"[{shown}{', ...' if len(labels) > limit else ''}]"
+
+
+def _row(spec: TensorSpec) -> str:
+    return f"{spec.dtype} {list(spec.shape[1:])}"
+
+
+def check_ensemble(ensemble: str, members: Mapping[str, VariantManifest | str | None],
+                   max_batch_sizes: Mapping[str, int] | None = None) -> EnsembleSpec:
+    """The ensemble's spec, or EnsembleContractError naming every offending member.
+
+    `members` maps each configured member, in configuration order, to its manifest, or to
+    why it has none (a string), or to None when no such model is in the repository.
+    `max_batch_sizes` overrides a member's manifest value (its model.yaml batching)."""
+    problems: list[str] = []
+    manifests: dict[str, VariantManifest] = {}
+    for name, manifest in members.items():
+        if manifest is None:
+            problems.append(f"member '{name}' is not in the repository")
+        elif isinstance(manifest, str):
+            problems.append(f"member '{name}' has no loadable version ({manifest})")
+        else:
+            manifests[name] = manifest
+    if not manifests:
+        raise EnsembleContractError(ensemble, problems or ["it has no members"])
+    first_name, first = next(iter(manifests.items()))
+    reference = set(first.labels)
+    for name, m in manifests.items():
+        if name != first_name and set(m.labels) != reference:
+            problems.append(f"member '{name}' predicts labels {_labels(m.labels)} but "
+                            f"'{first_name}' predicts {_labels(first.labels)}")
+        if len(set(m.labels)) != len(m.labels):
+            problems.append(f"member '{name}' repeats a label in {_labels(m.labels)}")
+        if name != first_name and (m.input.dtype, m.input.shape[1:]) != (first.input.dtype, first.input.shape[1:]):
+            problems.append(f"member '{name}' takes input {_row(m.input)} per row but "
+                            f"'{first_name}' takes {_row(first.input)}")
+    if problems:
+        raise EnsembleContractError(ensemble, problems)
+    permutations: dict[str, tuple[int, ...] | None] = {}
+    for name, m in manifests.items():
+        perm = tuple(m.labels.index(label) for label in first.labels)
+        permutations[name] = None if perm == tuple(range(len(perm))) else perm
+    sizes = [(max_batch_sizes or {}).get(n, m.max_batch_size) for n, m in manifests.items()]
+    return EnsembleSpec(first.labels, first.input, min(sizes), permutations)
