@@ -26,20 +26,23 @@ from tests.monitoring.tools import DASHBOARD, DEPLOY, binary
 from tests.server import running_server
 
 EMPTY_HERE = ("quorum_gpu_",)
+# A static scrape has no namespace/pod labels; ".*" also matches a missing label, as the
+# dashboard's "All" does.
 SUBSTITUTIONS = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "5m",
-                 "${model}": "digits", "$model": "digits", "${variant}": "digits_mlp_a",
-                 "$variant": "digits_mlp_a", "${ensemble}": "digits|digits_slo", "$ensemble": "digits|digits_slo",
-                 "$job": "quorum", "${job}": "quorum"}
+                 "$model": "digits|digits_slo|digits_mlp_a", "$variant": "digits_mlp_a",
+                 "$namespace": ".*", "$pod": ".*"}
 COMPARISON = re.compile(r" (>=|<=|==|!=|>|<) (?!bool )")
 
 
 def dashboard_queries() -> list[str]:
     dashboard = json.loads(DASHBOARD.read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
-    for var in dashboard["templating"]["list"]:  # label_values(metric, label) -> its series
-        match = re.fullmatch(r"label_values\((\w+), (\w+)\)", var.get("definition", ""))
-        if match:
-            exprs.append(f"count by ({match[2]}) ({match[1]})")
+    for var in dashboard["templating"]["list"]:  # label_values(series, label) -> its series
+        if var["type"] != "query":
+            continue
+        match = re.fullmatch(r"label_values\((\w+(?:\{[^}]*\})?), (\w+)\)", var["query"])
+        assert match, f"variable {var['name']}: unexpected query {var['query']!r}"
+        exprs.append(f"count by ({match[2]}) ({match[1]})")
     return exprs
 
 
@@ -94,10 +97,20 @@ def start_prometheus(tmp_path: Path, metrics_port: int) -> tuple[subprocess.Pope
     raise TimeoutError((tmp_path / "prometheus.log").read_text()[-3000:])
 
 
-def send_traffic(address: str, stop: threading.Event) -> None:
+def send_traffic(address: str, stop: threading.Event, problems: list[str]) -> None:
+    """Well-formed and bad requests until `stop`; anything unexpected lands in `problems`
+    (an assertion in this thread would only end the thread, never fail the test)."""
+    try:
+        _traffic(address, stop)
+    except Exception as exc:  # reported by the test's own thread
+        problems.append(f"{type(exc).__name__}: {exc}")
+
+
+def _traffic(address: str, stop: threading.Event) -> None:
     import grpc
     import tritonclient.grpc as triton
     from sklearn.datasets import load_digits
+    from tritonclient.utils import InferenceServerException
 
     x = load_digits().data.astype(np.float32)
     client = triton.InferenceServerClient(address)
@@ -110,11 +123,16 @@ def send_traffic(address: str, stop: threading.Event) -> None:
             tensor = triton.InferInput("pixels", list(rows.shape), "FP32")
             tensor.set_data_from_numpy(rows)
             client.infer(model, [tensor])
-        for bad in ("no_such_model", "digits"):  # NOT_FOUND, then INVALID_ARGUMENT (FP64 input)
+        for bad, code in (("no_such_model", "NOT_FOUND"), ("digits", "INVALID_ARGUMENT")):  # FP64 input
             tensor = triton.InferInput("pixels", [1, 64], "FP64")
             tensor.set_data_from_numpy(np.zeros((1, 64)))
-            with pytest.raises(Exception):
+            try:
                 client.infer(bad, [tensor])
+            except InferenceServerException as exc:
+                if code not in str(exc.status()):
+                    raise AssertionError(f"{bad}: expected {code}, got {exc.status()}: {exc}") from exc
+            else:
+                raise AssertionError(f"{bad}: an FP64 request was answered")
         rows = x[rng.choice(len(x), 4)]
         answer = quorum.Predict(ensemble_pb2.PredictRequest(
             model="digits", inputs=ensemble_pb2.Tensor(dtype="FP32", shape=list(rows.shape), content=rows.tobytes())))
@@ -130,8 +148,8 @@ def test_every_dashboard_and_rule_query_returns_data(tmp_path):
     env = {"QUORUM_DRIFT_INTERVAL_S": "1", "QUORUM_DRIFT_MIN_ROWS": "20", "QUORUM_DRIFT_WINDOW": "200"}
     with running_server(tmp_path, env=env) as server:
         prometheus, port = start_prometheus(tmp_path, server.metrics_port)
-        stop = threading.Event()
-        traffic = threading.Thread(target=send_traffic, args=(server.address, stop), daemon=True)
+        stop, problems = threading.Event(), []
+        traffic = threading.Thread(target=send_traffic, args=(server.address, stop, problems), daemon=True)
         traffic.start()
         try:
             exprs = [substitute(e) for e in dashboard_queries() + rule_queries()]
@@ -140,6 +158,7 @@ def test_every_dashboard_and_rule_query_returns_data(tmp_path):
             end = time.monotonic() + 120
             time.sleep(5)
             while pending and time.monotonic() < end:
+                assert not problems, f"traffic failed: {problems}"
                 for expr in list(pending):
                     answer = query(port, expr)
                     assert answer["status"] == "success", (expr, answer)
@@ -150,6 +169,7 @@ def test_every_dashboard_and_rule_query_returns_data(tmp_path):
                         pending[expr] = answer
                 time.sleep(1)
             assert not pending, "queries without data:\n" + "\n".join(pending)
+            assert not problems and traffic.is_alive(), f"traffic failed: {problems}"
             target = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/targets").read())
             assert target["data"]["activeTargets"][0]["health"] == "up"
             metrics = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics").read().decode()
