@@ -120,13 +120,14 @@ class DataPlane:
                 raise DeadlineExceeded(f"ensemble '{model}': the deadline leaves no time after its "
                                        f"{config.deadline_margin_ms:g} ms safety margin")
             members = tracker.choose(budget, min_accuracy, strict_budget=explicit)
-        served, missing = {}, {}
-        for m in members:
-            try:
-                served[m] = self.manager.resolve(m)
-            except (ModelNotFound, ModelNotReady) as exc:
-                missing[m] = exc  # voted without, like a member that missed the deadline
+        served, missing = self._resolve_members(members)
         quorum = min(config.min_members, len(members))
+        if len(served) < quorum and tuple(members) != config.members:
+            # the subset chose members that stopped serving since: the ensemble is ready
+            # (its quorum serves), so ask every member rather than fail
+            members = config.members
+            served, missing = self._resolve_members(members)
+            quorum = min(config.min_members, len(members))
         if len(served) < quorum:
             raise ModelNotReady(f"ensemble '{model}': only {len(served)} of {len(members)} members are "
                                 f"serving, fewer than its quorum {quorum} ({'; '.join(map(str, missing.values()))})")
@@ -144,6 +145,15 @@ class DataPlane:
         if shadow:
             result = dataclasses.replace(result, shadow=self._start_shadow(tracker, spec, shadow, rows))
         return result
+
+    def _resolve_members(self, members: Sequence[str]) -> tuple[dict[str, ServedVersion], dict[str, Exception]]:
+        served, missing = {}, {}
+        for m in members:
+            try:
+                served[m] = self.manager.resolve(m)
+            except (ModelNotFound, ModelNotReady) as exc:
+                missing[m] = exc  # voted without, like a member that missed the deadline
+        return served, missing
 
     def _ready_spec(self, model: str, ensemble) -> EnsembleSpec:
         """The ensemble's spec when it is ready (its contract holds and at least its quorum

@@ -118,7 +118,8 @@ class ObjectiveTracker:
         if selected is None:
             return self.members
         if budget_s is None and min_accuracy is None:
-            return selected.members
+            # without an objective every member is asked (the selection may predate a reload)
+            return selected.members if self.configured is not None else self.members
         if _fits(selected, budget_s, min_accuracy):
             return selected.members
         choice = best(self.candidates, budget_s, None, min_accuracy)
