@@ -86,3 +86,20 @@ async def test_an_ensembles_drift_window_survives_a_change_of_member_subset(test
         assert window.fill == pytest.approx(16 / monitor.window)
     finally:
         await manager.stop()
+
+
+def test_readme_tables_are_what_evaluate_digits_prints():
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    out = subprocess.run([sys.executable, "models/evaluate_digits.py"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600, check=True).stdout
+    readme = (ROOT / "README.md").read_text()
+    rows = [line for line in out.splitlines() if line.startswith("| digits_") or line.startswith("| best single")]
+    rows += [line for line in out.splitlines() if line.startswith(tuple(f"| {p} |" for p in Policy))]
+    assert len(rows) == 11
+    for line in rows:
+        shown = line.replace("| confidence |", "| confidence (default) |")
+        assert shown in readme, line
