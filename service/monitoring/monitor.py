@@ -235,7 +235,7 @@ class Monitor:
             manifest = manager._member_manifest(member)
             if not isinstance(manifest, str) and manifest is not None:
                 manifests.append(spec.aligned_manifest(member, manifest))
-        return drift.ModelReference.of_ensemble(manifests, ensemble.config.policy)
+        return drift.ModelReference.of_ensemble(manifests, ensemble.config.policy, ensemble.calibration)
 
     # -- drift evaluation (off the hot path) -----------------------------------------------
     async def _drift_loop(self) -> None:
