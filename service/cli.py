@@ -18,6 +18,8 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="auto, cpu, gpu or gpu:N (default auto)")
     p.add_argument("--batch-invariance", choices=["strict", "tolerant"],
                    help="strict pads every batch to the max batch size (bitwise-identical outputs)")
+    p.add_argument("--model-control", choices=["none", "poll", "explicit"],
+                   help="none (default), poll (follow the repository) or explicit (Load/Unload RPCs)")
     p.add_argument("--poll-interval", type=float, dest="poll_interval_s",
                    help="seconds between repository scans (0 disables hot reload)")
     p.add_argument("--grace-period", type=float, dest="grace_period_s",

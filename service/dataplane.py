@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ from service.objectives.feedback import FeedbackStore
 from service.objectives.selection import blend
 from service.objectives.tracker import MemberInfo, ObjectiveTracker
 from service.repository.config import Policy
+from service.repository.contract import EnsembleSpec
 from service.repository.manager import ModelManager, ServedVersion
 from service.repository.manifest import TensorSpec
 
@@ -82,49 +84,53 @@ class DataPlane:
         self.feedback = feedback or FeedbackStore()
         self.trackers: dict[str, ObjectiveTracker] = {}
         self._shadow_tasks: set[asyncio.Task] = set()
-        self._info: dict[tuple, ModelInfo] = {}
+        self._info: dict[str, tuple] = {}  # model -> (what it was built from..., ModelInfo)
 
     # -- inference -------------------------------------------------------------------------
     async def infer(self, model: str, rows: np.ndarray, *, version: int | None = None,
                     deadline: float | None = None, policy: Policy | None = None,
-                    min_accuracy: float | None = None, members: Sequence[str] | None = None) -> InferenceResult:
+                    min_accuracy: float | None = None, latency_budget_s: float | None = None,
+                    members: Sequence[str] | None = None) -> InferenceResult:
         """Vote of `model` (an ensemble or a single model) on `rows`.
 
-        `deadline` is an absolute time.monotonic() instant; an ensemble votes with the
-        members that answered before it (less the ensemble's safety margin). With a deadline
-        or `min_accuracy`, an ensemble asks the best member subset that fits them; `members`
-        names the subset explicitly instead (offline evaluation)."""
+        `deadline` is an absolute time.monotonic() instant (the RPC's): an ensemble asks the
+        best member subset whose predicted latency fits it, or, when none does, its usual
+        members, and votes with those that answered before it (less the ensemble's safety
+        margin). `latency_budget_s` and `min_accuracy` are the client's explicit objectives:
+        when no subset meets them, FailedPrecondition. `members` names the subset
+        explicitly instead (offline evaluation)."""
         start = time.perf_counter()
-        if deadline is not None and deadline <= time.monotonic():
+        now = time.monotonic()
+        if deadline is not None and deadline <= now:
             raise DeadlineExceeded(f"model '{model}': the deadline passed before the request started")
         ensemble = self.manager.ensemble(model)
         if ensemble is None:
             return await self._infer_single(model, rows, version, deadline, policy, min_accuracy)
         if version not in (None, 0, 1):
             raise ModelNotFound(f"ensemble '{model}' has no version {version} (only version 1)")
-        if ensemble.config is None:
-            raise ModelNotReady(f"ensemble '{model}' is misconfigured: {ensemble.error}")
-        if ensemble.unloaded_by_request:
-            raise ModelNotReady(f"ensemble '{model}' is unloaded")
+        spec = self._ready_spec(model, ensemble)
         config = ensemble.config
         tracker = self.tracker(model)
+        explicit = latency_budget_s is not None and (deadline is None or now + latency_budget_s <= deadline)
+        if latency_budget_s is not None:
+            deadline = now + latency_budget_s if deadline is None else min(deadline, now + latency_budget_s)
         if members is None:
-            budget = None if deadline is None else deadline - time.monotonic() - config.deadline_margin_ms / 1000
+            budget = None if deadline is None else deadline - now - config.deadline_margin_ms / 1000
             if budget is not None and budget <= 0:  # no subset can help: the deadline, not an objective
                 raise DeadlineExceeded(f"ensemble '{model}': the deadline leaves no time after its "
                                        f"{config.deadline_margin_ms:g} ms safety margin")
-            members = tracker.choose(budget, min_accuracy)
-        served, missing = {}, {}
-        for m in members:
-            try:
-                served[m] = self.manager.resolve(m)
-            except (ModelNotFound, ModelNotReady) as exc:
-                missing[m] = exc  # voted without, like a member that missed the deadline
-        quorum = min(config.quorum, len(members))
+            members = tracker.choose(budget, min_accuracy, strict_budget=explicit)
+        served, missing = self._resolve_members(members)
+        quorum = min(config.min_members, len(members))
+        if len(served) < quorum and tuple(members) != config.members:
+            # the subset chose members that stopped serving since: the ensemble is ready
+            # (its quorum serves), so ask every member rather than fail
+            members = config.members
+            served, missing = self._resolve_members(members)
+            quorum = min(config.min_members, len(members))
         if len(served) < quorum:
             raise ModelNotReady(f"ensemble '{model}': only {len(served)} of {len(members)} members are "
                                 f"serving, fewer than its quorum {quorum} ({'; '.join(map(str, missing.values()))})")
-        first = next(iter(served.values()))
         with contextlib.ExitStack() as leases:
             # Leases are taken now, before the member tasks start, so that a version swap
             # cannot unload a resolved member in between.
@@ -133,15 +139,40 @@ class DataPlane:
             outcomes = await gather_with_deadline(
                 {m: s.infer(rows, deadline) for m, s in served.items()},
                 deadline=deadline, safety_margin_s=config.deadline_margin_ms / 1000.0, quorum=quorum)
-        result = self._combine(model, 1, policy or config.policy, served, outcomes, first, rows, missing)
+        result = self._combine(model, ensemble, spec, policy or config.policy, served, outcomes, rows, missing)
         tracker.observe({m.name: m.latency_s for m in result.members if m.in_time}, time.perf_counter() - start)
         shadow = tracker.shadow(members)
         if shadow:
-            result = dataclasses.replace(result, shadow=self._start_shadow(tracker, shadow, rows))
+            result = dataclasses.replace(result, shadow=self._start_shadow(tracker, spec, shadow, rows))
         return result
 
-    def _start_shadow(self, tracker: ObjectiveTracker, members: Sequence[str], rows: np.ndarray
-                      ) -> dict[str, tuple[int, asyncio.Task]]:
+    def _resolve_members(self, members: Sequence[str]) -> tuple[dict[str, ServedVersion], dict[str, Exception]]:
+        served, missing = {}, {}
+        for m in members:
+            try:
+                served[m] = self.manager.resolve(m)
+            except (ModelNotFound, ModelNotReady) as exc:
+                missing[m] = exc  # voted without, like a member that missed the deadline
+        return served, missing
+
+    def _ready_spec(self, model: str, ensemble) -> EnsembleSpec:
+        """The ensemble's spec when it is ready (its contract holds and at least its quorum
+        of members serves), else ModelNotReady saying why."""
+        if ensemble.config is None:
+            raise ModelNotReady(f"ensemble '{model}' is misconfigured: {ensemble.error}")
+        if ensemble.unloaded_by_request:
+            raise ModelNotReady(f"ensemble '{model}' is unloaded")
+        spec = ensemble.spec
+        if spec is None:
+            raise ModelNotReady(f"ensemble '{model}' is not loaded: {ensemble.error or 'its members are loading'}")
+        serving = self.manager.serving_members(model)
+        if serving < ensemble.config.min_members:
+            raise ModelNotReady(f"ensemble '{model}': {serving} of its {len(ensemble.config.members)} members "
+                                f"serve, fewer than its quorum {ensemble.config.min_members}")
+        return spec
+
+    def _start_shadow(self, tracker: ObjectiveTracker, spec: EnsembleSpec, members: Sequence[str],
+                      rows: np.ndarray) -> dict[str, tuple[int, asyncio.Task]]:
         """Ask members the selection left out, without waiting for them: their answers
         feed live accuracy (through feedback) and their latency keeps being measured."""
         started = {}
@@ -150,14 +181,16 @@ class DataPlane:
                 served = self.manager.resolve(name)
             except (ModelNotFound, ModelNotReady):
                 continue
-            task = asyncio.create_task(self._shadow_call(tracker, served, rows), name=f"shadow-{name}")
+            order = class_order(spec.labels, served.manifest.labels)
+            task = asyncio.create_task(self._shadow_call(tracker, served, order, rows), name=f"shadow-{name}")
             self._shadow_tasks.add(task)
             task.add_done_callback(self._shadow_tasks.discard)
             started[name] = (served.version, task)
         return started
 
     @staticmethod
-    async def _shadow_call(tracker: ObjectiveTracker, served: ServedVersion, rows: np.ndarray) -> np.ndarray | None:
+    async def _shadow_call(tracker: ObjectiveTracker, served: ServedVersion, order: np.ndarray | None,
+                           rows: np.ndarray) -> np.ndarray | None:
         start = time.perf_counter()
         try:
             logits = await served.infer(rows)
@@ -165,7 +198,8 @@ class DataPlane:
             log.debug("shadow call to %s failed", served.name, exc_info=True)
             return None
         tracker.observe({served.name: time.perf_counter() - start}, None)
-        return calibrate(logits, served.manifest.calibration.temperature).astype(np.float32)
+        probs = calibrate(logits, served.manifest.calibration.temperature)
+        return (probs if order is None else probs[:, order]).astype(np.float32)
 
     async def _infer_single(self, model: str, rows: np.ndarray, version: int | None,
                             deadline: float | None, policy: Policy | None,
@@ -189,21 +223,25 @@ class DataPlane:
                                result, (member,), (), probs[None].astype(np.float32), logits,
                                inputs=rows, vote_s=vote_s)
 
-    def _combine(self, model: str, version: int, policy: Policy,
-                 served: dict[str, ServedVersion], outcomes, first: ServedVersion,
-                 rows: np.ndarray | None = None, missing: dict[str, Exception] | None = None) -> InferenceResult:
+    def _combine(self, model: str, ensemble, spec: EnsembleSpec, policy: Policy,
+                 served: dict[str, ServedVersion], outcomes, rows: np.ndarray | None = None,
+                 missing: dict[str, Exception] | None = None) -> InferenceResult:
         start = time.perf_counter()
         answered = [m for m, o in outcomes.items() if o.in_time and o.error is None]
-        probs = [calibrate(outcomes[m].result, served[m].manifest.calibration.temperature) for m in answered]
+        probs = []
+        for m in answered:
+            p = calibrate(outcomes[m].result, served[m].manifest.calibration.temperature)
+            order = class_order(spec.labels, served[m].manifest.labels)  # by label name
+            probs.append(p if order is None else p[:, order])
         accuracy = [served[m].manifest.validation.calibrated.accuracy for m in answered]
-        result = vote(policy, probs, answered, validation_accuracy=accuracy)
+        result = ensemble.calibration.apply(vote(policy, probs, answered, validation_accuracy=accuracy))
         members = tuple(
             MemberResult(m, served[m].version, served[m].device, o.latency_s,
                          m in answered, "" if o.error is None else str(o.error))
             for m, o in outcomes.items())
         members += tuple(MemberResult(m, 0, "", 0.0, False, str(exc)) for m, exc in (missing or {}).items())
         left_out = tuple(m.name for m in members if not m.in_time)
-        return InferenceResult(model, version, policy, first.manifest.labels, result, members, left_out,
+        return InferenceResult(model, 1, policy, spec.labels, result, members, left_out,
                                np.stack(probs).astype(np.float32), inputs=rows,
                                vote_s=time.perf_counter() - start)
 
@@ -223,13 +261,16 @@ class DataPlane:
         for name, ensemble in list(self.manager.ensembles.items()):
             if ensemble.config is None:
                 continue
+            spec = ensemble.spec
+            if spec is None:
+                continue
             tracker = self.tracker(name)
             infos = {}
             for member in ensemble.config.members:
                 model = self.manager.variants.get(member)
                 served = model.serving() if model else None
                 if served is not None:
-                    infos[member] = member_info(served)
+                    infos[member] = member_info(served, spec.labels)
             if not infos:
                 continue
             rows = list(self.feedback.rows.get(name, ()))
@@ -248,41 +289,57 @@ class DataPlane:
 
     # -- metadata --------------------------------------------------------------------------
     def info(self, model: str) -> ModelInfo:
-        """The model's metadata; built once per serving state (every request asks)."""
+        """The model's metadata; built once per serving state (every request asks). An
+        ensemble's is its own, derived and checked when it loaded (its EnsembleSpec)."""
         ensemble = self.manager.ensemble(model)
         if ensemble is not None:
-            if ensemble.config is None:
-                raise ModelNotReady(f"ensemble '{model}' is misconfigured: {ensemble.error}")
-            first = self.manager.resolve(ensemble.config.members[0])
-            key = (model, ensemble.config, first)
-            info = self._info.get(key)
-            if info is None:
-                m = first.manifest
-                info = ModelInfo(model, "ensemble", (1,), m.input, m.labels, ensemble.config.members,
-                                 ensemble.config.policy, m.max_batch_size)
-        else:
-            served = self.manager.resolve(model)
-            versions = self.manager.variants[model].versions
-            key = (model, served, tuple(versions))
-            info = self._info.get(key)
-            if info is None:
-                m = served.manifest
-                info = ModelInfo(model, "model", tuple(sorted(versions)), m.input, m.labels, (model,), "soft",
-                                 served.batching.max_batch_size)
-        if key not in self._info:
-            self._info = {k: v for k, v in self._info.items() if k[0] != model}  # drop stale states
-            self._info[key] = info
+            spec = self._ready_spec(model, ensemble)
+            cached = self._info.get(model)
+            if cached is not None and cached[0] is ensemble.config and cached[1] is spec:
+                return cached[2]
+            config = ensemble.config
+            info = ModelInfo(model, "ensemble", (1,), spec.input, spec.labels, config.members,
+                             config.policy, spec.max_batch_size)
+            self._info[model] = (config, spec, info)
+            return info
+        served = self.manager.resolve(model)
+        versions = tuple(sorted(self.manager.variants[model].versions))
+        cached = self._info.get(model)
+        if cached is not None and cached[0] is served and cached[1] == versions:
+            return cached[2]
+        m = served.manifest
+        info = ModelInfo(model, "model", versions, m.input, m.labels, (model,), "soft",
+                         served.batching.max_batch_size)
+        self._info[model] = (served, versions, info)
         return info
 
 
+@functools.lru_cache(maxsize=1024)
+def class_order(ensemble_labels: tuple[str, ...], member_labels: tuple[str, ...]) -> np.ndarray | None:
+    """Indices that put a member's class axis in the ensemble's order (by label name;
+    None when it already is): computed once per pair of label lists, not per request."""
+    if ensemble_labels == member_labels:
+        return None
+    position = {label: i for i, label in enumerate(member_labels)}
+    return np.fromiter((position[label] for label in ensemble_labels), dtype=np.int64, count=len(ensemble_labels))
 
-def member_info(served: ServedVersion) -> MemberInfo:
+
+def member_info(served: ServedVersion, labels: tuple[str, ...] | None = None) -> MemberInfo:
+    """What selection needs of a serving member; its validation replay in the class order
+    `labels` (an ensemble's), so that members voting together agree on class indices."""
     validation = served.manifest.validation
+    probabilities = np.asarray(validation.probabilities)
+    truth = np.asarray(validation.labels)
+    order = class_order(labels, served.manifest.labels) if labels is not None else None
+    if order is not None:
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(order.size)
+        probabilities, truth = probabilities[:, order], inverse[truth]
     return MemberInfo(
         name=served.name, version=served.version, device=served.device,
         warmup_latency_s=served.runtime.warmup_latency_s, memory_mb=served.runtime.artifact_mb,
         validation_accuracy=validation.calibrated.accuracy, validation_indices=validation.indices,
-        validation_labels=np.asarray(validation.labels), validation_probabilities=np.asarray(validation.probabilities))
+        validation_labels=truth, validation_probabilities=probabilities)
 
 
 OUTPUTS_ENSEMBLE = ("probabilities", "label", "class_index", "confidence", "agreement")

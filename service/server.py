@@ -164,7 +164,7 @@ class QuorumServer:
                          self.manager.resolve(status.model, status.version).runtime.framework,
                          status.device, status.state.name)
         for name, ensemble in self.manager.ensembles.items():
-            if ensemble.config is None:
+            if ensemble.config is None or ensemble.error:
                 log.error("ensemble %s FAILED: %s", name, ensemble.error)
             else:
                 log.info("ensemble %s (%s): %s", name, ensemble.config.policy, ", ".join(ensemble.config.members))

@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     """strict: pad every batch to the model's max batch size, so outputs are bitwise
     identical whatever else is in the batch; tolerant: run batches at their own size."""
 
+    model_control: Literal["none", "poll", "explicit"] = "none"
+    """How the loaded models may change after start: none (as loaded), poll (follow the
+    repository on disk), explicit (the Load/Unload/ReloadConfig RPCs)."""
     poll_interval_s: float = Field(2.0, ge=0)
     """How often to rescan the repository for new or removed versions (0 disables polling)."""
     grace_period_s: float = Field(10.0, ge=0)

@@ -39,15 +39,12 @@ class EnsembleServicer(pb_grpc.EnsembleServiceServicer):
             raise InvalidInput(f"{what}: {exc}") from exc
         rows = codec.decode_raw(what, dtype, codec.check_shape(what, request.inputs.shape), request.inputs.content)
         rows = model_rows(info, {info.input.name: rows})
-        deadline = deadline_of(context)
-        if request.HasField("latency_budget_ms"):
-            budget = time.monotonic() + request.latency_budget_ms / 1000.0
-            deadline = budget if deadline is None else min(deadline, budget)
         try:
             result = await self.api.data.infer(
-                request.model, rows, version=request.version or None, deadline=deadline,
+                request.model, rows, version=request.version or None, deadline=deadline_of(context),
                 policy=POLICY_OF.get(request.policy),
-                min_accuracy=request.min_accuracy if request.HasField("min_accuracy") else None)
+                min_accuracy=request.min_accuracy if request.HasField("min_accuracy") else None,
+                latency_budget_s=request.latency_budget_ms / 1000.0 if request.HasField("latency_budget_ms") else None)
         except QuorumError:
             self.api.on_failure(request.model, time.perf_counter() - start)
             raise
@@ -139,11 +136,19 @@ class EnsembleServicer(pb_grpc.EnsembleServiceServicer):
         status.ensemble = True
         ready = manager.is_ready(name)
         status.versions.add(version=1, state=pb.VERSION_STATE_READY if ready else pb.VERSION_STATE_FAILED,
-                            reason=ensemble.error, serving=ready, framework="ensemble")
+                            reason=manager.ensemble_problem(name), serving=ready, framework="ensemble")
         if ensemble.config is None:
             return
         status.members.extend(ensemble.config.members)
         status.policy = ENUM_OF[ensemble.config.policy]
+        status.quorum = ensemble.config.min_members
+        status.serving_members = manager.serving_members(name)
+        if ensemble.spec is not None:
+            status.class_labels.extend(ensemble.spec.labels)
+        for policy, c in ensemble.calibration.policies.items():
+            status.vote_calibration.add(
+                policy=ENUM_OF[policy], temperature=c.temperature, validation_rows=c.rows, accuracy=c.accuracy,
+                ece_before=c.ece_before, ece_after=c.ece_after, nll_before=c.nll_before, nll_after=c.nll_after)
         live, status.live_samples = self.api.feedback.live(name)
         if live is not None:
             status.live_accuracy = live
@@ -154,8 +159,6 @@ class EnsembleServicer(pb_grpc.EnsembleServiceServicer):
             model = manager.variants.get(member)
             serving = model.serving() if model else None
             if serving is not None:
-                if not status.class_labels:
-                    status.class_labels.extend(serving.manifest.labels)
                 stats = self._member_stats(status, member, serving, f"{name}/{member}")
                 stats.selected = member in selected
                 if member in latency:

@@ -178,7 +178,7 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
             status = response.model_version_status.add(
                 version=1, state=TF_STATE[State.AVAILABLE if ready else State.END])
             status.status.error_code = 0 if ready else 14  # UNAVAILABLE
-            status.status.error_message = "" if ready else (manager.ensemble(name).error or "members not ready")
+            status.status.error_message = manager.ensemble_problem(name)
             return response
         statuses = manager.statuses(name)
         wanted = request.model_spec.version.value if request.model_spec.HasField("version") else None

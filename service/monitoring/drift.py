@@ -170,10 +170,14 @@ class ModelReference:
                    np.asarray(ref.confidence_sample))
 
     @classmethod
-    def of_ensemble(cls, manifests: Sequence[VariantManifest], policy: str) -> "ModelReference":
+    def of_ensemble(cls, manifests: Sequence[VariantManifest], policy: str, calibration=None) -> "ModelReference":
+        """`calibration` (service.ensemble.calibration.VoteCalibration): the vote's own, so
+        that the reference confidences are those the ensemble answers with."""
         refs: list[DriftReference] = [m.drift_reference for m in manifests]
         frequencies = np.mean([r.predicted_class_frequencies for r in refs], axis=0)
         replay = replay_validation(manifests, policy)
+        if replay is not None and calibration is not None:
+            replay = calibration.apply(replay)
         if replay is None:
             sample = np.sort(np.concatenate([r.confidence_sample for r in refs]))
             return cls(refs[0].features, frequencies, sample)

@@ -199,8 +199,10 @@ class Monitor:
         return children
 
     def _drift_window(self, result: "InferenceResult") -> drift.DriftWindow | None:
+        """The model's window: it belongs to the model (an ensemble's to the ensemble, not to
+        the member subset that answered), and restarts only when its reference changes."""
         name = result.model
-        key = tuple((m.name, m.version) for m in result.members)
+        key = self._reference_key(name, result)
         window = self.drift_windows.get(name)
         if window is not None and window.key == key:
             return window
@@ -216,13 +218,24 @@ class Monitor:
         self.drift_results.pop(name, None)
         return window
 
+    def _reference_key(self, name: str, result: "InferenceResult") -> tuple:
+        ensemble = self.manager.ensemble(name) if self.manager is not None else None
+        if ensemble is None:
+            return ("model", result.version)
+        return ("ensemble", ensemble.checked)  # what its spec was derived from: its members' versions
+
     def _reference(self, name: str, result: "InferenceResult") -> drift.ModelReference:
         manager = self.manager
         ensemble = manager.ensemble(name)
-        if ensemble is None or ensemble.config is None:
+        if ensemble is None or ensemble.config is None or ensemble.spec is None:
             return drift.ModelReference.of_model(manager.resolve(name, result.version).manifest)
-        manifests = [manager.resolve(m.name, m.version).manifest for m in result.members]
-        return drift.ModelReference.of_ensemble(manifests, ensemble.config.policy)
+        spec = ensemble.spec
+        manifests = []
+        for member in ensemble.config.members:
+            manifest = manager._member_manifest(member)
+            if not isinstance(manifest, str) and manifest is not None:
+                manifests.append(spec.aligned_manifest(member, manifest))
+        return drift.ModelReference.of_ensemble(manifests, ensemble.config.policy, ensemble.calibration)
 
     # -- drift evaluation (off the hot path) -----------------------------------------------
     async def _drift_loop(self) -> None:
@@ -254,8 +267,12 @@ class Monitor:
                 info.append(([name, str(version), served.device, served.runtime.framework,
                               served.state.name], 1.0))
             ready.append(([name, "model"], float(manager.is_ready(name))))
+        calibration = []
         for name, ensemble in list(manager.ensembles.items()):
+            self.metrics.load_failures.labels(name)  # an ensemble's contract failures too
             ready.append(([name, "ensemble"], float(manager.is_ready(name))))
+            for policy, c in ensemble.calibration.policies.items():
+                calibration.append((name, policy, c))
             if ensemble.config is not None:
                 for member in ensemble.config.members:
                     self.metrics.members_dropped.labels(name, member)  # starts at 0
@@ -265,8 +282,19 @@ class Monitor:
                     ["model"], (([n], v) for n, v in inflight_rows.items()))
         yield gauge("quorum_model_info", "1 for each loaded model version, with its device, framework and state.",
                     ["model", "version", "device", "framework", "state"], info)
-        yield gauge("quorum_model_ready", "1 when a model (or every member of an ensemble) serves.",
-                    ["model", "kind"], ready)
+        yield gauge("quorum_model_ready", "1 when a model serves (an ensemble: its contract holds and at "
+                    "least its quorum of members serves).", ["model", "kind"], ready)
+        yield gauge("quorum_vote_calibration_temperature", "Temperature of an ensemble's vote under a policy, "
+                    "fitted at load on the members' validation replay.", ["ensemble", "policy"],
+                    (([e, p], c.temperature) for e, p, c in calibration))
+        yield gauge("quorum_vote_calibration_ece", "Validation expected calibration error of an ensemble's vote "
+                    "under a policy, before and after its calibration (stage).", ["ensemble", "policy", "stage"],
+                    (([e, p, stage], value) for e, p, c in calibration
+                     for stage, value in (("before", c.ece_before), ("after", c.ece_after))))
+        yield gauge("quorum_vote_calibration_nll", "Validation negative log-likelihood of an ensemble's vote "
+                    "under a policy, before and after its calibration (stage).", ["ensemble", "policy", "stage"],
+                    (([e, p, stage], value) for e, p, c in calibration
+                     for stage, value in (("before", c.nll_before), ("after", c.nll_after))))
 
     def _collect_feedback(self) -> Iterable:
         feedback = self.feedback

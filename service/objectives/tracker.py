@@ -105,19 +105,33 @@ class ObjectiveTracker:
             return []
         return [m for m in self.members if m not in asked]
 
-    def choose(self, budget_s: float | None = None, min_accuracy: float | None = None) -> tuple[str, ...]:
+    def choose(self, budget_s: float | None = None, min_accuracy: float | None = None, *,
+               strict_budget: bool = True) -> tuple[str, ...]:
         """Members to ask for one request: the selection, or for a request with its own
-        latency budget or accuracy floor, the best subset that fits it."""
+        latency budget or accuracy floor, the best subset that fits it.
+
+        A budget that only comes from the RPC's deadline (`strict_budget=False`) is a hint:
+        when no subset's predicted latency fits it, the usual members are asked and the
+        straggler cutoff at the deadline decides who votes. Only an explicit budget or
+        accuracy floor that no subset meets raises FailedPrecondition."""
         selected = self.selected
         if selected is None:
             return self.members
         if budget_s is None and min_accuracy is None:
-            return selected.members
+            # without an objective every member is asked (the selection may predate a reload)
+            return selected.members if self.configured is not None else self.members
         if _fits(selected, budget_s, min_accuracy):
             return selected.members
         choice = best(self.candidates, budget_s, None, min_accuracy)
         if choice is not None:
             return choice.members
+        if not strict_budget and budget_s is not None:
+            if min_accuracy is None:
+                return selected.members  # tried, not refused: the cutoff is the last resort
+            choice = best(self.candidates, None, None, min_accuracy)
+            if choice is not None:
+                return choice.members
+            budget_s = None  # the accuracy floor alone is what cannot be met
         raise FailedPrecondition(self._unmet(budget_s, min_accuracy))
 
     def _unmet(self, budget_s: float | None, min_accuracy: float | None) -> str:
@@ -179,10 +193,16 @@ class ObjectiveTracker:
         return self._validation
 
     def _member_p99(self, name: str, info: MemberInfo) -> float:
+        """Measured p99 once the window holds enough samples; before that, the larger of
+        the warm-up timing and what was measured so far. The warm-up timing is the bare
+        compute of one row (microseconds), not a request's latency through the batcher and
+        the event loop (milliseconds): alone, it made constraints read far below the
+        members' measured p99."""
         window = self.member_latency[name]
         if window.count >= self.objective.min_latency_samples:
             return window.percentile(99)
-        return info.warmup_latency_s
+        measured = window.percentile(99)
+        return info.warmup_latency_s if measured is None else max(measured, info.warmup_latency_s)
 
     def _select(self, candidates: list[Candidate]) -> None:
         objective = self.objective
@@ -216,7 +236,8 @@ class ObjectiveTracker:
         constraints = []
         if objective.latency_p99_ms:
             measured = self.end_to_end.count >= objective.min_latency_samples
-            value = (self.end_to_end.percentile(99) if measured else selected.latency_s) * 1000
+            so_far = self.end_to_end.percentile(99)
+            value = (so_far if measured else max(selected.latency_s, so_far or 0.0)) * 1000
             constraints.append(ConstraintStatus("latency_p99_ms", objective.latency_p99_ms, value,
                                                 value <= objective.latency_p99_ms, measured))
         if objective.device_memory_mb:

@@ -90,7 +90,10 @@ class EnsembleConfig(_Strict):
     members: tuple[str, ...] = Field(min_length=1)
     policy: Policy = "confidence"
     batching: Batching | None = Field(None, description="applied to members without their own")
-    quorum: int = Field(1, ge=1, description="fewest members whose answers make a vote")
+    quorum: int | None = Field(None, ge=1, description=(
+        "fewest members whose answers make a vote, and that must be serving for the ensemble "
+        "to be ready; default (unset): a majority of the configured members, len(members) // 2 + 1, "
+        "so that one member alone never passes for the vote of five"))
     deadline_margin_ms: float = Field(5.0, ge=0, description="safety margin before a deadline (vote and reply)")
     objective: Objective | None = Field(None, description="without one, every member votes")
 
@@ -98,9 +101,14 @@ class EnsembleConfig(_Strict):
     def _check(self) -> "EnsembleConfig":
         if len(set(self.members)) != len(self.members):
             raise ValueError("members must be distinct")
-        if self.quorum > len(self.members):
+        if self.quorum is not None and self.quorum > len(self.members):
             raise ValueError(f"quorum {self.quorum} exceeds the {len(self.members)} members")
         return self
+
+    @property
+    def min_members(self) -> int:
+        """The quorum in effect: the configured one, or a majority of the members."""
+        return self.quorum if self.quorum is not None else len(self.members) // 2 + 1
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -56,6 +56,24 @@ class EnsembleSpec:
         return inverse[np.asarray(class_indices, dtype=np.int64)]
 
 
+    def aligned_manifest(self, member: str, manifest: VariantManifest) -> VariantManifest:
+        """`manifest` with its class axis in the ensemble's order: labels, stored validation
+        probabilities and labels, and the drift reference's predicted-class frequencies."""
+        perm = self.permutations.get(member)
+        if perm is None:
+            return manifest
+        validation = manifest.validation
+        probabilities = self.align(member, np.asarray(validation.probabilities, dtype=np.float64))
+        labels = self.align_labels(member, np.asarray(validation.labels, dtype=np.int64))
+        frequencies = self.align(member, np.asarray(manifest.drift_reference.predicted_class_frequencies))
+        return manifest.model_copy(update={
+            "labels": self.labels,
+            "validation": validation.model_copy(update={
+                "probabilities": tuple(map(tuple, probabilities.tolist())), "labels": tuple(labels.tolist())}),
+            "drift_reference": manifest.drift_reference.model_copy(update={
+                "predicted_class_frequencies": tuple(frequencies.tolist())})})
+
+
 def _labels(labels: tuple[str, ...], limit: int = 8) -> str:
     shown = ", ".join(labels[:limit])
     return f"[{shown}{', ...' if len(labels) > limit else ''}]"

@@ -22,9 +22,11 @@ import numpy as np
 
 from service.batching.batcher import BatchObserver, DynamicBatcher
 from service.batching.config import BatchingConfig
+from service.ensemble.calibration import NO_CALIBRATION, VoteCalibration, fit_vote_calibration
 from service.errors import ModelLoadError, ModelNotFound, ModelNotReady, QuorumError
 from service.repository.config import (
     Batching, EnsembleConfig, ModelConfig, load_ensemble_config, load_model_config)
+from service.repository.contract import EnsembleContractError, EnsembleSpec, check_ensemble
 from service.repository.manifest import VariantManifest, load_manifest
 from service.repository.scan import ModelEntry, scan_model, scan_repository, valid_model_name
 from service.runtimes import Runtime, RuntimeOptions, create_runtime
@@ -128,6 +130,9 @@ class VariantModel:
     versions: dict[int, ServedVersion] = field(default_factory=dict)
     failed: dict[int, str] = field(default_factory=dict)
     unloaded_by_request: bool = False
+    last_manifest: VariantManifest | None = None
+    """The manifest of the version served last: an unloaded member keeps its place in its
+    ensembles' contract (and so their metadata) until it is removed from the repository."""
 
     def serving(self) -> ServedVersion | None:
         available = [v for v in self.versions.values() if v.state == State.AVAILABLE]
@@ -138,8 +143,22 @@ class VariantModel:
 class EnsembleModel:
     entry: ModelEntry
     config: EnsembleConfig | None
-    error: str = ""
+    config_error: str = ""
+    """Why ensemble.yaml does not load (the last good configuration keeps serving)."""
     unloaded_by_request: bool = False
+    contract_error: str = ""
+    """Why its members cannot vote together (see service.repository.contract)."""
+    spec: EnsembleSpec | None = None
+    """What the ensemble answers with (input, labels, max batch size, label alignment),
+    checked from its members' manifests; None until the contract holds."""
+    calibration: VoteCalibration = NO_CALIBRATION
+    """Vote temperatures per policy, fitted on the members' validation replay."""
+    checked: tuple = ()
+    """What `spec` and `calibration` were derived from (recomputed only when it changes)."""
+
+    @property
+    def error(self) -> str:
+        return "; ".join(e for e in (self.config_error, self.contract_error) if e)
 
 
 class ModelManager:
@@ -153,6 +172,7 @@ class ModelManager:
         self._slot = 0  # spreads variants over the visible GPUs
         self._lock = asyncio.Lock()
         self._poller: asyncio.Task | None = None
+        self._config_errors: dict[str, str] = {}  # model -> why its model.yaml does not load
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -191,34 +211,122 @@ class ModelManager:
             for entry in entries.values():
                 if entry.kind == "ensemble":
                     self._sync_ensemble(entry)
-            for entry in entries.values():
-                if entry.kind == "variant":
-                    await self._sync_variant(entry)
+            variants = [e for e in entries.values() if e.kind == "variant"]
+            for entry in variants:  # known before they load: not ready rather than not found
+                if entry.name not in self.variants:
+                    with contextlib.suppress(ModelLoadError):
+                        self.variants[entry.name] = VariantModel(entry, load_model_config(entry.path))
+            for entry in variants:
+                await self._sync_variant(entry)
+            self._check_ensembles()
 
     def _sync_ensemble(self, entry: ModelEntry) -> None:
         current = self.ensembles.get(entry.name)
         try:
             config = load_ensemble_config(entry.path)
         except ModelLoadError as exc:
-            log.error("ensemble %s: %s", entry.name, exc)
+            if current is None or current.config_error != str(exc):  # once, not on every poll
+                log.error("ensemble %s: %s", entry.name, exc)
+                self._count_failure(entry.name, 1)
             if current is None:
                 self.ensembles[entry.name] = EnsembleModel(entry, None, str(exc))
             else:
-                current.error = str(exc)  # keep serving the last good configuration
+                current.config_error = str(exc)  # keep serving the last good configuration
             return
         if current is None:
             self.ensembles[entry.name] = EnsembleModel(entry, config)
         else:
-            current.config, current.error = config, ""
+            current.config, current.config_error = config, ""
+
+    # -- the ensemble contract -------------------------------------------------------------
+    def _member_manifest(self, name: str) -> VariantManifest | str | None:
+        """What the contract checks for one member: its manifest, why it has none, or None
+        when no such model is in the repository."""
+        if name in self.ensembles:
+            return "it is an ensemble; members must be models"
+        model = self.variants.get(name)
+        if model is None:
+            return self._config_errors.get(name)
+        serving = model.serving()
+        if serving is not None:
+            return serving.manifest
+        if model.last_manifest is not None:
+            return model.last_manifest
+        if model.failed:
+            return "; ".join(f"version {v}: {e}" for v, e in sorted(model.failed.items()))
+        return "no version of it is loaded"
+
+    def _member_batch_sizes(self, members) -> dict[str, int]:
+        """Members' configured max batch sizes (as _start_version applies them); the others'
+        come from their manifests. Independent of which members serve right now."""
+        sizes = {}
+        for name in members:
+            model = self.variants.get(name)
+            knobs = (model.config.batching if model else None) or self._ensemble_batching(name)
+            if knobs is not None and knobs.max_batch_size:
+                sizes[name] = knobs.max_batch_size
+        return sizes
+
+    def _check_ensembles(self) -> None:
+        for ensemble in self.ensembles.values():
+            self._check_ensemble(ensemble)
+
+    def _check_ensemble(self, ensemble: EnsembleModel) -> None:
+        """Derive the ensemble's spec and vote calibration from its members' manifests, or
+        record (and log once) why they cannot vote together."""
+        config, name = ensemble.config, ensemble.entry.name
+        if config is None:
+            ensemble.spec, ensemble.checked = None, ()
+            return
+        members = {m: self._member_manifest(m) for m in config.members}
+        sizes = self._member_batch_sizes(config.members)
+        key = (config, tuple((m, id(v) if isinstance(v, VariantManifest) else v) for m, v in members.items()),
+               tuple(sorted(sizes.items())))
+        if key == ensemble.checked:
+            return
+        ensemble.checked = key
+        try:
+            spec = check_ensemble(name, members, sizes)
+        except EnsembleContractError as exc:
+            if ensemble.contract_error != str(exc):
+                log.error("ensemble %s FAILED to load: %s", name, exc)
+                self._count_failure(name, 1)
+            ensemble.spec, ensemble.calibration, ensemble.contract_error = None, NO_CALIBRATION, str(exc)
+            return
+        if ensemble.contract_error:
+            log.info("ensemble %s: its members' contract holds again", name)
+        manifests = {m: v for m, v in members.items() if isinstance(v, VariantManifest)}
+        ensemble.calibration = fit_vote_calibration(spec, manifests)
+        ensemble.spec, ensemble.contract_error = spec, ""
+        for policy, c in ensemble.calibration.policies.items():
+            log.debug("ensemble %s vote calibration %s: T=%.3f ECE %.4f -> %.4f, NLL %.4f -> %.4f",
+                      name, policy, c.temperature, c.ece_before, c.ece_after, c.nll_before, c.nll_after)
+
+    def _check_new_member_version(self, manifest: VariantManifest) -> None:
+        """Refuse a new member version that would break an ensemble whose contract holds now."""
+        for ensemble in self.ensembles.values():
+            config = ensemble.config
+            if config is None or ensemble.spec is None or manifest.name not in config.members:
+                continue
+            members = {m: self._member_manifest(m) for m in config.members}
+            members[manifest.name] = manifest
+            try:
+                check_ensemble(ensemble.entry.name, members, self._member_batch_sizes(config.members))
+            except EnsembleContractError as exc:
+                raise ModelLoadError(f"{manifest.name} version {manifest.version}",
+                                     f"refused: it would break {exc}") from exc
 
     async def _sync_variant(self, entry: ModelEntry) -> None:
         model = self.variants.get(entry.name)
         try:
             config = load_model_config(entry.path)
         except ModelLoadError as exc:
-            log.error("model %s: %s", entry.name, exc)
-            self._count_failure(entry.name, 0)
+            if self._config_errors.get(entry.name) != str(exc):  # once, not on every poll
+                log.error("model %s: %s", entry.name, exc)
+                self._count_failure(entry.name, 0)
+            self._config_errors[entry.name] = str(exc)
             return
+        self._config_errors.pop(entry.name, None)
         if model is None:
             model = self.variants[entry.name] = VariantModel(entry, config)
         model.entry, model.config = entry, config
@@ -242,6 +350,7 @@ class ModelManager:
                 raise ModelLoadError(str(folder), (
                     f"manifest names {manifest.name} version {manifest.version}, "
                     f"but the folder is {model.entry.name}/{version}"))
+            self._check_new_member_version(manifest)
             served = await self._start_version(model, folder, manifest)
         except Exception as exc:  # a version that cannot load must never take the server down
             model.failed[version] = str(exc)
@@ -251,6 +360,10 @@ class ModelManager:
         model.versions[version] = served
         served.state = State.AVAILABLE  # routing switches here, in one step
         served.loaded_at = time.time()
+        model.last_manifest = model.serving().manifest
+        for ensemble in self.ensembles.values():  # in the same step: they align the new version at once
+            if ensemble.spec is not None:
+                self._check_ensemble(ensemble)
 
     async def _start_version(self, model: VariantModel, folder: Path, manifest: VariantManifest) -> ServedVersion:
         knobs = model.config.batching or self._ensemble_batching(model.entry.name) or Batching()
@@ -294,6 +407,9 @@ class ModelManager:
 
     async def _retire_version(self, model: VariantModel, version: int) -> None:
         served = model.versions.pop(version)
+        serving = model.serving()
+        if serving is not None:
+            model.last_manifest = serving.manifest
         await served.drain_and_unload(self.settings.grace_period_s)
 
     async def _retire(self, model: VariantModel) -> None:
@@ -326,12 +442,16 @@ class ModelManager:
                     member_entry = scan_model(self.root, member)
                     if member_entry and member_entry.kind == "variant":
                         await self._sync_variant(member_entry)
+                self._check_ensembles()
+                if ensemble.spec is None:
+                    raise ModelLoadError(str(entry.path), ensemble.error)
                 return
             model = self.variants.get(name)
             if model:
                 model.unloaded_by_request = False
                 model.failed.clear()
             await self._sync_variant(entry)
+            self._check_ensembles()
             model = self.variants.get(name)
             if model and model.serving() is None:
                 errors = "; ".join(model.failed.values()) or "no version selected by the policy"
@@ -349,6 +469,7 @@ class ModelManager:
                 raise ModelNotFound(f"model '{name}' is not loaded")
             model.unloaded_by_request = True
             await self._retire(model)
+            self._check_ensembles()
 
     @staticmethod
     def _check_name(name: str) -> None:
@@ -379,9 +500,28 @@ class ModelManager:
     def is_ready(self, name: str) -> bool:
         ensemble = self.ensembles.get(name)
         if ensemble is not None:
-            return (ensemble.config is not None and not ensemble.unloaded_by_request and
-                    all(self._variant_ready(m) for m in ensemble.config.members))
+            return (ensemble.config is not None and ensemble.spec is not None and not ensemble.unloaded_by_request
+                    and self.serving_members(name) >= ensemble.config.min_members)
         return self._variant_ready(name)
+
+    def ensemble_problem(self, name: str) -> str:
+        """Why an ensemble is not ready ("" when it is)."""
+        ensemble = self.ensembles[name]
+        if ensemble.error:
+            return ensemble.error
+        if ensemble.unloaded_by_request:
+            return "unloaded"
+        if ensemble.spec is None:
+            return "its members are loading"
+        serving, quorum = self.serving_members(name), ensemble.config.min_members
+        if serving < quorum:
+            return f"{serving} of its {len(ensemble.config.members)} members serve, fewer than its quorum {quorum}"
+        return ""
+
+    def serving_members(self, ensemble: str) -> int:
+        """How many of an ensemble's configured members serve now."""
+        config = self.ensembles[ensemble].config
+        return sum(self._variant_ready(m) for m in config.members) if config else 0
 
     def _variant_ready(self, name: str) -> bool:
         model = self.variants.get(name)

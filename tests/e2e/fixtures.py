@@ -9,6 +9,7 @@ has its own unit tests).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from collections.abc import Iterator
@@ -87,6 +88,9 @@ class Reference:
     """Loads the repository's models in this process; answers as the server should."""
 
     repository: Path = MODELS
+    vote_temperatures: dict[tuple[str, str], float] = field(default_factory=dict)
+    """(ensemble, policy) -> the vote temperature the server fitted (see vote_temperatures());
+    the fit itself is checked by tests/e2e/test_vote_calibration.py."""
     _members: dict[str, _Member] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -108,8 +112,16 @@ class Reference:
         if (self.repository / name / "ensemble.yaml").exists():
             config = self.ensemble_config(name)
             members = [self.member(m) for m in config["members"]]
-            return vote(policy or config["policy"], [m.probabilities(pixels) for m in members],
-                        [m.name for m in members], validation_accuracy=[m.accuracy for m in members])
+            policy = policy or config["policy"]
+            result = vote(policy, [m.probabilities(pixels) for m in members],
+                          [m.name for m in members], validation_accuracy=[m.accuracy for m in members])
+            temperature = self.vote_temperatures.get((name, policy), 1.0)
+            # The vote's own calibration: softmax(log(p + 1e-6) / T), winner unchanged.
+            z = np.log(result.probabilities + 1e-6) / temperature
+            z -= z.max(axis=1, keepdims=True)
+            probabilities = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+            return dataclasses.replace(result, probabilities=probabilities,
+                                       confidence=probabilities[np.arange(len(z)), result.label_index])
         member = self.member(name)
         return vote(policy or "soft", [member.probabilities(pixels)], [member.name])
 
@@ -124,6 +136,19 @@ class Reference:
             del out["agreement"]
             out["logits"] = self.member(name).logits(pixels)
         return out
+
+
+def vote_temperatures(server: RunningServer) -> dict[tuple[str, str], float]:
+    """(ensemble, policy) -> vote temperature, as the server reports them (quorum.v1 GetStatus)."""
+    import grpc
+
+    from service._proto.quorum.v1 import ensemble_pb2 as pb
+    from service._proto.quorum.v1 import ensemble_pb2_grpc as pb_grpc
+
+    names = {v: k.removeprefix("VOTING_POLICY_").lower() for k, v in pb.VotingPolicy.items()}
+    with grpc.insecure_channel(server.address) as channel:
+        status = pb_grpc.EnsembleServiceStub(channel).GetStatus(pb.GetStatusRequest(), timeout=10)
+    return {(m.name, names[c.policy]): c.temperature for m in status.models for c in m.vote_calibration}
 
 
 def as_text(array: np.ndarray) -> list[str]:

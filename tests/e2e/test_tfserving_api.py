@@ -10,7 +10,7 @@ from tensorflow_serving.apis import (
     classification_pb2, get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc,
     predict_pb2, prediction_service_pb2_grpc)
 
-from tests.e2e.fixtures import ENSEMBLE, MEMBER, Reference, as_text
+from tests.e2e.fixtures import ENSEMBLE, MEMBER, Reference, as_text, vote_temperatures
 
 ROWS = slice(0, 12)
 
@@ -21,8 +21,8 @@ def predict_stub(channel):
 
 
 @pytest.fixture(scope="module")
-def reference():
-    return Reference()
+def reference(server):
+    return Reference(vote_temperatures=vote_temperatures(server))
 
 
 @pytest.fixture(scope="module")

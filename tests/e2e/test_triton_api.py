@@ -9,14 +9,14 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from tests.e2e.fixtures import ENSEMBLE, MEMBER, Reference, as_text, repository_models
+from tests.e2e.fixtures import ENSEMBLE, MEMBER, Reference, as_text, repository_models, vote_temperatures
 
 UNLOADED = "digits_logreg"  # the member the load/unload test takes away and brings back
 
 
 @pytest.fixture(scope="module")
-def reference():
-    return Reference()
+def reference(server):
+    return Reference(vote_temperatures=vote_temperatures(server))
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +118,10 @@ def test_unload_then_load_member(client, reference, pixels):
         assert UNLOADED in err.value.message()
         index = {m["name"]: m for m in client.get_model_repository_index(as_json=True)["models"]}
         assert index[UNLOADED]["state"] != "READY"
-        assert not client.is_model_ready(ENSEMBLE)  # a member is missing
+        # one of five members is missing: the quorum (a majority, 3) still serves
+        assert client.is_model_ready(ENSEMBLE)
+        result = client.infer(ENSEMBLE, [_input(pixels)])
+        assert UNLOADED in result.get_response().parameters["members_left_out"].string_param
     finally:
         client.load_model(UNLOADED)
     assert client.is_model_ready(UNLOADED)

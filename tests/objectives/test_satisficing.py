@@ -15,7 +15,7 @@ import pytest
 from onnx import numpy_helper
 
 from service.dataplane import DataPlane, member_info
-from service.errors import FailedPrecondition
+from service.errors import DeadlineExceeded, FailedPrecondition
 from service.objectives.selection import predicted_latency, replay_accuracy, subsets
 from service.objectives.tracker import _aligned_validation
 from service.repository.manager import ModelManager
@@ -97,7 +97,11 @@ async def test_per_request_budget_served_by_the_fastest_member_alone_or_refused(
     result = await data.infer("slo", x[:1], deadline=time.monotonic() + 0.025)
     assert result.vote.members == ("digits_logreg",)
     assert not result.left_out
+    # An explicit budget no subset is predicted to meet is refused up front...
     with pytest.raises(FailedPrecondition, match="latency budget"):
+        await data.infer("slo", x[:1], latency_budget_s=0.0051)
+    # ...a plain RPC deadline is tried: the members are asked and the cutoff decides.
+    with pytest.raises(DeadlineExceeded, match="deadline reached"):
         await data.infer("slo", x[:1], deadline=time.monotonic() + 0.0051)
     with pytest.raises(FailedPrecondition, match="min_accuracy 0.9990"):
         await data.infer("slo", x[:1], min_accuracy=0.999)
