@@ -15,6 +15,8 @@ import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+from prometheus_client.core import CounterMetricFamily
+
 from service.monitoring import drift
 from service.monitoring.metrics import Catalogue, GpuCollector, MetricsServer, StateCollector, gauge
 from service.monitoring.statistics import Statistics
@@ -88,6 +90,32 @@ class Monitor:
         """The state exported at scrape time: models, feedback and satisficing trackers."""
         self.manager, self.feedback = manager, feedback
         self.trackers = trackers if trackers is not None else {}
+
+    def prime(self) -> None:
+        """Create the counters docs/metrics.md says start at 0, for every model and ensemble
+        the manager knows (called after each load, so they are in the first scrape)."""
+        manager = self.manager
+        if manager is None:
+            return
+        for name in list(manager.variants) + list(manager.ensembles):
+            self.metrics.load_failures.labels(name)
+        for name, ensemble in list(manager.ensembles.items()):
+            if ensemble.config is not None:
+                for member in ensemble.config.members:
+                    self.metrics.members_dropped.labels(name, member)
+
+    def watch_loop(self, watchdog: Any) -> None:
+        """Export the event loop's heartbeat (service.liveness.LoopWatchdog) at scrape time;
+        the scrape is answered by its own thread, so this reads right while the loop is stuck."""
+        def collect() -> Iterable:
+            yield gauge("quorum_event_loop_heartbeat_age_seconds",
+                        "Seconds since the event loop last ticked (liveness fails past liveness_timeout_s).",
+                        [], [([], watchdog.heartbeat_age_s)])
+            stalls = CounterMetricFamily("quorum_event_loop_stalls",
+                                         "Event-loop stalls longer than liveness_timeout_s.")
+            stalls.add_metric([], float(watchdog.stalls))
+            yield stalls
+        self.registry.register(StateCollector(collect))
 
     def start_http(self, host: str, port: int) -> int:
         self._server = MetricsServer(self.registry, host, port)
@@ -246,8 +274,8 @@ class Monitor:
         depth: dict[str, float] = {}
         inflight_rows: dict[str, float] = {}
         info, ready = [], []
+        self.prime()  # models that appeared since: their counters are exported from the next scrape
         for name, model in list(manager.variants.items()):
-            self.metrics.load_failures.labels(name)  # every model's failure counter starts at 0
             for version, served in list(model.versions.items()):
                 depth[name] = depth.get(name, 0) + served.batcher.queue_depth
                 inflight_rows[name] = inflight_rows.get(name, 0) + served.batcher.in_flight
@@ -256,9 +284,6 @@ class Monitor:
             ready.append(([name, "model"], float(manager.is_ready(name))))
         for name, ensemble in list(manager.ensembles.items()):
             ready.append(([name, "ensemble"], float(manager.is_ready(name))))
-            if ensemble.config is not None:
-                for member in ensemble.config.members:
-                    self.metrics.members_dropped.labels(name, member)  # starts at 0
         yield gauge("quorum_queue_depth", "Requests waiting in a model's batching queue (all loaded versions).",
                     ["model"], ((([n]), v) for n, v in depth.items()))
         yield gauge("quorum_batch_inflight_rows", "Rows in batches running in a model's runtime.",

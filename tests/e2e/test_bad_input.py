@@ -42,7 +42,8 @@ def layout(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, layout):
-    with module_server(tmp_path_factory, "bad-input", repository=layout) as s:
+    with module_server(tmp_path_factory, "bad-input", repository=layout,
+                       args=["--model-control", "explicit"]) as s:  # the load requests below
         yield s
 
 
@@ -252,8 +253,8 @@ def test_garbage_bytes_on_the_wire(server, channel, payload, v2, pixels):
                               request_serializer=None, response_deserializer=None)
     with pytest.raises(grpc.RpcError) as err:
         raw(payload, timeout=10)
-    # INTERNAL, gRPC's code for a request that does not parse (as TF Serving and Triton answer).
-    assert err.value.code() == grpc.StatusCode.INTERNAL, err.value
+    # The client sent bytes that do not parse: its fault, INVALID_ARGUMENT (INTERNAL is ours).
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
     assert "do not parse as inference.ModelInferRequest" in err.value.details()
     # ... and the server is still up and answering.
     assert server.health() == health_pb2.HealthCheckResponse.SERVING
@@ -269,7 +270,7 @@ def test_garbage_bytes_in_a_stream(server, channel, pixels):
     assert not first.error_message and first.infer_response.model_name == ENSEMBLE
     with pytest.raises(grpc.RpcError) as err:
         next(responses)
-    assert err.value.code() == grpc.StatusCode.INTERNAL, err.value
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
     assert "do not parse" in err.value.details()
     assert server.health() == health_pb2.HealthCheckResponse.SERVING
 
