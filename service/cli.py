@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -34,7 +35,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING...")
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _serve(args: argparse.Namespace) -> int:  # returns only when the settings are refused
     from pydantic import ValidationError
 
     from service.settings import Settings
@@ -46,10 +47,17 @@ def _serve(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"quorum serve: {_settings_error(exc)}", file=sys.stderr)
         return 2
-    from service.server import run  # after the settings: a refusal needs no TensorFlow
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run(settings)
+    from service.server import run  # after the settings: a refusal needs no TensorFlow
+
+    code = run(settings)
+    # Everything is drained, unloaded and logged: skip the interpreter's teardown, where
+    # TensorFlow's and gRPC's finalizers take seconds a terminating pod does not have.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _settings_error(exc) -> str:

@@ -8,8 +8,8 @@ grace period. With `drain_delay_s`, the server keeps accepting for that long aft
 NOT_SERVING, so endpoints can be updated before the listener closes.
 
 To make "accepted before the signal" certain rather than a race, the burst runs against a
-copy of the digits ensemble whose batcher lingers (max_queue_delay) long enough that all 200
-requests are queued inside the server when SIGTERM is sent, and are answered after it.
+copy of the digits ensemble whose batcher lingers (max_queue_delay), and SIGTERM is sent once
+the server's own gauge says it holds all 200 requests: they are answered after it.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import shutil
 import signal
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 
 import grpc
@@ -32,7 +33,7 @@ from tests.helpers import MODELS, VARIANTS
 from tests.server import RunningServer, running_server
 
 BURST = 200
-LINGER_S = 2.5  # how long the scratch ensemble's batcher holds the burst
+LINGER_S = 4.0  # how long the scratch ensemble's batcher holds the burst
 GRACE_S = 15.0
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -52,6 +53,13 @@ def _request(pixels: np.ndarray) -> pb.PredictRequest:
     rows = np.ascontiguousarray(pixels, dtype=np.float32).reshape(-1, 64)
     return pb.PredictRequest(model="digits", inputs=pb.Tensor(
         dtype="FP32", shape=list(rows.shape), content=rows.tobytes()))
+
+
+def inflight(server: RunningServer, api: str = "quorum") -> float:
+    """The server's quorum_inflight_requests gauge for one API, from its /metrics."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    prefix = f'quorum_inflight_requests{{api="{api}"}} '
+    return next((float(line[len(prefix):]) for line in text.splitlines() if line.startswith(prefix)), 0.0)
 
 
 @dataclass
@@ -104,6 +112,7 @@ class Outcome:
     done: float
     code: grpc.StatusCode
     label: str = ""
+    details: str = ""
 
 
 async def _call(stub: pb_grpc.EnsembleServiceStub, pixels: np.ndarray) -> Outcome:
@@ -112,7 +121,7 @@ async def _call(stub: pb_grpc.EnsembleServiceStub, pixels: np.ndarray) -> Outcom
         response = await stub.Predict(_request(pixels), timeout=60)
         return Outcome(sent, time.monotonic(), grpc.StatusCode.OK, response.predictions[0].label)
     except grpc.aio.AioRpcError as exc:
-        return Outcome(sent, time.monotonic(), exc.code())
+        return Outcome(sent, time.monotonic(), exc.code(), details=exc.details() or "")
 
 
 async def _late_request(address: str, pixels: np.ndarray) -> Outcome:
@@ -140,7 +149,9 @@ def test_sigterm_during_a_burst_answers_every_accepted_request(tmp_path, lingeri
                 stub = pb_grpc.EnsembleServiceStub(channel)
                 await channel.channel_ready()
                 burst = [asyncio.ensure_future(_call(stub, p)) for p in pixels]
-                await asyncio.sleep(LINGER_S / 3)  # every request is on the wire and queued
+                while inflight(server) < BURST:  # every request is taken by the server
+                    assert not any(f.done() for f in burst), "the burst finished before the signal"
+                    await asyncio.sleep(0.05)
                 assert not any(f.done() for f in burst), "the burst finished before the signal"
                 signalled = time.monotonic()
                 server.process.send_signal(signal.SIGTERM)
@@ -159,7 +170,7 @@ def test_sigterm_during_a_burst_answers_every_accepted_request(tmp_path, lingeri
 
     # Every request sent before the signal was accepted, and answered after the signal.
     codes = {o.code for o in outcomes}
-    assert codes == {grpc.StatusCode.OK}, f"{[o.code.name for o in outcomes if o.code != grpc.StatusCode.OK]}\n{log[-3000:]}"
+    assert codes == {grpc.StatusCode.OK}, f"{[(o.code.name, o.details) for o in outcomes if o.code != grpc.StatusCode.OK][:5]}\n{log[-3000:]}"
     assert all(o.sent < signalled < o.done for o in outcomes)
     accuracy = np.mean([o.label == str(y[i % len(y)]) for i, o in enumerate(outcomes)])
     assert accuracy > 0.9
