@@ -16,9 +16,9 @@ from tests.e2e.fixtures import ENSEMBLE
 class GoodClient(threading.Thread):
     """Valid requests in a loop over its own connections, each answer checked."""
 
-    def __init__(self, address: str, pixels: np.ndarray, expected: np.ndarray) -> None:
+    def __init__(self, address: str, pixels: np.ndarray, expected: np.ndarray, model: str = ENSEMBLE) -> None:
         super().__init__(daemon=True, name="good-client")
-        self.address, self.pixels, self.expected = address, pixels, expected
+        self.address, self.pixels, self.expected, self.model = address, pixels, expected, model
         self.stopping = threading.Event()
         self.successes = 0
         self.failures: list[str] = []
@@ -28,7 +28,7 @@ class GoodClient(threading.Thread):
         channel = grpc.insecure_channel(self.address)
         tf_stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
         request = predict_pb2.PredictRequest()
-        request.model_spec.name = ENSEMBLE
+        request.model_spec.name = self.model
         request.inputs["pixels"].CopyFrom(tf.make_tensor_proto(self.pixels))
         request.output_filter.append("class_index")
         tensor = grpcclient.InferInput("pixels", list(self.pixels.shape), "FP32")
@@ -40,7 +40,7 @@ class GoodClient(threading.Thread):
                     if i % 2:
                         got = tf.make_ndarray(tf_stub.Predict(request, timeout=30).outputs["class_index"])
                     else:
-                        got = triton.infer(ENSEMBLE, [tensor], client_timeout=30).as_numpy("class_index")
+                        got = triton.infer(self.model, [tensor], client_timeout=30).as_numpy("class_index")
                     if not np.array_equal(got, self.expected):
                         self.failures.append(f"request {i}: wrong answer {got}")
                     else:
