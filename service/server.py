@@ -144,6 +144,7 @@ class QuorumServer:
             self.monitor.start_drift()
         self._log_models()
         self.api.loaded = True
+        self.admission.loading = False
         await self._update_health()
         self._health_task = asyncio.create_task(self._follow_health(), name="health")
         self._objectives_task = asyncio.create_task(

@@ -36,6 +36,9 @@ and nothing a client sent is ever echoed back whole."""
 
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
                  "/grpc.reflection.v1.ServerReflection/")
+ALWAYS_ANSWERED = ("/inference.GRPCInferenceService/ServerLive", "/inference.GRPCInferenceService/ServerReady",
+                   "/inference.GRPCInferenceService/ServerMetadata")
+"""Asked before and during loading (a client waiting for readiness): not held by admission."""
 
 
 def status_of(exc: BaseException) -> grpc.StatusCode:
@@ -57,6 +60,8 @@ class Admission:
 
     def __init__(self) -> None:
         self.open = True
+        self.loading = True
+        """Until the first load has finished: a model call would find no model yet."""
         self.inflight = 0
         self.last_arrival = time.monotonic()
         self._idle = asyncio.Event()
@@ -66,6 +71,8 @@ class Admission:
         self.last_arrival = time.monotonic()
         if not self.open:
             raise errors.Unavailable("server is shutting down; retry on another replica")
+        if self.loading:
+            raise errors.Unavailable("server is still loading its models; retry shortly")
         self.inflight += 1
         self._idle.clear()
 
@@ -159,7 +166,7 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, token: bytes | None,
     """Rewrap the handler's behaviour, keeping its (de)serializers and streaming kind."""
     open_service = method.startswith(OPEN_SERVICES)
     check_auth = token is not None and not open_service
-    gate = None if open_service else admission
+    gate = None if open_service or method in ALWAYS_ANSWERED else admission
 
     def authorize(context: grpc.aio.ServicerContext) -> None:
         if check_auth and not bearer_matches(context.invocation_metadata(), token):
