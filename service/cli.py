@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -19,28 +20,54 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-invariance", choices=["strict", "tolerant"],
                    help="strict pads every batch to the max batch size (bitwise-identical outputs)")
     p.add_argument("--model-control", choices=["none", "poll", "explicit"],
-                   help="none (default), poll (follow the repository) or explicit (Load/Unload RPCs)")
+                   help="none (default): load once; poll: rescan the repository (hot reload); "
+                        "explicit: Load/Unload/ReloadConfig RPCs")
     p.add_argument("--poll-interval", type=float, dest="poll_interval_s",
-                   help="seconds between repository scans (0 disables hot reload)")
+                   help="seconds between repository scans with --model-control poll (default 2)")
+    p.add_argument("--strict-readiness", action="store_true", default=None,
+                   help="readiness SERVING only while every model and ensemble is ready")
     p.add_argument("--grace-period", type=float, dest="grace_period_s",
                    help="seconds in-flight requests get to finish on SIGTERM")
     p.add_argument("--drain-delay", type=float, dest="drain_delay_s",
-                   help="seconds to keep accepting after turning NOT_SERVING on SIGTERM (default 0)")
+                   help="seconds to keep accepting after turning NOT_SERVING on SIGTERM (default 5)")
     p.add_argument("--workers", type=int,
                    help="server processes sharing the gRPC port (SO_REUSEPORT; default 1)")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING...")
 
 
-def _serve(args: argparse.Namespace) -> int:
-    from service.server import run
+def _serve(args: argparse.Namespace) -> int:  # returns only when the settings are refused
+    from pydantic import ValidationError
+
     from service.settings import Settings
 
     flags = {k: v for k, v in vars(args).items()
              if k not in ("command", "handler") and v is not None}
-    settings = Settings(**flags)  # flags over QUORUM_* env over defaults
+    try:
+        settings = Settings(**flags)  # flags over QUORUM_* env over defaults
+    except ValidationError as exc:
+        print(f"quorum serve: {_settings_error(exc)}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run(settings)
+    from service.server import run  # after the settings: a refusal needs no TensorFlow
+
+    code = run(settings)
+    # Everything is drained, unloaded and logged: skip the interpreter's teardown, where
+    # TensorFlow's and gRPC's finalizers take seconds a terminating pod does not have.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _settings_error(exc) -> str:
+    """One line naming each bad setting, e.g. "auth_token: ... is set but empty"."""
+    problems = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        problems.append(f"{where}: {message}" if where and not message.startswith(where) else message)
+    return "invalid settings: " + "; ".join(problems)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,3 +49,12 @@ class ManifestError(ModelLoadError):
     def __init__(self, folder: str, field: str, message: str) -> None:
         super().__init__(folder, f"variant.json field '{field}': {message}")
         self.field = field
+
+
+class PermissionDenied(QuorumError):
+    """The server is configured not to do this (e.g. model control RPCs without
+    --model-control explicit)."""
+
+
+class Unavailable(QuorumError):
+    """The server cannot take the call now (shutting down); another replica can."""

@@ -1,8 +1,13 @@
 """Wiring and lifecycle: one grpc.aio server on one port for every service.
 
-Shutdown order on SIGTERM/SIGINT: health turns NOT_SERVING (so Kubernetes stops routing),
-the gRPC server stops accepting and gives in-flight RPCs the grace period, then the models
-drain and unload.
+Shutdown order on SIGTERM/SIGINT: readiness turns NOT_SERVING at once (so Kubernetes and
+load balancers stop routing); the server keeps accepting and answering for the drain delay;
+then it refuses new calls (UNAVAILABLE) while the calls it accepted finish, within the grace
+period; then the listener closes, and only then do the models drain and unload.
+
+grpc.aio cancels calls that reached the transport but that the loop had not picked up yet
+when `server.stop` is called, so `stop` comes only once the accepted calls are done and no
+call has arrived for a moment: nothing accepted is left to cancel.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 
 import grpc
 from google.protobuf import descriptor_pool
@@ -23,11 +29,12 @@ from service._proto.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from service._proto.quorum.v1 import ensemble_pb2, ensemble_pb2_grpc
 from service.api.context import ApiContext
 from service.api.ensemble import EnsembleServicer
-from service.api.health import HealthServicer
-from service.api.interceptors import ServiceInterceptor
+from service.api.health import LIVENESS, NOT_SERVING, SERVING, HealthServicer
+from service.api.interceptors import Admission, ServiceInterceptor
 from service.api.tfserving import ModelServicer, PredictionServicer
 from service.api.v2 import InferenceServicer
 from service.dataplane import DataPlane
+from service.liveness import LoopWatchdog
 from service.monitoring.monitor import Monitor
 from service.monitoring.statistics import Statistics
 from service.repository.manager import ModelManager
@@ -82,6 +89,9 @@ class QuorumServer:
             self.monitor.attach(self.manager, self.api.feedback, data.trackers)
         self.metrics_port: int | None = None
         self.health = HealthServicer()
+        self.admission = Admission()
+        self.watchdog = LoopWatchdog(settings.liveness_timeout_s)
+        self._models_in_health: set[str] = set()
         self.port = settings.grpc_port
         self._server: grpc.aio.Server | None = None
         self._health_task: asyncio.Task | None = None
@@ -90,23 +100,18 @@ class QuorumServer:
 
     def _credentials(self) -> grpc.ServerCredentials | None:
         s = self.settings
-        if not (s.tls_cert and s.tls_key):
+        if not s.tls_cert:  # Settings refuse a certificate without its key, and the reverse
             return None
         key, cert = s.tls_key.read_bytes(), s.tls_cert.read_bytes()
         ca = s.tls_client_ca.read_bytes() if s.tls_client_ca else None
         return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
                                            require_client_auth=ca is not None)
 
-    def _token(self) -> str | None:
-        s = self.settings
-        if s.auth_token_file:
-            return s.auth_token_file.read_text().strip()
-        return s.auth_token
-
     async def start(self) -> None:
         limit = self.settings.max_message_bytes
         self._server = grpc.aio.server(
-            interceptors=[ServiceInterceptor(token=self._token(), observer=self.monitor)],
+            interceptors=[ServiceInterceptor(token=self.settings.token(), observer=self.monitor,
+                                             admission=self.admission)],
             options=[("grpc.max_receive_message_length", limit),
                      ("grpc.max_send_message_length", limit),
                      ("grpc.so_reuseport", int(self.settings.reuse_port))])
@@ -126,34 +131,45 @@ class QuorumServer:
         self.port = (self._server.add_secure_port(address, credentials) if credentials
                      else self._server.add_insecure_port(address))
         if self.monitor:
+            self.monitor.watch_loop(self.watchdog)
             self.metrics_port = self.monitor.start_http(self.settings.metrics_host, self.settings.metrics_port)
             log.info("Prometheus /metrics on port %d", self.metrics_port)
-        await self._set_health(False)
-        await self._server.start()  # probes get NOT_SERVING while the models load
+        self.watchdog.start()
+        await self._update_health()
+        await self._server.start()  # readiness NOT_SERVING (liveness SERVING) while the models load
         log.info("gRPC on port %d (%s)", self.port, "TLS" if credentials else "plaintext")
         await self.manager.start()
         if self.monitor:
+            self.monitor.prime()
             self.monitor.start_drift()
         self._log_models()
-        await self._set_health(self.api.ready())
+        self.api.loaded = True
+        self.admission.loading = False
+        await self._update_health()
         self._health_task = asyncio.create_task(self._follow_health(), name="health")
         self._objectives_task = asyncio.create_task(
             self.api.data.run_objectives(self.settings.objective_interval_s), name="objectives")
 
-    async def _set_health(self, serving: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        for service in ["", *_service_names()]:
-            await self.health.set(service, status)
+    def _health_statuses(self) -> dict[str, int]:
+        """Readiness for "" and each API, each model's own readiness, and liveness."""
+        ready = SERVING if self.api.ready() else NOT_SERVING
+        statuses = {service: ready for service in ["", *_service_names()]}
+        manager = self.manager
+        models = (set(manager.variants) | set(manager.ensembles)) - {LIVENESS, ""}
+        for name in models | self._models_in_health:  # a model removed from disk: NOT_SERVING
+            statuses[name] = SERVING if name in models and manager.is_ready(name) else NOT_SERVING
+        self._models_in_health |= models
+        statuses[LIVENESS] = SERVING if self.watchdog.alive() else NOT_SERVING
+        return statuses
+
+    async def _update_health(self) -> None:
+        await self.health.update(self._health_statuses())
 
     async def _follow_health(self) -> None:
-        """Health follows readiness: a model that fails or is unloaded turns it NOT_SERVING."""
-        serving = self.api.ready()
+        """Health follows the models' states and the loop's liveness (after a stall too)."""
         while True:
             await asyncio.sleep(0.5)
-            now = self.api.ready()
-            if now != serving:
-                serving = now
-                await self._set_health(now)
+            await self._update_health()
 
     def _log_models(self) -> None:
         for status in self.manager.statuses():
@@ -176,23 +192,32 @@ class QuorumServer:
         await self._stopping.wait()
 
     async def stop(self) -> None:
-        grace = self.settings.grace_period_s
-        log.info("stopping: NOT_SERVING, draining in-flight requests (grace %.1fs)", grace)
+        grace, delay = self.settings.grace_period_s, self.settings.drain_delay_s
+        log.info("stopping: NOT_SERVING, draining in-flight requests (drain delay %.1fs, grace %.1fs)",
+                 delay, grace)
         self.api.draining = True
         for task in (self._health_task, self._objectives_task):
             if task:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        await self.health.enter_graceful_shutdown()
-        if self.settings.drain_delay_s:
-            log.info("NOT_SERVING; still accepting for %.1fs while endpoints update", self.settings.drain_delay_s)
-            await asyncio.sleep(self.settings.drain_delay_s)
+        await self.health.drain()
+        if delay:
+            log.info("NOT_SERVING; still accepting for %.1fs while endpoints update", delay)
+            await asyncio.sleep(delay)
+        self.admission.close()
+        deadline = time.monotonic() + grace
+        log.info("no longer accepting; %d requests in flight", self.admission.inflight)
+        if not await self.admission.drained(deadline):
+            log.warning("grace period over: %d requests still in flight, calls still arriving; closing",
+                        self.admission.inflight)
+        await self.health.close()
         if self._server:
-            await self._server.stop(grace)
+            await self._server.stop(max(0.0, deadline - time.monotonic()))
         await self.manager.stop()
         if self.monitor:
             await self.monitor.stop()
+        await self.watchdog.stop()
         log.info("stopped")
 
 

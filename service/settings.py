@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 BUNDLED_MODELS = Path(__file__).resolve().parent.parent / "models"
@@ -44,16 +44,24 @@ class Settings(BaseSettings):
     identical whatever else is in the batch; tolerant: run batches at their own size."""
 
     model_control: Literal["none", "poll", "explicit"] = "none"
-    """How the loaded models may change after start: none (as loaded), poll (follow the
-    repository on disk), explicit (the Load/Unload/ReloadConfig RPCs)."""
+    """What may change the loaded models after start, as Triton's --model-control-mode:
+    none (the repository is read once), poll (rescanned every poll_interval_s), explicit
+    (the Load/Unload/ReloadConfig RPCs). Those RPCs answer PERMISSION_DENIED unless explicit."""
     poll_interval_s: float = Field(2.0, ge=0)
-    """How often to rescan the repository for new or removed versions (0 disables polling)."""
+    """With model_control=poll, how often to rescan the repository for new or removed
+    versions (0 disables polling)."""
+    strict_readiness: bool = False
+    """Readiness (health service "") SERVING only while every model and ensemble is ready;
+    off: SERVING once the first load finished and until draining, whatever one model does."""
+    liveness_timeout_s: float = Field(10.0, gt=0)
+    """Liveness (health service "liveness") turns NOT_SERVING when the event loop has not
+    answered its heartbeat for this long (a wedged server)."""
     grace_period_s: float = Field(10.0, ge=0)
     """On SIGTERM, how long in-flight requests get to finish before the server stops."""
-    drain_delay_s: float = Field(0.0, ge=0)
+    drain_delay_s: float = Field(5.0, ge=0)
     """On SIGTERM, how long the server keeps accepting requests after turning NOT_SERVING,
-    so that load balancers and Kubernetes endpoints stop routing to it first; the grace
-    period starts after it."""
+    so that load balancers and Kubernetes endpoints stop routing to it first (at least one
+    readiness probe period); the grace period starts after it."""
     objective_interval_s: float = Field(1.0, gt=0)
     """How often ensembles re-evaluate which members to ask (satisficing selection)."""
     max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024)
@@ -79,3 +87,40 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
     """Python logging level."""
+
+    @field_validator("auth_token")
+    @classmethod
+    def _token_not_empty(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("auth_token is set but empty; unset it to serve without authentication")
+        return value
+
+    @field_validator("auth_token_file")
+    @classmethod
+    def _token_file_not_empty(cls, value: Path | None) -> Path | None:
+        if value is None:
+            return value
+        try:
+            text = value.read_text()
+        except OSError as exc:
+            raise ValueError(f"auth_token_file {str(value)!r} cannot be read: {exc.strerror}") from None
+        if not text.strip():
+            raise ValueError(f"auth_token_file {str(value)!r} is empty")
+        return value
+
+    @model_validator(mode="after")
+    def _tls_complete(self) -> "Settings":
+        """Settings that would weaken security refuse to start: no silent plaintext."""
+        if self.tls_cert and not self.tls_key:
+            raise ValueError("tls_cert is set without tls_key: give both, or neither for plaintext")
+        if self.tls_key and not self.tls_cert:
+            raise ValueError("tls_key is set without tls_cert: give both, or neither for plaintext")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("tls_client_ca is set without tls_cert and tls_key: mTLS needs TLS")
+        return self
+
+    def token(self) -> str | None:
+        """The bearer token clients must send (the file wins), or None without authentication."""
+        if self.auth_token_file:
+            return self.auth_token_file.read_text().strip()
+        return self.auth_token

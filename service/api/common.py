@@ -18,6 +18,33 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
+def check_declared(info: ModelInfo, declared: Mapping[str, tuple[np.dtype, tuple[int, ...]]]) -> None:
+    """The inputs a request declares (name -> (dtype, shape)), checked against the model's
+    input before anything is decoded: nothing is allocated for an input the model does not
+    take, or for a shape it would refuse, whatever the declared size."""
+    spec = info.input
+    if spec.name not in declared:
+        raise InvalidInput(f"model '{info.name}' needs input '{spec.name}', got {sorted(declared)[:8] or 'none'}")
+    extra = sorted(set(declared) - {spec.name})
+    if extra:
+        raise InvalidInput(f"model '{info.name}' has no input {extra[0][:64]!r} (its input is '{spec.name}')")
+    dtype, shape = declared[spec.name]
+    if dtype != np.dtype(spec.dtype):
+        raise InvalidInput(f"model '{info.name}' input '{spec.name}' must be {spec.dtype}, got {dtype}")
+    row_shape = tuple(spec.shape[1:])
+    features = int(np.prod(row_shape))
+    if len(shape) == 0 or (tuple(shape[1:]) != row_shape and tuple(shape[1:]) != (features,)):
+        raise InvalidInput(
+            f"model '{info.name}' input '{spec.name}' must have shape {list(spec.shape)} "
+            f"(or [-1, {features}]), got {list(shape)}")
+    if shape[0] == 0:
+        raise InvalidInput(f"model '{info.name}' input '{spec.name}' is an empty batch")
+    if shape[0] > info.max_batch_size:
+        raise InvalidInput(
+            f"model '{info.name}' input '{spec.name}' has {shape[0]} rows, more than the "
+            f"max batch size {info.max_batch_size}; split the request")
+
+
 def model_rows(info: ModelInfo, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
     """The one input tensor the model takes, checked against its name, dtype and shape.
 
@@ -25,27 +52,8 @@ def model_rows(info: ModelInfo, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
     batch size, or rows flattened to (batch, features). NaN and Inf are rejected: a NaN
     pixel would otherwise become some class with a confident-looking probability.
     """
-    spec = info.input
-    if spec.name not in inputs:
-        raise InvalidInput(f"model '{info.name}' needs input '{spec.name}', got {sorted(inputs) or 'none'}")
-    extra = sorted(set(inputs) - {spec.name})
-    if extra:
-        raise InvalidInput(f"model '{info.name}' has no input {extra[0]!r} (its input is '{spec.name}')")
-    rows = inputs[spec.name]
-    if rows.dtype != np.dtype(spec.dtype):
-        raise InvalidInput(f"model '{info.name}' input '{spec.name}' must be {spec.dtype}, got {rows.dtype}")
-    row_shape = tuple(spec.shape[1:])
-    features = int(np.prod(row_shape))
-    if rows.ndim == 0 or (tuple(rows.shape[1:]) != row_shape and tuple(rows.shape[1:]) != (features,)):
-        raise InvalidInput(
-            f"model '{info.name}' input '{spec.name}' must have shape {list(spec.shape)} "
-            f"(or [-1, {features}]), got {list(rows.shape)}")
-    if rows.shape[0] == 0:
-        raise InvalidInput(f"model '{info.name}' input '{spec.name}' is an empty batch")
-    if rows.shape[0] > info.max_batch_size:
-        raise InvalidInput(
-            f"model '{info.name}' input '{spec.name}' has {rows.shape[0]} rows, more than the "
-            f"max batch size {info.max_batch_size}; split the request")
+    check_declared(info, {name: (array.dtype, tuple(array.shape)) for name, array in inputs.items()})
+    rows = inputs[info.input.name]
     if rows.dtype.kind == "f" and not np.isfinite(rows).all():
-        raise InvalidInput(f"model '{info.name}' input '{spec.name}' holds NaN or Inf values")
+        raise InvalidInput(f"model '{info.name}' input '{info.input.name}' holds NaN or Inf values")
     return rows

@@ -24,6 +24,8 @@ class ApiContext:
     data: DataPlane
     statistics: Statistics
     draining: bool = False
+    loaded: bool = False
+    """The first load of the repository has finished."""
     monitor: InferenceObserver | None = None
     """Metrics and drift (service.monitoring.monitor.Monitor); None when monitoring is off."""
 
@@ -32,7 +34,11 @@ class ApiContext:
         return self.data.feedback
 
     def ready(self) -> bool:
-        return not self.draining and self.manager.all_ready()
+        """Readiness (health "", ServerReady): up, first load done, not draining; with
+        strict_readiness also every model and ensemble ready."""
+        if self.draining or not self.loaded:
+            return False
+        return self.manager.all_ready() if self.manager.settings.strict_readiness else True
 
     def on_inference(self, result: InferenceResult, rows: int, seconds: float) -> None:
         self.statistics.on_request(result.model, result.version, rows, seconds, ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 
@@ -9,7 +10,7 @@ import grpc
 
 from service._proto.quorum.v1 import ensemble_pb2 as pb
 from service._proto.quorum.v1 import ensemble_pb2_grpc as pb_grpc
-from service.api.common import deadline_of, model_rows
+from service.api.common import check_declared, deadline_of, model_rows
 from service.api.context import ApiContext
 from service.codecs import v2 as codec
 from service.codecs.dtypes import from_v2
@@ -37,14 +38,18 @@ class EnsembleServicer(pb_grpc.EnsembleServiceServicer):
             dtype = from_v2(request.inputs.dtype)
         except InvalidInput as exc:
             raise InvalidInput(f"{what}: {exc}") from exc
-        rows = codec.decode_raw(what, dtype, codec.check_shape(what, request.inputs.shape), request.inputs.content)
+        shape = codec.check_shape(what, request.inputs.shape)
+        check_declared(info, {info.input.name: (dtype.numpy, shape)})  # before decoding anything
+        rows = codec.decode_raw(what, dtype, shape, request.inputs.content)
         rows = model_rows(info, {info.input.name: rows})
+        min_accuracy = _min_accuracy(request)
+        latency_budget_s = (_latency_budget_s(request.latency_budget_ms)
+                            if request.HasField("latency_budget_ms") else None)
         try:
             result = await self.api.data.infer(
                 request.model, rows, version=request.version or None, deadline=deadline_of(context),
                 policy=POLICY_OF.get(request.policy),
-                min_accuracy=request.min_accuracy if request.HasField("min_accuracy") else None,
-                latency_budget_s=request.latency_budget_ms / 1000.0 if request.HasField("latency_budget_ms") else None)
+                min_accuracy=min_accuracy, latency_budget_s=latency_budget_s)
         except QuorumError:
             self.api.on_failure(request.model, time.perf_counter() - start)
             raise
@@ -80,7 +85,7 @@ class EnsembleServicer(pb_grpc.EnsembleServiceServicer):
 
     async def Feedback(self, request: pb.FeedbackRequest, context: grpc.aio.ServicerContext) -> pb.FeedbackResponse:
         now = time.time()
-        accepted, rejected, unknown = 0, 0, []
+        accepted, rejected, unknown = 0, 0, {}  # a dict: ordered, and O(1) to deduplicate
         for item in request.labels:
             try:
                 if self.api.feedback.add(item.request_id, item.row, item.label, now):
@@ -88,9 +93,8 @@ class EnsembleServicer(pb_grpc.EnsembleServiceServicer):
                 else:
                     rejected += 1
             except KeyError:
-                if item.request_id not in unknown:
-                    unknown.append(item.request_id)
-        return pb.FeedbackResponse(accepted=accepted, unknown_ids=unknown, rejected=rejected)
+                unknown[item.request_id] = None
+        return pb.FeedbackResponse(accepted=accepted, unknown_ids=list(unknown), rejected=rejected)
 
     async def GetStatus(self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext) -> pb.GetStatusResponse:
         manager = self.api.manager
@@ -184,3 +188,21 @@ class EnsembleServicer(pb_grpc.EnsembleServiceServicer):
         if live is not None:
             stats.live_accuracy = live
         return stats
+
+
+MAX_BUDGET_MS = 3_600_000.0  # an hour: anything longer is a mistake, not a budget
+
+
+def _latency_budget_s(budget_ms: float) -> float:
+    if not (math.isfinite(budget_ms) and 0.0 <= budget_ms <= MAX_BUDGET_MS):
+        raise InvalidInput(f"latency_budget_ms must be a number from 0 to {MAX_BUDGET_MS:.0f}, got {budget_ms}")
+    return budget_ms / 1000.0
+
+
+def _min_accuracy(request: pb.PredictRequest) -> float | None:
+    if not request.HasField("min_accuracy"):
+        return None
+    value = request.min_accuracy
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise InvalidInput(f"min_accuracy must be a number from 0 to 1, got {value}")
+    return value

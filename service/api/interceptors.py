@@ -1,9 +1,11 @@
 """Server interceptors: domain errors -> gRPC status codes (mapped once, here), bearer-token
-auth, and per-RPC outcome accounting. Health checks and reflection bypass auth so that
-Kubernetes probes and grpcurl keep working."""
+auth, admission during shutdown, request bounds, and per-RPC outcome accounting. Health
+checks and reflection bypass auth (so that Kubernetes probes and grpcurl keep working) and
+admission (they answer until the server closes)."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
@@ -12,6 +14,7 @@ from typing import Any, Awaitable, Callable, Protocol
 import grpc
 
 from service import errors
+from service.api.limits import check_request, short
 
 log = logging.getLogger(__name__)
 
@@ -24,17 +27,78 @@ STATUS_OF: dict[type[errors.QuorumError], grpc.StatusCode] = {
     errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     errors.ModelLoadError: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
 }
+MAX_DETAILS = 1024
+"""Longest error message sent back: names in messages are quoted short (limits.short),
+and nothing a client sent is ever echoed back whole."""
 
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
                  "/grpc.reflection.v1.ServerReflection/")
+ALWAYS_ANSWERED = ("/inference.GRPCInferenceService/ServerLive", "/inference.GRPCInferenceService/ServerReady",
+                   "/inference.GRPCInferenceService/ServerMetadata")
+"""Asked before and during loading (a client waiting for readiness): not held by admission."""
 
 
 def status_of(exc: BaseException) -> grpc.StatusCode:
     for cls in type(exc).__mro__:
         if cls in STATUS_OF:
             return STATUS_OF[cls]
+    if isinstance(exc, NotImplementedError):  # a generated servicer's default method
+        return grpc.StatusCode.UNIMPLEMENTED
     return grpc.StatusCode.INTERNAL
+
+
+class Admission:
+    """Which calls the server still takes, and how many it is answering.
+
+    Open while serving and through the drain delay; once closed (shutdown), every new call
+    is refused at once with UNAVAILABLE, so the calls already accepted finish on a quiet
+    loop and the transport closes with nothing left half-received.
+    """
+
+    def __init__(self) -> None:
+        self.open = True
+        self.loading = True
+        """Until the first load has finished: a model call would find no model yet."""
+        self.inflight = 0
+        self.last_arrival = time.monotonic()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        self.last_arrival = time.monotonic()
+        if not self.open:
+            raise errors.Unavailable("server is shutting down; retry on another replica")
+        if self.loading:
+            raise errors.Unavailable("server is still loading its models; retry shortly")
+        self.inflight += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.inflight -= 1
+        if self.inflight == 0:
+            self._idle.set()
+
+    def close(self) -> None:
+        self.open = False
+
+    async def drained(self, deadline: float, quiet_s: float = 0.2) -> bool:
+        """Wait (until `deadline`, time.monotonic) for every accepted call to finish and no
+        call to arrive for quiet_s; False when the deadline came first."""
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            try:
+                await asyncio.wait_for(self._idle.wait(), remaining)
+            except asyncio.TimeoutError:
+                return False
+            quiet = time.monotonic() - self.last_arrival
+            if quiet >= quiet_s:
+                return True
+            await asyncio.sleep(min(quiet_s - quiet, max(0.0, deadline - time.monotonic())))
 
 
 class RpcObserver(Protocol):
@@ -45,8 +109,9 @@ class RpcObserver(Protocol):
 
 
 class _Unparsable:
-    """Stands in for request bytes that do not parse, so the handler answers INTERNAL with
-    what failed, as gRPC's C++/Java/sync-Python servers do (grpc.aio alone says UNKNOWN)."""
+    """Stands in for request bytes that do not parse, so the handler answers
+    INVALID_ARGUMENT with what failed: the client sent them (grpc.aio itself would say
+    UNKNOWN, other gRPC servers INTERNAL, which means a bug of ours)."""
 
     def __init__(self, message: str) -> None:
         self.message = message
@@ -62,37 +127,57 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
         try:
             return deserializer(data)
         except Exception as exc:  # protobuf's DecodeError, or a custom deserializer's error
-            return _Unparsable(f"request bytes do not parse as {kind}: {exc}")
+            return _Unparsable(f"request bytes do not parse as {kind}: {short(str(exc))}")
 
     return parse
 
 
 async def _parsed(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-    """A client stream's requests, ending the call with INTERNAL at one that did not parse."""
+    """A client stream's requests, ending the call with INVALID_ARGUMENT at one that did not
+    parse or is out of bounds."""
     async for request in requests:
         if isinstance(request, _Unparsable):
-            await context.abort(grpc.StatusCode.INTERNAL, request.message)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        check_request(request)
         yield request
 
 
+_DENIED = "missing or invalid bearer token in 'authorization' metadata"
+
+
+def bearer_matches(metadata: Any, token: bytes) -> bool:
+    """Exactly one `authorization` entry, "Bearer <token>" with the scheme in any case
+    (RFC 6750 and 7235); several entries are refused rather than one picked."""
+    sent = [value for key, value in (metadata or ()) if key == "authorization"]
+    if len(sent) != 1 or not isinstance(sent[0], str):
+        return False
+    scheme, _, credentials = sent[0].partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(credentials.strip().encode(), token)
+
+
+def _cancelled_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    remaining = context.time_remaining()
+    return (grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0
+            else grpc.StatusCode.CANCELLED)
+
+
 def _wrap(handler: grpc.RpcMethodHandler, method: str, token: bytes | None,
-          observer: RpcObserver | None) -> grpc.RpcMethodHandler:
+          observer: RpcObserver | None, admission: Admission | None) -> grpc.RpcMethodHandler:
     """Rewrap the handler's behaviour, keeping its (de)serializers and streaming kind."""
-    check_auth = token is not None and not method.startswith(OPEN_SERVICES)
+    open_service = method.startswith(OPEN_SERVICES)
+    check_auth = token is not None and not open_service
+    gate = None if open_service or method in ALWAYS_ANSWERED else admission
 
     def authorize(context: grpc.aio.ServicerContext) -> None:
-        if not check_auth:
-            return
-        sent = dict(context.invocation_metadata() or ()).get("authorization", "")
-        if not (isinstance(sent, str) and sent.startswith("Bearer ")
-                and hmac.compare_digest(sent[7:].encode(), token)):
-            raise errors.Unauthenticated("missing or invalid bearer token in 'authorization' metadata")
+        if check_auth and not bearer_matches(context.invocation_metadata(), token):
+            raise errors.Unauthenticated(_DENIED)
 
     async def fail(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
         code = status_of(exc)
         if code == grpc.StatusCode.INTERNAL:
             log.exception("internal error in %s", method, exc_info=exc)
-        await context.abort(code, str(exc) or type(exc).__name__)
+        details = str(exc) or type(exc).__name__
+        await context.abort(code, details if len(details) <= MAX_DETAILS else details[:MAX_DETAILS] + "...")
 
     def observe(code: grpc.StatusCode, start: float, request: Any = None) -> None:
         if observer is not None:
@@ -108,10 +193,16 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, token: bytes | None,
             if observer is not None:
                 observer.on_rpc_start(method)
             code = grpc.StatusCode.OK
+            entered = False
             try:
                 authorize(context)
+                if gate is not None:
+                    gate.enter()
+                    entered = True
                 if isinstance(request, _Unparsable):
-                    await context.abort(grpc.StatusCode.INTERNAL, request.message)
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+                if handler.unary_unary:
+                    check_request(request)
                 return await inner(_parsed(request, context) if handler.stream_unary else request, context)
             except errors.QuorumError as exc:
                 code = status_of(exc)
@@ -119,11 +210,16 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, token: bytes | None,
             except grpc.aio.AbortError:
                 code = context.code() or grpc.StatusCode.UNKNOWN
                 raise
+            except asyncio.CancelledError:  # the client cancelled, or its deadline passed
+                code = _cancelled_code(context)
+                raise
             except Exception as exc:  # anything else is a bug: INTERNAL, logged, server lives on
-                code = grpc.StatusCode.INTERNAL
+                code = status_of(exc)
                 await fail(context, exc)
             finally:
-                observe(code, start, request if handler.unary_unary else None)
+                if entered:
+                    gate.leave()
+                observe(code, start, request if handler.unary_unary and not isinstance(request, _Unparsable) else None)
 
         factory = (grpc.unary_unary_rpc_method_handler if handler.unary_unary
                    else grpc.stream_unary_rpc_method_handler)
@@ -137,10 +233,16 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, token: bytes | None,
         if observer is not None:
             observer.on_rpc_start(method)
         code = grpc.StatusCode.OK
+        entered = False
         try:
             authorize(context)
+            if gate is not None:
+                gate.enter()
+                entered = True
             if isinstance(request, _Unparsable):
-                await context.abort(grpc.StatusCode.INTERNAL, request.message)
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+            if handler.unary_stream:
+                check_request(request)
             responses = inner_stream(_parsed(request, context) if handler.stream_stream else request, context)
             if hasattr(responses, "__aiter__"):
                 async for item in responses:
@@ -153,11 +255,16 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, token: bytes | None,
         except grpc.aio.AbortError:
             code = context.code() or grpc.StatusCode.UNKNOWN
             raise
+        except asyncio.CancelledError:
+            code = _cancelled_code(context)
+            raise
         except Exception as exc:  # a bug: INTERNAL, logged
-            code = grpc.StatusCode.INTERNAL
+            code = status_of(exc)
             await fail(context, exc)
         finally:
-            observe(code, start, request if handler.unary_stream else None)
+            if entered:
+                gate.leave()
+            observe(code, start, request if handler.unary_stream and not isinstance(request, _Unparsable) else None)
 
     factory = (grpc.unary_stream_rpc_method_handler if handler.unary_stream
                else grpc.stream_stream_rpc_method_handler)
@@ -166,18 +273,24 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, token: bytes | None,
 
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
-    """Wraps every RPC handler once per method (cached), so the per-call cost is a dict hit."""
+    """Wraps every RPC handler once per method (cached), so the per-call cost is a dict hit.
+    Only methods the server has are cached: an unknown name costs a lookup and leaves
+    nothing behind (gRPC answers UNIMPLEMENTED)."""
 
-    def __init__(self, token: str | None = None, observer: RpcObserver | None = None) -> None:
+    def __init__(self, token: str | None = None, observer: RpcObserver | None = None,
+                 admission: Admission | None = None) -> None:
         self._token = token.encode() if token else None
         self._observer = observer
-        self._cache: dict[str, grpc.RpcMethodHandler | None] = {}
+        self._admission = admission
+        self._cache: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
-        if method in self._cache:
-            return self._cache[method]
+        wrapped = self._cache.get(method)
+        if wrapped is not None:
+            return wrapped
         handler = await continuation(handler_call_details)
-        wrapped = None if handler is None else _wrap(handler, method, self._token, self._observer)
-        self._cache[method] = wrapped
+        if handler is None:
+            return None
+        wrapped = self._cache[method] = _wrap(handler, method, self._token, self._observer, self._admission)
         return wrapped

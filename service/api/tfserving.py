@@ -4,6 +4,7 @@ tensorflow-serving-api package."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -15,8 +16,9 @@ from tensorflow_serving.apis import (
 from tensorflow_serving.apis import model_service_pb2_grpc
 
 
-from service.api.common import deadline_of, model_rows
+from service.api.common import check_declared, deadline_of, model_rows
 from service.api.context import ApiContext
+from service.api.limits import short
 from service.codecs import tensorproto
 from service.codecs.dtypes import from_numpy
 from service.dataplane import ModelInfo, output_names, result_tensors
@@ -54,7 +56,9 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         start = time.perf_counter()
         self._signature(spec)
         info = self.api.data.info(spec.name)
-        inputs = {k: tensorproto.decode(v, k) for k, v in request.inputs.items()}
+        check_declared(info, {k: tensorproto.declared(v, k) for k, v in request.inputs.items()})
+        limit = self.api.manager.settings.max_message_bytes
+        inputs = {k: tensorproto.decode(v, k, limit) for k, v in request.inputs.items()}
         rows = model_rows(info, inputs)
         try:
             result = await self.api.data.infer(spec.name, rows, version=self._version(spec),
@@ -195,20 +199,20 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
     async def HandleReloadConfigRequest(self, request: model_management_pb2.ReloadConfigRequest,
                                         context: grpc.aio.ServicerContext) -> model_management_pb2.ReloadConfigResponse:
         """The listed models are served, every other one is unloaded (TF Serving replaces
-        its whole model config the same way). Models come from this server's repository."""
-        wanted = [c.name for c in request.config.model_config_list.config]
+        its whole model config the same way). Models come from this server's repository:
+        the whole config is checked before anything changes (service.repository.manager)."""
         manager = self.api.manager
-        errors = []
-        for name in wanted:
-            try:
-                await manager.load_model(name)
-            except QuorumError as exc:
-                errors.append(str(exc))
-        members = {m for e in (manager.ensemble(n) for n in wanted) if e and e.config for m in e.config.members}
-        for name in list(manager.variants) + list(manager.ensembles):
-            if name not in wanted and name not in members:
-                await manager.unload_model(name)
+        manager.check_control("HandleReloadConfigRequest")
+        if request.config.WhichOneof("config") != "model_config_list":
+            raise InvalidInput("ReloadConfigRequest needs config.model_config_list")
+        configs = request.config.model_config_list.config
+        for c in configs:
+            expected = manager.root / c.name
+            if c.base_path and Path(c.base_path).resolve() != expected.resolve():
+                raise InvalidInput(f"model {short(c.name)!r}: base_path must be empty or {str(expected)!r}, "
+                                   "models are served from this server's repository only; nothing was changed")
+        errors = await manager.reload_config([c.name for c in configs])
         response = model_management_pb2.ReloadConfigResponse()
         response.status.CopyFrom(status_pb2.StatusProto(
-            error_code=3 if errors else 0, error_message="; ".join(errors)))
+            error_code=9 if errors else 0, error_message="; ".join(errors)))  # FAILED_PRECONDITION
         return response

@@ -11,11 +11,12 @@ import grpc
 from service import __version__
 from service._proto.inference import grpc_service_pb2 as pb
 from service._proto.inference import grpc_service_pb2_grpc as pb_grpc
-from service.api.common import deadline_of, model_rows
+from service.api.common import check_declared, deadline_of, model_rows
 from service.api.context import ApiContext
+from service.api.limits import short
 from service.codecs import v2 as codec
 from service.dataplane import output_names, result_tensors
-from service.errors import QuorumError
+from service.errors import InvalidInput, QuorumError
 from service.repository.manager import State
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,12 @@ OUTPUT_META = {
 
 
 def _version(text: str) -> int | None:
-    return int(text) if text.isdigit() and int(text) > 0 else None
+    """A request's model_version: "" for the newest, else a positive integer."""
+    if not text:
+        return None
+    if not (text.isascii() and text.isdigit()) or int(text) == 0:
+        raise InvalidInput(f"model_version {short(text)!r} is not a positive integer (or empty for the newest)")
+    return int(text)
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -79,6 +85,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         start = time.perf_counter()
         name = request.model_name
         info = self.api.data.info(name)
+        check_declared(info, codec.declared_inputs(request))  # before decoding anything
         rows = model_rows(info, codec.decode_inputs(request))
         try:
             result = await self.api.data.infer(name, rows, version=_version(request.model_version), deadline=deadline)

@@ -29,17 +29,28 @@ if TYPE_CHECKING:
 
 # Typed value fields holding narrower types: the dtype they arrive as on the wire.
 _WIDE = {"int_val": np.dtype(np.int32), "half_val": np.dtype(np.int32)}
+MAX_DIMS = 32
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+"""Largest array a tensor may expand to (the server passes its max message size): TF's
+padding rule lets one value fill any declared shape, so the shape alone is bounded."""
 
 
-def decode(proto: TensorProto, name: str = "") -> np.ndarray:
-    """The array a TensorProto holds; `name` (e.g. the input's key) is used in errors."""
-    what = f"tensor {name!r}" if name else "tensor"
+def decode(proto: TensorProto, name: str = "", max_bytes: int = DEFAULT_MAX_BYTES) -> np.ndarray:
+    """The array a TensorProto holds; `name` (e.g. the input's key) is used in errors.
+    InvalidInput, before any allocation, when the declared shape would expand past
+    `max_bytes` or does not match tensor_content's size."""
+    what = f"tensor {name[:64]!r}" if name else "tensor"
     try:
         dtype = from_tf(proto.dtype)
     except InvalidInput as error:
         raise InvalidInput(f"{what}: {error}") from None
     shape = _shape(what, proto)
     count = math.prod(shape)
+    size = count * (dtype.itemsize or 8)  # an object array holds one pointer per element
+    if size > max_bytes and not proto.tensor_content:
+        raise InvalidInput(
+            f"{what}: shape {list(shape)} declares {count} elements ({size} bytes), more than the "
+            f"{max_bytes}-byte limit")
     if proto.tensor_content:
         return _from_content(what, dtype, shape, proto.tensor_content)
     used = [field.name for field, _ in proto.ListFields() if field.name.endswith("_val")]
@@ -60,6 +71,16 @@ def decode(proto: TensorProto, name: str = "") -> np.ndarray:
     elif flat.size < count:
         flat = np.concatenate([flat, np.full(count - flat.size, flat[-1], dtype=dtype.numpy)])
     return flat.reshape(shape)
+
+
+def declared(proto: TensorProto, name: str = "") -> tuple[np.dtype, tuple[int, ...]]:
+    """The (numpy dtype, shape) a TensorProto declares, read without decoding its values."""
+    what = f"tensor {name[:64]!r}" if name else "tensor"
+    try:
+        dtype = from_tf(proto.dtype)
+    except InvalidInput as error:
+        raise InvalidInput(f"{what}: {error}") from None
+    return dtype.numpy, _shape(what, proto)
 
 
 def encode_into(array: np.ndarray, proto: TensorProto, *, use_tensor_content: bool = False) -> None:
@@ -92,6 +113,8 @@ def encode(array: np.ndarray, *, use_tensor_content: bool = False) -> TensorProt
 def _shape(what: str, proto: TensorProto) -> tuple[int, ...]:
     if proto.tensor_shape.unknown_rank:
         raise InvalidInput(f"{what}: shape of unknown rank")
+    if len(proto.tensor_shape.dim) > MAX_DIMS:
+        raise InvalidInput(f"{what}: shape has {len(proto.tensor_shape.dim)} dimensions, more than {MAX_DIMS}")
     shape = tuple(dim.size for dim in proto.tensor_shape.dim)
     if any(size < 0 for size in shape):
         raise InvalidInput(f"{what}: shape {list(shape)} has a negative (unknown) dimension")

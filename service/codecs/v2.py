@@ -28,18 +28,34 @@ _SHARED_MEMORY = ("shared_memory_region", "shared_memory_byte_size", "shared_mem
 _WIDE = {"int_contents": np.dtype(np.int32), "uint_contents": np.dtype(np.uint32)}
 
 
+MAX_DIMS = 32
+"""Most dimensions a tensor may declare (numpy's own limit is 64)."""
+
+
 def check_shape(what: str, shape: Iterable[int]) -> tuple[int, ...]:
-    """A request tensor's shape as a tuple; InvalidInput on a negative dimension."""
+    """A request tensor's shape as a tuple; InvalidInput on a negative dimension or too many.
+    Only the declaration is checked here; each decoder checks it against the payload before
+    allocating anything sized by it."""
+    if len(shape) > MAX_DIMS:
+        raise InvalidInput(f"{what}: shape has {len(shape)} dimensions, more than {MAX_DIMS}")
     dims = tuple(int(d) for d in shape)
     if any(d < 0 for d in dims):
-        raise InvalidInput(f"{what}: shape {list(dims)} has a negative dimension")
+        raise InvalidInput(f"{what}: shape {_shown(dims)} has a negative dimension")
     return dims
+
+
+def _shown(dims: Sequence[int]) -> str:
+    return str(list(dims))
 
 
 def decode_raw(what: str, dtype: DType, shape: Sequence[int], content: bytes) -> np.ndarray:
     """Decode raw bytes of `dtype` and `shape`; `what` names the tensor in errors."""
     count = math.prod(shape)
     if dtype.is_bytes:
+        if count * _LENGTH.size > len(content):  # every element has its 4-byte length
+            raise InvalidInput(
+                f"{what}: shape {list(shape)} declares {count} BYTES elements but the raw content "
+                f"({len(content)} bytes) cannot hold more than {len(content) // _LENGTH.size}")
         return _split_bytes(what, content, count).reshape(shape)
     expected = count * dtype.itemsize
     if len(content) != expected:
@@ -95,6 +111,17 @@ def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
             )
         arrays[tensor.name] = decode_input(tensor, raw[index] if raw else None)
     return arrays
+
+
+def declared_inputs(request: pb.ModelInferRequest) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+    """Each input's declared (numpy dtype, shape), read without decoding any data."""
+    declared: dict[str, tuple[np.dtype, tuple[int, ...]]] = {}
+    for tensor in request.inputs:
+        what = f"input {tensor.name[:64]!r}"
+        if tensor.name in declared:
+            raise InvalidInput(f"{what} appears more than once")
+        declared[tensor.name] = (_dtype(what, tensor.datatype).numpy, check_shape(what, tensor.shape))
+    return declared
 
 
 def wants_raw_outputs(request: pb.ModelInferRequest) -> bool:

@@ -15,6 +15,8 @@ import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+from prometheus_client.core import CounterMetricFamily
+
 from service.monitoring import drift
 from service.monitoring.metrics import Catalogue, GpuCollector, MetricsServer, StateCollector, gauge
 from service.monitoring.statistics import Statistics
@@ -88,6 +90,32 @@ class Monitor:
         """The state exported at scrape time: models, feedback and satisficing trackers."""
         self.manager, self.feedback = manager, feedback
         self.trackers = trackers if trackers is not None else {}
+
+    def prime(self) -> None:
+        """Create the counters docs/metrics.md says start at 0, for every model and ensemble
+        the manager knows (called after each load, so they are in the first scrape)."""
+        manager = self.manager
+        if manager is None:
+            return
+        for name in list(manager.variants) + list(manager.ensembles):
+            self.metrics.load_failures.labels(name)
+        for name, ensemble in list(manager.ensembles.items()):
+            if ensemble.config is not None:
+                for member in ensemble.config.members:
+                    self.metrics.members_dropped.labels(name, member)
+
+    def watch_loop(self, watchdog: Any) -> None:
+        """Export the event loop's heartbeat (service.liveness.LoopWatchdog) at scrape time;
+        the scrape is answered by its own thread, so this reads right while the loop is stuck."""
+        def collect() -> Iterable:
+            yield gauge("quorum_event_loop_heartbeat_age_seconds",
+                        "Seconds since the event loop last ticked (liveness fails past liveness_timeout_s).",
+                        [], [([], watchdog.heartbeat_age_s)])
+            stalls = CounterMetricFamily("quorum_event_loop_stalls",
+                                         "Event-loop stalls longer than liveness_timeout_s.")
+            stalls.add_metric([], float(watchdog.stalls))
+            yield stalls
+        self.registry.register(StateCollector(collect))
 
     def start_http(self, host: str, port: int) -> int:
         self._server = MetricsServer(self.registry, host, port)
@@ -259,8 +287,8 @@ class Monitor:
         depth: dict[str, float] = {}
         inflight_rows: dict[str, float] = {}
         info, ready = [], []
+        self.prime()  # models that appeared since: their counters are exported from the next scrape
         for name, model in list(manager.variants.items()):
-            self.metrics.load_failures.labels(name)  # every model's failure counter starts at 0
             for version, served in list(model.versions.items()):
                 depth[name] = depth.get(name, 0) + served.batcher.queue_depth
                 inflight_rows[name] = inflight_rows.get(name, 0) + served.batcher.in_flight

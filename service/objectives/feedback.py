@@ -1,11 +1,15 @@
 """Ground-truth feedback: a bounded store of recent predictions by request id, and live
-accuracy over a sliding window of labelled rows, for each model and ensemble member."""
+accuracy over a sliding window of labelled rows, for each model and ensemble member.
+
+The store is bounded by count and by bytes, and costs O(1) per stored prediction and per
+label whatever its size: an OrderedDict gives the oldest prediction to forget, and each
+prediction keeps its own set of labelled rows (forgotten with it)."""
 
 from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -21,6 +25,10 @@ class _Prediction:
     members: dict[str, tuple[int, Any]]
     """member -> (version, (n, C) calibrated probabilities), for members that answered in
     time; for shadow members, an asyncio task that gives them (or None)."""
+    size: int = 0
+    """Bytes this entry holds (arrays and id), for the store's byte bound."""
+    labelled: set[int] = field(default_factory=set)
+    """Rows already labelled (each row is scored once)."""
 
 
 @dataclass(frozen=True)
@@ -54,11 +62,13 @@ class SlidingAccuracy:
 
 
 class FeedbackStore:
-    def __init__(self, capacity: int = 20_000, window: int = 1000) -> None:
+    def __init__(self, capacity: int = 20_000, window: int = 1000, max_bytes: int = 256 * 1024 * 1024) -> None:
         self._capacity = capacity
+        self._max_bytes = max_bytes
         self._window = window
         self._predictions: OrderedDict[str, _Prediction] = OrderedDict()
-        self._labelled: set[tuple[str, int]] = set()
+        self.bytes = 0
+        """Bytes held by the stored predictions (bounded by max_bytes)."""
         self.accuracy: dict[str, SlidingAccuracy] = {}
         """Live accuracy by model, and by "ensemble/member" for members' own votes."""
         self.rows: dict[str, deque[LiveRow]] = {}
@@ -71,10 +81,19 @@ class FeedbackStore:
         versions = {m.name: m.version for m in result.members}
         members = {name: (versions[name], result.member_probabilities[i]) for i, name in enumerate(vote.members)}
         members.update(result.shadow)  # (version, task): resolved when feedback arrives
-        self._predictions[request_id] = _Prediction(result.model, result.labels, vote.label_index, members)
-        if len(self._predictions) > self._capacity:
-            old_id, _ = self._predictions.popitem(last=False)
-            self._labelled = {k for k in self._labelled if k[0] != old_id}
+        size = len(request_id) + vote.label_index.nbytes + sum(
+            a.nbytes for _, a in members.values() if isinstance(a, np.ndarray))
+        old = self._predictions.pop(request_id, None)  # an id sent again: the latest answer counts
+        if old is not None:
+            self.bytes -= old.size
+        self._predictions[request_id] = _Prediction(result.model, result.labels, vote.label_index, members, size)
+        self.bytes += size
+        while len(self._predictions) > self._capacity or (self.bytes > self._max_bytes and len(self._predictions) > 1):
+            _, forgotten = self._predictions.popitem(last=False)
+            self.bytes -= forgotten.size
+
+    def __len__(self) -> int:
+        return len(self._predictions)
 
     def add(self, request_id: str, row: int, label: str, now: float) -> bool:
         """Score one labelled row; False when the row or label is out of range or the row is
@@ -84,10 +103,10 @@ class FeedbackStore:
             raise KeyError(request_id)
         if not 0 <= row < len(prediction.predicted):
             return False
-        if label not in prediction.labels or (request_id, row) in self._labelled:
+        if row in prediction.labelled or label not in prediction.labels:
             return False
         truth = prediction.labels.index(label)
-        self._labelled.add((request_id, row))
+        prediction.labelled.add(row)
         self._window_for(prediction.model).add(bool(prediction.predicted[row] == truth))
         live = LiveRow(truth, {})
         per_member = len(prediction.members) > 1 or prediction.model not in prediction.members

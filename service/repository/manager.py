@@ -23,7 +23,8 @@ import numpy as np
 from service.batching.batcher import BatchObserver, DynamicBatcher
 from service.batching.config import BatchingConfig
 from service.ensemble.calibration import NO_CALIBRATION, VoteCalibration, fit_vote_calibration
-from service.errors import ModelLoadError, ModelNotFound, ModelNotReady, QuorumError
+from service.errors import (
+    InvalidInput, ModelLoadError, ModelNotFound, ModelNotReady, PermissionDenied, QuorumError)
 from service.repository.config import (
     Batching, EnsembleConfig, ModelConfig, load_ensemble_config, load_model_config)
 from service.repository.contract import EnsembleContractError, EnsembleSpec, check_ensemble
@@ -129,6 +130,8 @@ class VariantModel:
     config: ModelConfig
     versions: dict[int, ServedVersion] = field(default_factory=dict)
     failed: dict[int, str] = field(default_factory=dict)
+    failed_files: dict[int, tuple] = field(default_factory=dict)
+    """Fingerprint of each failed version's files: the poller retries when it changes."""
     unloaded_by_request: bool = False
     last_manifest: VariantManifest | None = None
     """The manifest of the version served last: an unloaded member keeps its place in its
@@ -173,11 +176,13 @@ class ModelManager:
         self._lock = asyncio.Lock()
         self._poller: asyncio.Task | None = None
         self._config_errors: dict[str, str] = {}  # model -> why its model.yaml does not load
+        self._errors: dict[str, tuple[str, int]] = {}
+        """Last load error per model (or "model/version") and how often it repeated."""
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
         await self.sync()
-        if self.settings.poll_interval_s > 0:
+        if self.settings.model_control == "poll" and self.settings.poll_interval_s > 0:
             self._poller = asyncio.create_task(self._poll(), name="repository-poller")
 
     async def stop(self) -> None:
@@ -225,14 +230,13 @@ class ModelManager:
         try:
             config = load_ensemble_config(entry.path)
         except ModelLoadError as exc:
-            if current is None or current.config_error != str(exc):  # once, not on every poll
-                log.error("ensemble %s: %s", entry.name, exc)
-                self._count_failure(entry.name, 1)
+            self._report(entry.name, 0, f"ensemble {entry.name}: {exc}")  # once per change
             if current is None:
                 self.ensembles[entry.name] = EnsembleModel(entry, None, str(exc))
             else:
                 current.config_error = str(exc)  # keep serving the last good configuration
             return
+        self._cleared(entry.name)
         if current is None:
             self.ensembles[entry.name] = EnsembleModel(entry, config)
         else:
@@ -321,20 +325,23 @@ class ModelManager:
         try:
             config = load_model_config(entry.path)
         except ModelLoadError as exc:
-            if self._config_errors.get(entry.name) != str(exc):  # once, not on every poll
-                log.error("model %s: %s", entry.name, exc)
-                self._count_failure(entry.name, 0)
+            self._report(entry.name, 0, f"model {entry.name}: {exc}")  # once per change
             self._config_errors[entry.name] = str(exc)
             return
         self._config_errors.pop(entry.name, None)
+        self._cleared(entry.name)
         if model is None:
             model = self.variants[entry.name] = VariantModel(entry, config)
         model.entry, model.config = entry, config
         if model.unloaded_by_request:
             return
         wanted = config.version_policy.select(set(entry.versions))
-        # Forget failures of versions that were removed, so a fixed re-upload is retried.
-        model.failed = {v: e for v, e in model.failed.items() if v in entry.versions}
+        # Forget failures of versions that were removed or whose files changed since (a
+        # version copied in before its manifest was complete), so that they are retried.
+        for version in list(model.failed):
+            if version not in entry.versions or _fingerprint(entry.path / str(version)) != model.failed_files.get(version):
+                del model.failed[version]
+                model.failed_files.pop(version, None)
         for version in sorted(wanted - set(model.versions) - set(model.failed)):
             await self._load_version(model, version)
         if wanted - set(model.versions):
@@ -354,9 +361,11 @@ class ModelManager:
             served = await self._start_version(model, folder, manifest)
         except Exception as exc:  # a version that cannot load must never take the server down
             model.failed[version] = str(exc)
-            self._count_failure(model.entry.name, version)
-            log.error("failed to load %s version %d: %s", model.entry.name, version, exc)
+            model.failed_files[version] = _fingerprint(folder)
+            self._report(f"{model.entry.name}/{version}", version,
+                         f"failed to load {model.entry.name} version {version}: {exc}", model=model.entry.name)
             return
+        self._cleared(f"{model.entry.name}/{version}")
         model.versions[version] = served
         served.state = State.AVAILABLE  # routing switches here, in one step
         served.loaded_at = time.time()
@@ -421,60 +430,152 @@ class ModelManager:
         if self._observer:
             self._observer.on_load_failure(name, version)
 
+    def _report(self, key: str, version: int, message: str, model: str | None = None) -> None:
+        """Log and count a load error once per change; a repeat (the poller retrying the
+        same broken file) is only counted, and the count logged when the error changes."""
+        last, repeats = self._errors.get(key, ("", 0))
+        if message == last:
+            self._errors[key] = (last, repeats + 1)
+            return
+        suffix = f" (the previous error repeated {repeats} times)" if repeats else ""
+        log.error("%s%s", message, suffix)
+        self._errors[key] = (message, 0)
+        self._count_failure(model or key, version)
+
+    def _cleared(self, key: str) -> None:
+        if key in self._errors:
+            _, repeats = self._errors.pop(key)
+            log.info("%s: loads again (its last error repeated %d times)", key, repeats)
+
     # -- explicit load / unload ------------------------------------------------------------
-    async def load_model(self, name: str) -> None:
-        """Load (or reload) a model by name, as RepositoryModelLoad asks."""
+    def check_control(self, rpc: str) -> None:
+        """PermissionDenied unless the server runs with --model-control explicit."""
+        if self.settings.model_control != "explicit":
+            raise PermissionDenied(
+                f"{rpc} is disabled: model control is '{self.settings.model_control}'; start the server "
+                "with --model-control explicit (QUORUM_MODEL_CONTROL=explicit) to allow it")
+
+    def _entry(self, name: str) -> ModelEntry:
         self._check_name(name)
         entry = scan_model(self.root, name)
         if entry is None:
             raise ModelNotFound(f"model '{name}' is not in the repository")
+        return entry
+
+    async def load_model(self, name: str) -> None:
+        """Load (or reload) a model by name, as RepositoryModelLoad asks."""
+        self.check_control("RepositoryModelLoad")
+        entry = self._entry(name)
         async with self._lock:
-            if entry.kind == "ensemble":
-                self._sync_ensemble(entry)
-                ensemble = self.ensembles[name]
-                if ensemble.config is None:
-                    raise ModelLoadError(str(entry.path), ensemble.error)
-                ensemble.unloaded_by_request = False
-                for member in ensemble.config.members:
-                    if member in self.variants:
-                        self.variants[member].unloaded_by_request = False
-                        self.variants[member].failed.clear()
-                    member_entry = scan_model(self.root, member)
-                    if member_entry and member_entry.kind == "variant":
-                        await self._sync_variant(member_entry)
-                self._check_ensembles()
-                if ensemble.spec is None:
-                    raise ModelLoadError(str(entry.path), ensemble.error)
-                return
-            model = self.variants.get(name)
-            if model:
-                model.unloaded_by_request = False
-                model.failed.clear()
-            await self._sync_variant(entry)
+            await self._load_entry(entry)
+
+    async def _load_entry(self, entry: ModelEntry) -> None:
+        """Load a model or an ensemble with its members (the lock is held); the ensembles'
+        contracts are checked again afterwards."""
+        name = entry.name
+        if entry.kind == "ensemble":
+            self._sync_ensemble(entry)
+            ensemble = self.ensembles[name]
+            if ensemble.config is None:
+                raise ModelLoadError(str(entry.path), ensemble.error)
+            ensemble.unloaded_by_request = False
+            for member in ensemble.config.members:
+                if member in self.variants:
+                    self.variants[member].unloaded_by_request = False
+                    self.variants[member].failed.clear()
+                    self.variants[member].failed_files.clear()
+                member_entry = scan_model(self.root, member)
+                if member_entry and member_entry.kind == "variant":
+                    await self._sync_variant(member_entry)
             self._check_ensembles()
-            model = self.variants.get(name)
-            if model and model.serving() is None:
-                errors = "; ".join(model.failed.values()) or "no version selected by the policy"
-                raise ModelLoadError(str(entry.path), errors)
+            if ensemble.spec is None:
+                raise ModelLoadError(str(entry.path), ensemble.error)
+            return
+        model = self.variants.get(name)
+        if model:
+            model.unloaded_by_request = False
+            model.failed.clear()
+            model.failed_files.clear()
+        await self._sync_variant(entry)
+        self._check_ensembles()
+        model = self.variants.get(name)
+        if model and model.serving() is None:
+            errors = "; ".join(model.failed.values()) or "no version selected by the policy"
+            raise ModelLoadError(str(entry.path), errors)
 
     async def unload_model(self, name: str) -> None:
         """Unload every version of a model; polling leaves it unloaded until load_model."""
+        self.check_control("RepositoryModelUnload")
         self._check_name(name)
         async with self._lock:
-            if name in self.ensembles:
-                self.ensembles[name].unloaded_by_request = True
-                return
-            model = self.variants.get(name)
-            if model is None:
-                raise ModelNotFound(f"model '{name}' is not loaded")
-            model.unloaded_by_request = True
-            await self._retire(model)
-            self._check_ensembles()
+            await self._unload(name)
+
+    async def _unload(self, name: str) -> None:
+        if name in self.ensembles:
+            self.ensembles[name].unloaded_by_request = True
+            return
+        model = self.variants.get(name)
+        if model is None:
+            raise ModelNotFound(f"model '{name}' is not loaded")
+        model.unloaded_by_request = True
+        await self._retire(model)
+        self._check_ensembles()
+
+    async def reload_config(self, names: list[str]) -> list[str]:
+        """Serve exactly `names` (and their ensembles' members), as TF Serving's
+        HandleReloadConfigRequest replaces its model list. The whole list is checked first:
+        a name not in the repository, a duplicate or a broken ensemble refuses it all and
+        changes nothing. If a listed model then fails to load, the models this call loaded
+        are unloaded again and nothing else is unloaded. Returns the load errors."""
+        self.check_control("HandleReloadConfigRequest")
+        if not names:
+            raise InvalidInput("the model config lists no models; it would unload every model")
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise InvalidInput(f"the model config lists {', '.join(map(repr, duplicates[:5]))} more than once")
+        entries, unknown = {}, []
+        for name in names:
+            try:
+                entries[name] = self._entry(name)
+            except ModelNotFound:
+                unknown.append(name)
+        if unknown:
+            raise InvalidInput(
+                f"the model config names models that are not in the repository: "
+                f"{', '.join(_quote(n) for n in unknown[:5])}{' ...' if len(unknown) > 5 else ''}; nothing was changed")
+        members: set[str] = set()
+        for name, entry in entries.items():
+            if entry.kind != "ensemble":
+                continue
+            config = load_ensemble_config(entry.path)  # ModelLoadError: nothing changed yet
+            missing = [m for m in config.members if scan_model(self.root, m) is None]
+            if missing:
+                raise InvalidInput(f"ensemble '{name}' needs members not in the repository: {missing}; "
+                                   "nothing was changed")
+            members |= set(config.members)
+        async with self._lock:
+            before = {n for n in self.variants if self.variants[n].serving() is not None} | {
+                n for n, e in self.ensembles.items() if not e.unloaded_by_request}
+            errors = []
+            for entry in entries.values():
+                try:
+                    await self._load_entry(entry)
+                except QuorumError as exc:
+                    errors.append(str(exc))
+            keep = set(names) | members
+            if errors:  # roll back: unload what this call loaded, keep everything else
+                for name in (keep - before):
+                    with contextlib.suppress(QuorumError):
+                        await self._unload(name)
+                return errors
+            for name in [n for n in list(self.variants) + list(self.ensembles) if n not in keep]:
+                await self._unload(name)
+            return []
 
     @staticmethod
     def _check_name(name: str) -> None:
         if not valid_model_name(name):
-            raise ModelNotFound(f"'{name}' is not a valid model name")
+            raise ModelNotFound(f"{_quote(name)} is not a valid model name")
 
     # -- lookups for the data plane --------------------------------------------------------
     def resolve(self, name: str, version: int | None = None) -> ServedVersion:
@@ -546,6 +647,19 @@ class ModelManager:
 
     def served_versions(self) -> list[ServedVersion]:
         return [v for m in self.variants.values() for v in m.versions.values() if v.state == State.AVAILABLE]
+
+
+def _quote(name: str) -> str:
+    return repr(name if len(name) <= 64 else name[:64] + "...")
+
+
+def _fingerprint(folder: Path) -> tuple:
+    """(path, size, mtime) of every file under a version folder: changes when files do."""
+    try:
+        return tuple(sorted((str(p.relative_to(folder)), st.st_size, st.st_mtime_ns)
+                            for p in folder.rglob("*") if (st := p.stat()) and p.is_file()))
+    except OSError:  # a folder being written or removed right now: retry next time
+        return ()
 
 
 __all__ = ["ModelManager", "ServedVersion", "State", "VersionStatus", "QuorumError"]

@@ -12,7 +12,9 @@ from tests.e2e.fixtures import module_server
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, request):
-    with module_server(tmp_path_factory, request.module.__name__.rpartition(".")[2]) as s:
+    """A module may set SERVER_ARGS (e.g. ["--model-control", "explicit"]) for its server."""
+    with module_server(tmp_path_factory, request.module.__name__.rpartition(".")[2],
+                       args=getattr(request.module, "SERVER_ARGS", [])) as s:
         yield s
 
 

@@ -4,7 +4,6 @@ client's valid requests to the same server keep succeeding throughout this modul
 from __future__ import annotations
 
 import shutil
-import threading
 import time
 
 import grpc
@@ -20,6 +19,7 @@ from tritonclient.utils import InferenceServerException
 from service._proto.quorum.v1 import ensemble_pb2 as qpb
 from service._proto.quorum.v1 import ensemble_pb2_grpc as qpb_grpc
 from tests.e2e.fixtures import ENSEMBLE, MEMBER, Reference, module_server, repository_models
+from tests.e2e.traffic import GoodClient
 from tests.helpers import MODELS, copy_variant
 
 OK = grpc.StatusCode.OK
@@ -42,7 +42,8 @@ def layout(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, layout):
-    with module_server(tmp_path_factory, "bad-input", repository=layout) as s:
+    with module_server(tmp_path_factory, "bad-input", repository=layout,
+                       args=["--model-control", "explicit"]) as s:  # the load requests below
         yield s
 
 
@@ -54,47 +55,6 @@ def v2(channel):
 @pytest.fixture(scope="module")
 def pixels(test_split):
     return np.ascontiguousarray(test_split[0][:8])
-
-
-class GoodClient(threading.Thread):
-    """Valid requests in a loop over its own connections, each answer checked."""
-
-    def __init__(self, address: str, pixels: np.ndarray, expected: np.ndarray) -> None:
-        super().__init__(daemon=True, name="good-client")
-        self.address, self.pixels, self.expected = address, pixels, expected
-        self.stopping = threading.Event()
-        self.successes = 0
-        self.failures: list[str] = []
-
-    def run(self) -> None:
-        triton = grpcclient.InferenceServerClient(self.address)
-        channel = grpc.insecure_channel(self.address)
-        tf_stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
-        request = predict_pb2.PredictRequest()
-        request.model_spec.name = ENSEMBLE
-        request.inputs["pixels"].CopyFrom(tf.make_tensor_proto(self.pixels))
-        request.output_filter.append("class_index")
-        tensor = grpcclient.InferInput("pixels", list(self.pixels.shape), "FP32")
-        tensor.set_data_from_numpy(self.pixels)
-        i = 0
-        try:
-            while not self.stopping.is_set():
-                try:
-                    if i % 2:
-                        got = tf.make_ndarray(tf_stub.Predict(request, timeout=30).outputs["class_index"])
-                    else:
-                        got = triton.infer(ENSEMBLE, [tensor], client_timeout=30).as_numpy("class_index")
-                    if not np.array_equal(got, self.expected):
-                        self.failures.append(f"request {i}: wrong answer {got}")
-                    else:
-                        self.successes += 1
-                except Exception as exc:  # every failure is recorded, none stops the loop
-                    self.failures.append(f"request {i}: {exc!r}")
-                i += 1
-                self.stopping.wait(0.02)
-        finally:
-            triton.close()
-            channel.close()
 
 
 @pytest.fixture(scope="module")
@@ -252,8 +212,8 @@ def test_garbage_bytes_on_the_wire(server, channel, payload, v2, pixels):
                               request_serializer=None, response_deserializer=None)
     with pytest.raises(grpc.RpcError) as err:
         raw(payload, timeout=10)
-    # INTERNAL, gRPC's code for a request that does not parse (as TF Serving and Triton answer).
-    assert err.value.code() == grpc.StatusCode.INTERNAL, err.value
+    # The client sent bytes that do not parse: its fault, INVALID_ARGUMENT (INTERNAL is ours).
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
     assert "do not parse as inference.ModelInferRequest" in err.value.details()
     # ... and the server is still up and answering.
     assert server.health() == health_pb2.HealthCheckResponse.SERVING
@@ -269,7 +229,7 @@ def test_garbage_bytes_in_a_stream(server, channel, pixels):
     assert not first.error_message and first.infer_response.model_name == ENSEMBLE
     with pytest.raises(grpc.RpcError) as err:
         next(responses)
-    assert err.value.code() == grpc.StatusCode.INTERNAL, err.value
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
     assert "do not parse" in err.value.details()
     assert server.health() == health_pb2.HealthCheckResponse.SERVING
 

@@ -16,6 +16,8 @@ from tritonclient.utils import InferenceServerException
 from tests.helpers import copy_variant
 from tests.server import running_server
 
+POLL = ["--model-control", "poll"]  # hot reload: the repository is rescanned
+
 
 class Load(threading.Thread):
     """A client that keeps sending requests and records (version, probabilities) answers."""
@@ -60,7 +62,7 @@ def _publish(repo: Path, variant: str, version: int) -> Path:
 def test_new_version_swaps_in_under_load_without_a_failed_request(tmp_path, scratch_repo, test_split):
     x, _ = test_split
     copy_variant("digits_mlp_a", scratch_repo, as_name="m")
-    with running_server(tmp_path, scratch_repo) as server:
+    with running_server(tmp_path, scratch_repo, args=POLL) as server:
         load = Load(server.address, "m", x[:4])
         load.start()
         time.sleep(1.0)
@@ -81,7 +83,7 @@ def test_new_version_swaps_in_under_load_without_a_failed_request(tmp_path, scra
 def test_corrupt_new_version_leaves_the_old_one_serving(tmp_path, scratch_repo, test_split):
     x, _ = test_split
     copy_variant("digits_mlp_a", scratch_repo, as_name="m")
-    with running_server(tmp_path, scratch_repo) as server:
+    with running_server(tmp_path, scratch_repo, args=POLL) as server:
         load = Load(server.address, "m", x[:4])
         load.start()
         broken = copy_variant("digits_mlp_a", scratch_repo / ".staging", version=2, as_name="m")

@@ -8,8 +8,8 @@ grace period. With `drain_delay_s`, the server keeps accepting for that long aft
 NOT_SERVING, so endpoints can be updated before the listener closes.
 
 To make "accepted before the signal" certain rather than a race, the burst runs against a
-copy of the digits ensemble whose batcher lingers (max_queue_delay) long enough that all 200
-requests are queued inside the server when SIGTERM is sent, and are answered after it.
+copy of the digits ensemble whose batcher lingers (max_queue_delay), and SIGTERM is sent once
+the server's own gauge says it holds all 200 requests: they are answered after it.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import shutil
 import signal
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 
 import grpc
@@ -28,11 +29,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service._proto.quorum.v1 import ensemble_pb2 as pb
 from service._proto.quorum.v1 import ensemble_pb2_grpc as pb_grpc
+from tests.e2e.fixtures import Reference
 from tests.helpers import MODELS, VARIANTS
 from tests.server import RunningServer, running_server
 
 BURST = 200
-LINGER_S = 2.5  # how long the scratch ensemble's batcher holds the burst
+LINGER_S = 4.0  # how long the scratch ensemble's batcher holds the burst
 GRACE_S = 15.0
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -52,6 +54,13 @@ def _request(pixels: np.ndarray) -> pb.PredictRequest:
     rows = np.ascontiguousarray(pixels, dtype=np.float32).reshape(-1, 64)
     return pb.PredictRequest(model="digits", inputs=pb.Tensor(
         dtype="FP32", shape=list(rows.shape), content=rows.tobytes()))
+
+
+def inflight(server: RunningServer, api: str = "quorum") -> float:
+    """The server's quorum_inflight_requests gauge for one API, from its /metrics."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    prefix = f'quorum_inflight_requests{{api="{api}"}} '
+    return next((float(line[len(prefix):]) for line in text.splitlines() if line.startswith(prefix)), 0.0)
 
 
 @dataclass
@@ -104,6 +113,7 @@ class Outcome:
     done: float
     code: grpc.StatusCode
     label: str = ""
+    details: str = ""
 
 
 async def _call(stub: pb_grpc.EnsembleServiceStub, pixels: np.ndarray) -> Outcome:
@@ -112,7 +122,7 @@ async def _call(stub: pb_grpc.EnsembleServiceStub, pixels: np.ndarray) -> Outcom
         response = await stub.Predict(_request(pixels), timeout=60)
         return Outcome(sent, time.monotonic(), grpc.StatusCode.OK, response.predictions[0].label)
     except grpc.aio.AioRpcError as exc:
-        return Outcome(sent, time.monotonic(), exc.code())
+        return Outcome(sent, time.monotonic(), exc.code(), details=exc.details() or "")
 
 
 async def _late_request(address: str, pixels: np.ndarray) -> Outcome:
@@ -140,7 +150,9 @@ def test_sigterm_during_a_burst_answers_every_accepted_request(tmp_path, lingeri
                 stub = pb_grpc.EnsembleServiceStub(channel)
                 await channel.channel_ready()
                 burst = [asyncio.ensure_future(_call(stub, p)) for p in pixels]
-                await asyncio.sleep(LINGER_S / 3)  # every request is on the wire and queued
+                while inflight(server) < BURST:  # every request is taken by the server
+                    assert not any(f.done() for f in burst), "the burst finished before the signal"
+                    await asyncio.sleep(0.05)
                 assert not any(f.done() for f in burst), "the burst finished before the signal"
                 signalled = time.monotonic()
                 server.process.send_signal(signal.SIGTERM)
@@ -159,7 +171,7 @@ def test_sigterm_during_a_burst_answers_every_accepted_request(tmp_path, lingeri
 
     # Every request sent before the signal was accepted, and answered after the signal.
     codes = {o.code for o in outcomes}
-    assert codes == {grpc.StatusCode.OK}, f"{[o.code.name for o in outcomes if o.code != grpc.StatusCode.OK]}\n{log[-3000:]}"
+    assert codes == {grpc.StatusCode.OK}, f"{[(o.code.name, o.details) for o in outcomes if o.code != grpc.StatusCode.OK][:5]}\n{log[-3000:]}"
     assert all(o.sent < signalled < o.done for o in outcomes)
     accuracy = np.mean([o.label == str(y[i % len(y)]) for i, o in enumerate(outcomes)])
     assert accuracy > 0.9
@@ -211,3 +223,75 @@ def test_drain_delay_keeps_accepting_after_not_serving(tmp_path, test_split):
     assert after.code == grpc.StatusCode.UNAVAILABLE
     assert code == 0, log[-3000:]
     assert delay <= timeline.exited - signalled < delay + GRACE_S
+
+
+class Sender(threading.Thread):
+    """One client on its own connection, sending the next request as soon as one is answered,
+    until the server refuses one (UNAVAILABLE: it no longer accepts; a client behind a load
+    balancer moves to another replica then)."""
+
+    def __init__(self, address: str, pixels: np.ndarray, expected: list[str]) -> None:
+        super().__init__(daemon=True)
+        self.address, self.pixels, self.expected = address, pixels, expected
+        self.outcomes: list[Outcome] = []
+        self.wrong = 0
+
+    def run(self) -> None:
+        options = [("grpc.use_local_subchannel_pool", 1)]  # its own connection: spread over workers
+        with grpc.insecure_channel(self.address, options=options) as channel:
+            stub = pb_grpc.EnsembleServiceStub(channel)
+            i = 0
+            while True:
+                sent = time.monotonic()
+                try:
+                    response = stub.Predict(_request(self.pixels[i % len(self.pixels)]), timeout=60)
+                    self.outcomes.append(Outcome(sent, time.monotonic(), grpc.StatusCode.OK))
+                    self.wrong += response.predictions[0].label != self.expected[i % len(self.pixels)]
+                except grpc.RpcError as exc:
+                    self.outcomes.append(Outcome(sent, time.monotonic(), exc.code(), details=exc.details() or ""))
+                    if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                        return
+                i += 1
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "two-workers"])
+def test_sigterm_under_load_five_times_loses_nothing(tmp_path, test_split, workers):
+    """SIGTERM while clients keep sending: every request the server took is answered (OK),
+    every other one is refused with UNAVAILABLE; requests keep being answered through the
+    drain delay; the process exits 0. Five times over, on one process and on --workers 2."""
+    x, _ = test_split
+    pixels = [x[i][None] for i in range(32)]
+    expected = [str(v) for v in Reference().vote("digits", x[:32]).label_index]  # labels are "0".."9"
+    args = ["--workers", str(workers)] if workers > 1 else []
+    for round_ in range(5):
+        (tmp_path / f"round{round_}").mkdir()
+        with running_server(tmp_path / f"round{round_}", args=args, env={
+                "QUORUM_DRAIN_DELAY_S": "1.0", "QUORUM_GRACE_PERIOD_S": str(GRACE_S)}) as server:
+            end = time.monotonic() + 120
+            while server.output().count("ensemble digits (") < workers:  # every worker has loaded
+                assert time.monotonic() < end, server.output()[-3000:]
+                time.sleep(0.1)
+            senders = [Sender(server.address, pixels, expected) for _ in range(8)]
+            for s in senders:
+                s.start()
+            end = time.monotonic() + 60
+            while sum(len(s.outcomes) for s in senders) < 50 and time.monotonic() < end:
+                time.sleep(0.05)
+            signalled = time.monotonic()
+            server.process.send_signal(signal.SIGTERM)
+            for s in senders:
+                s.join(timeout=GRACE_S + 30)
+            code = server.process.wait(timeout=GRACE_S + 30)
+            log = server.output()
+        outcomes = [o for s in senders for o in s.outcomes]
+        lost = [(o.code.name, o.details) for o in outcomes
+                if o.code not in (grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE)]
+        assert lost == [], f"round {round_}: {lost[:5]}\n{log[-3000:]}"
+        assert not any(s.is_alive() for s in senders)
+        assert sum(s.wrong for s in senders) == 0
+        after = [o for o in outcomes if o.sent > signalled and o.code == grpc.StatusCode.OK]
+        assert after, f"round {round_}: nothing answered during the drain delay"
+        refused = [o for o in outcomes if o.code == grpc.StatusCode.UNAVAILABLE]
+        assert all(o.sent > signalled for o in refused)  # only ever after the signal
+        assert code == 0, log[-3000:]
+        assert "still running" not in log and "still in flight" not in log

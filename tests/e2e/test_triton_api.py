@@ -11,6 +11,8 @@ from tritonclient.utils import InferenceServerException
 
 from tests.e2e.fixtures import ENSEMBLE, MEMBER, Reference, as_text, repository_models, vote_temperatures
 
+SERVER_ARGS = ["--model-control", "explicit"]  # the unload/load test below
+
 UNLOADED = "digits_logreg"  # the member the load/unload test takes away and brings back
 
 
