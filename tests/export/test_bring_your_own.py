@@ -352,3 +352,45 @@ def test_validate_passes_the_exported_repository_and_names_what_it_refuses(repo,
     assert "REFUSED  pipeline (variant)" in out and "variant.json field 'labels'" in out
     assert "REFUSED  bc (ensemble)" in out and "member 'forest' has no loadable version" in out
     assert "ok       softmax (variant)" in out
+
+
+# -- quorum predict for any model ------------------------------------------------------------
+def _served_labels(server, model: str, x: np.ndarray) -> list[str]:
+    client = grpcclient.InferenceServerClient(server.address)
+    inputs = grpcclient.InferInput("features", list(x.shape), "FP32")
+    inputs.set_data_from_numpy(x)
+    result = client.infer(model, [inputs], outputs=[grpcclient.InferRequestedOutput("label")])
+    return [v.decode() for v in result.as_numpy("label")]
+
+
+def test_predict_any_model_from_values_file_and_stdin(server, data, tmp_path) -> None:
+    rows = data["x_test"][:3]
+    expected = _served_labels(server, "bc", rows)
+    one = quorum("predict", "bc", "--values", ",".join(repr(float(v)) for v in rows[0]), "--address", server.address)
+    assert one.returncode == 0, one.stderr
+    lines = one.stdout.splitlines()
+    assert lines[0].startswith(f"bc: {expected[0]}  confidence ") and "policy soft" in lines[0]
+    assert lines[1].split()[:2] == ["member", "label"]
+    assert sorted(line.split()[0] for line in lines[2:6]) == ["forest", "logits", "pipeline", "softmax"]
+    np.save(tmp_path / "rows.npy", rows)
+    header = ",".join(f"f{i}" for i in range(30))
+    (tmp_path / "rows.csv").write_text(header + "\n" + "\n".join(",".join(repr(float(v)) for v in r) for r in rows) + "\n")
+    for source in (["--file", str(tmp_path / "rows.npy")], ["--file", str(tmp_path / "rows.csv")]):
+        done = quorum("predict", "bc", *source, "--json", "--address", server.address)
+        assert done.returncode == 0, done.stderr
+        answers = json.loads(done.stdout)
+        assert [a["label"] for a in answers] == expected
+        assert all(len(a["member_votes"]) == 4 and a["model"] == "bc" for a in answers)
+        np.testing.assert_allclose([a["input"] for a in answers], rows, rtol=1e-6)
+    piped = subprocess.run([sys.executable, "-m", "service.cli", "predict", "pipeline", "--json",
+                            "--address", server.address], cwd=ROOT, capture_output=True, text=True,
+                           timeout=60, input=(tmp_path / "rows.csv").read_text())
+    assert piped.returncode == 0, piped.stderr
+    assert [a["label"] for a in json.loads(piped.stdout)] == _served_labels(server, "pipeline", rows)
+
+
+def test_predict_names_the_input_a_row_does_not_fit(server) -> None:
+    done = quorum("predict", "bc", "--values", "1,2,3", "--address", server.address)
+    assert done.returncode == 2
+    assert done.stderr == ("quorum predict: --values needs 30 numbers per row for model 'bc' input "
+                           "'features' FP32 [-1, 30], got 3\n")
