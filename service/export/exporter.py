@@ -90,6 +90,37 @@ def _check_arrays(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y
             raise ExportError(f"--data: x_{part} holds NaN or infinite values")
 
 
+LOGIT_TOLERANCE = 1e-3
+"""Largest difference between the written checkpoint's logits and the model's, relative to
+the logits' scale, that passes (conversions differ in float32 rounding, ~1e-6)."""
+
+
+def _verify_onnx(path: Path, in_name: str, out_name: str, x: np.ndarray, expected: np.ndarray) -> None:
+    """The written ONNX file loads in ONNX Runtime as the server will load it, takes one input
+    and answers the validation rows as the model did: a checkpoint that would fail on the
+    server is never published."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        names = [i.name for i in session.get_inputs()]
+        if names != [in_name]:
+            raise ExportError(f"the converted ONNX graph takes inputs {names}, not just '{in_name}'")
+        got = session.run([out_name], {in_name: x})[0]
+    except ExportError:
+        raise
+    except Exception as exc:  # onnxruntime's own exception types
+        raise ExportError(f"the converted ONNX graph does not run in ONNX Runtime: "
+                          f"{str(exc).splitlines()[0]}") from exc
+    scale = max(1.0, float(np.max(np.abs(expected))))
+    diff = float(np.max(np.abs(got - expected)))
+    if not diff <= LOGIT_TOLERANCE * scale:
+        raise ExportError(f"the converted ONNX graph answers the validation rows differently from the "
+                          f"model (largest logit difference {diff:.3g}); try --format savedmodel")
+
+
 def _publish(repository: Path, name: str, version: int, write: Callable[[Path], None]) -> Path:
     """Build the version in a hidden folder of the repository, then rename it into place: the
     model folder itself when it is new, else the version folder. On failure nothing is left,
@@ -215,6 +246,9 @@ def export_model(model: Any, *, x_train: np.ndarray, y_train: np.ndarray, x_val:
         def write(folder: Path) -> None:
             folder.chmod(0o755)
             in_name, out_name = src.write(fmt, folder / ARTIFACTS[fmt])
+            if fmt == "onnx":
+                _verify_onnx(folder / ARTIFACTS[fmt], in_name, out_name,
+                             normalize(xv, mean, std, src.input_shape), val_logits)
             step("checkpoint")
             manifest = VariantManifest(
                 schema_version=SCHEMA_VERSION, name=name, version=version, framework=fmt,

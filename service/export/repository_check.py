@@ -41,10 +41,14 @@ def check_artifact(folder: Path, manifest: VariantManifest) -> None:
     except Exception as exc:  # onnx's ValidationError, protobuf's DecodeError
         raise ModelLoadError(str(folder), f"'{manifest.artifact}' fails onnx.checker: "
                              f"{' '.join(str(exc).split())[:300]}") from exc
-    inputs = [i.name for i in graph.input]
+    initializers = {i.name for i in graph.initializer}
+    inputs = [i.name for i in graph.input if i.name not in initializers]
     outputs = [o.name for o in graph.output]
     if manifest.input.name not in inputs:
         raise ModelLoadError(str(folder), f"manifest input '{manifest.input.name}' not in graph inputs {inputs}")
+    if len(inputs) != 1:  # the server feeds only the manifest's input
+        raise ModelLoadError(str(folder), f"the graph needs inputs {inputs}; the server feeds only "
+                             f"'{manifest.input.name}'")
     if manifest.output.name not in outputs:
         raise ModelLoadError(str(folder), f"manifest output '{manifest.output.name}' not in graph outputs {outputs}")
 

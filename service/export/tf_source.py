@@ -101,6 +101,9 @@ def from_keras(model: Any, *, input_name: str | None, sample: np.ndarray) -> TFS
     import keras
 
     tf = _tf()
+    if not hasattr(model, "inputs") or not hasattr(model, "outputs"):
+        raise ExportError(f"a {type(model).__name__} has no symbolic inputs and outputs: export needs a "
+                          "functional or Sequential Keras model (or save it as a SavedModel)")
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         raise ExportError(f"export needs a model with exactly one input and one output, this one has "
                           f"{len(model.inputs)} inputs and {len(model.outputs)} outputs")
@@ -217,13 +220,33 @@ def from_savedmodel(path: Path, *, fmt: str, input_name: str | None, output: str
 
 
 def _write_onnx(source: TFSource, path: Path) -> tuple[str, str]:
+    import onnx
     import tf2onnx  # heavy; only needed for this format
 
     # Keras 3 models are not what tf2onnx.convert.from_keras expects; a tf.function with a
     # fixed input signature converts cleanly and keeps the batch dimension dynamic.
     proto, _ = tf2onnx.convert.from_function(source.fn, input_signature=source.fn.input_signature,
-                                             opset=ONNX_OPSET, output_path=str(path))
+                                             opset=ONNX_OPSET)
+    _freeze_captured_constants(proto, source.fn.get_concrete_function())
+    onnx.save(proto, str(path))
     return proto.graph.input[0].name, proto.graph.output[0].name
+
+
+def _freeze_captured_constants(proto, concrete) -> None:
+    """tf2onnx turns tensors a function captures by value (a Keras Normalization layer's mean
+    and variance) into extra graph inputs; make them initializers holding their values."""
+    import onnx
+
+    values = {internal.name: external for internal, external in
+              zip(concrete.graph.internal_captures, concrete.graph.external_captures)
+              if external.dtype.name != "resource"}
+    used = {name for node in proto.graph.node for name in node.input}
+    extra = [i for i in proto.graph.input if i.name in values]
+    for graph_input in extra:
+        if graph_input.name in used:
+            proto.graph.initializer.append(onnx.numpy_helper.from_array(
+                np.asarray(values[graph_input.name].numpy()), graph_input.name))
+        proto.graph.input.remove(graph_input)
 
 
 def _write_savedmodel(source: TFSource, path: Path) -> tuple[str, str]:
