@@ -99,8 +99,9 @@ def create(args: argparse.Namespace) -> int:
         config = EnsembleConfig(**settings)
     except ValidationError as exc:
         first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or "members"
-        return _fail(f"--{field.replace('_', '-')}: {first['msg']}", 2)
+        field = ".".join(str(p) for p in first["loc"])
+        message = first["msg"].removeprefix("Value error, ")
+        return _fail(f"--{field.replace('_', '-')}: {message}" if field else message, 2)
     folder = root / name
     if folder.is_dir() and any(p.is_dir() and p.name.isdigit() for p in folder.iterdir()):
         return _fail(f"{folder} holds model versions; an ensemble needs a folder of its own", 2)

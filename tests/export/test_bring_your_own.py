@@ -394,3 +394,26 @@ def test_predict_names_the_input_a_row_does_not_fit(server) -> None:
     assert done.returncode == 2
     assert done.stderr == ("quorum predict: --values needs 30 numbers per row for model 'bc' input "
                            "'features' FP32 [-1, 30], got 3\n")
+
+
+def test_ensemble_create_writes_policy_quorum_and_objective(repo) -> None:
+    import jsonschema
+    import yaml
+
+    done = quorum("ensemble", "create", "bc_slo", "--repository", str(repo), "--members", "pipeline,forest,softmax",
+                  "--policy", "majority", "--quorum", "2", "--objective-latency-p99-ms", "25")
+    assert done.returncode == 0, done.stderr
+    written = yaml.safe_load((repo / "bc_slo" / "ensemble.yaml").read_text())
+    assert written == {"members": ["pipeline", "forest", "softmax"], "policy": "majority", "quorum": 2,
+                       "objective": {"latency_p99_ms": 25.0}}
+    schema = json.loads((ROOT / "docs" / "schemas" / "ensemble.schema.json").read_text())
+    jsonschema.Draft202012Validator(schema).validate(written)
+    again = quorum("ensemble", "create", "bc_slo", "--repository", str(repo), "--members", "pipeline,forest")
+    assert again.returncode == 2 and "ensemble.yaml exists; pass --force to replace it" in again.stderr
+    too_many = quorum("ensemble", "create", "bc_q", "--repository", str(repo), "--members", "pipeline,forest",
+                      "--quorum", "3")
+    assert too_many.returncode == 2
+    assert too_many.stderr == "quorum ensemble create: error: quorum 3 exceeds the 2 members\n"
+    assert not (repo / "bc_q").exists()
+    (repo / "bc_slo" / "ensemble.yaml").unlink()
+    (repo / "bc_slo").rmdir()
