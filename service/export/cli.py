@@ -70,10 +70,10 @@ def _load_data(path: Path) -> dict[str, np.ndarray]:
         raise UsageError(f"--data {path}: no such file")
     if path.is_dir():
         raise UsageError(f"--data {path}: a folder, not an .npz file")
+    if not zipfile.is_zipfile(path):  # np.savez writes a zip of .npy files
+        raise UsageError(f"--data {path}: not an .npz archive (write it with numpy.savez)")
     try:
         with np.load(path, allow_pickle=False) as data:
-            if not hasattr(data, "files"):
-                raise UsageError(f"--data {path}: a single .npy array, not an .npz archive of arrays")
             missing = [k for k in REQUIRED if k not in data.files]
             if missing:
                 raise ExportError(f"--data {path}: lacks the array(s) {', '.join(missing)} "

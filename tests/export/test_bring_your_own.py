@@ -417,3 +417,27 @@ def test_ensemble_create_writes_policy_quorum_and_objective(repo) -> None:
     assert not (repo / "bc_q").exists()
     (repo / "bc_slo" / "ensemble.yaml").unlink()
     (repo / "bc_slo").rmdir()
+
+
+def test_a_savedmodel_ending_in_softmax_exports_its_logits(sources, data, tmp_path) -> None:
+    import onnxruntime as ort
+    import tensorflow as tf
+
+    from service.export.exporter import export_model
+
+    saved = tmp_path / "softmax_savedmodel"
+    tf.saved_model.save(sources["softmax"], str(saved))  # the signature's input is named 'inputs'
+    with np.load(data["npz"]) as d:
+        arrays = {k: d[k] for k in ("x_train", "y_train", "x_val", "y_val")}
+    result = export_model(str(saved), **arrays, val_indices=None, repository=tmp_path / "repo",
+                          name="sm", progress=False)
+    m = result.manifest
+    assert m.provenance.output.startswith("logits before the Softmax head")
+    assert m.input.name == "inputs" and m.labels == LABELS
+    x = data["x_test"]
+    xn = ((x - np.asarray(m.normalization.mean)) / np.asarray(m.normalization.std)).astype(np.float32)
+    session = ort.InferenceSession(str(result.path / m.artifact), providers=["CPUExecutionProvider"])
+    logits = session.run([m.output.name], {m.input.name: xn})[0]
+    expected = sources["softmax"].predict(xn, verbose=0)
+    np.testing.assert_allclose(softmax(logits, 1.0), expected, atol=1e-5)
+    assert not np.allclose(logits.sum(axis=1), 1.0)  # logits, not probabilities
