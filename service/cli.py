@@ -1,4 +1,4 @@
-"""The `quorum` command: serve, export, predict."""
+"""The `quorum` command: serve, export, predict, validate, ensemble create."""
 
 from __future__ import annotations
 
@@ -81,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     from service.client import predict as predict_cli
 
     predict_cli.add_parser(sub)
+    from service.export import repository_cli
+
+    repository_cli.add_parsers(sub)
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args)
@@ -88,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         return export_cli.run(args)
     if args.command == "predict":
         return predict_cli.run(args)
+    if args.command in ("validate", "ensemble"):
+        return repository_cli.run(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -1,18 +1,21 @@
-"""`quorum predict`: classify one digit with a running server's quorum.v1.EnsembleService and
-show the vote and every member's part.
+"""`quorum predict`: classify rows with a running server's quorum.v1.EnsembleService and show
+the vote and every member's part, for any model or ensemble.
 
-    quorum predict --digits-index 42
+    quorum predict bc --values 13.5,14.4,87.5,...          # one row
+    quorum predict bc --file rows.csv --json               # rows.npy or rows.csv, one row a line
+    cat rows.csv | quorum predict bc                       # rows on stdin
+    quorum predict --digits-index 42                       # the bundled digits ensemble
     quorum predict drawing.png --address quorum.example:8500 --ca ca.pem --token "$TOKEN"
-    quorum predict --values "0,0,5,13,9,1,0,0,..." --policy majority --json
 
-The input is one row of 64 pixel values on the digits' 0..16 scale: from an image file
-(converted as service.client.images explains), from --values, or row N of sklearn's digits.
-Exit status: 0 on an answer, 1 when the server refuses or fails, 2 on a bad input.
+The model's input name, dtype and row shape come from its KServe v2 ModelMetadata, so every
+row is checked before it is sent. Images and --digits-index are for models of 64 digit pixels
+(0..16). Exit status: 0 on an answer, 1 when the server refuses or fails, 2 on a bad input.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 from pathlib import Path
@@ -20,6 +23,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from service._proto.inference import grpc_service_pb2 as v2
+from service._proto.inference import grpc_service_pb2_grpc as v2_grpc
 from service._proto.quorum.v1 import ensemble_pb2 as pb
 from service._proto.quorum.v1 import ensemble_pb2_grpc as pb_grpc
 from service.client.images import load_pixels
@@ -31,18 +36,25 @@ POLICIES = {name[len(PREFIX):].lower(): value for name, value in pb.VotingPolicy
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
-        "predict", help="classify one digit with a running server (quorum.v1 EnsembleService)",
-        description="Send one 8x8 digit to quorum.v1.EnsembleService/Predict and print the vote "
-                    "and each member's vote.",
-        epilog="Images are converted to the model's scale: grayscale, inverted if the background "
-               "is light, contrast-stretched, resized to 8x8 by area averaging, scaled to 0..16.")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("image", nargs="?", type=Path,
-                        help="image file: PNG, PGM/PPM, .npy (JPEG and others need Pillow)")
-    source.add_argument("--values", help="64 comma-separated pixel values, 0..16, row by row")
+        "predict", help="classify rows with a running server (quorum.v1 EnsembleService)",
+        description="Send rows to quorum.v1.EnsembleService/Predict and print the vote and each "
+                    "member's vote. The model's input spec is read from its KServe v2 metadata.",
+        epilog="Rows: --values, --file (.npy, or .csv with one row per line), or stdin (CSV or "
+               "whitespace-separated, one row per line). For digit models also an image file or "
+               "--digits-index. Images are converted to the digits' scale: grayscale, inverted if "
+               "the background is light, contrast-stretched, resized to 8x8 by area averaging, "
+               "scaled to 0..16.")
+    parser.add_argument("target", nargs="?", metavar="MODEL",
+                        help="model or ensemble name (default: --model, digits); an image file here "
+                             "is read as --image, as in earlier versions")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--values", help="one row of comma-separated numbers (rows separated by ';')")
+    source.add_argument("--file", type=Path, help="rows as .npy (2-D or one row) or .csv (one row per line)")
+    source.add_argument("--image", type=Path,
+                        help="digit image file: PNG, PGM/PPM, .npy (JPEG and others need Pillow)")
     source.add_argument("--digits-index", type=int, metavar="N", help="row N of sklearn's digits dataset")
     parser.add_argument("--address", default="localhost:8500", help="server host:port (default localhost:8500)")
-    parser.add_argument("--model", default="digits", help="ensemble or model name (default digits)")
+    parser.add_argument("--model", default=None, help="model name, when not given as MODEL (default digits)")
     parser.add_argument("--policy", choices=sorted(POLICIES), help="voting policy for this request "
                         "(default: the ensemble's own)")
     parser.add_argument("--latency-budget-ms", type=float,
@@ -56,24 +68,82 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return parser
 
 
-def _pixels(args: argparse.Namespace) -> tuple[np.ndarray, int | None]:
-    """(64 float32 values, the true label when known)."""
+IMAGE_SUFFIXES = (".png", ".pgm", ".ppm", ".pnm", ".npy", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
+DIGIT_FEATURES = 64
+
+
+def _parse_rows(text: str, where: str) -> np.ndarray:
+    lines = [line for line in text.replace(";", "\n").splitlines() if line.strip()]
+    if lines and not _numeric(lines[0]):
+        lines = lines[1:]  # a CSV header
+    try:
+        rows = [[float(v) for v in line.replace(",", " ").split()] for line in lines]
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    if not rows:
+        raise ValueError(f"{where}: no rows")
+    widths = {len(r) for r in rows}
+    if len(widths) != 1:
+        raise ValueError(f"{where}: rows have different lengths {sorted(widths)}")
+    return np.asarray(rows, dtype=np.float64)
+
+
+def _numeric(line: str) -> bool:
+    try:
+        [float(v) for v in line.replace(",", " ").split()]
+        return True
+    except ValueError:
+        return False
+
+
+def _rows(args: argparse.Namespace, stdin: io.TextIOBase) -> tuple[np.ndarray, list[int | None]]:
+    """(rows as float64 (n, features), the true label of each row when known)."""
     if args.digits_index is not None:
         from sklearn.datasets import load_digits
 
         data = load_digits()
         if not 0 <= args.digits_index < len(data.target):
             raise ValueError(f"--digits-index must be in 0..{len(data.target) - 1}")
-        return data.data[args.digits_index].astype(np.float32), int(data.target[args.digits_index])
+        return data.data[args.digits_index][None].astype(np.float64), [int(data.target[args.digits_index])]
     if args.values is not None:
-        try:
-            values = np.array([float(v) for v in args.values.replace(",", " ").split()], dtype=np.float32)
-        except ValueError as exc:
-            raise ValueError(f"--values: {exc}") from None
-        if values.size != 64:
-            raise ValueError(f"--values needs 64 numbers, got {values.size}")
-        return values, None
-    return load_pixels(args.image), None
+        return _parse_rows(args.values, "--values"), []
+    if args.image is not None:
+        return load_pixels(args.image)[None].astype(np.float64), []
+    if args.file is not None:
+        if not args.file.is_file():
+            raise ValueError(f"--file {args.file}: no such file")
+        if args.file.suffix.lower() == ".npy":
+            try:
+                array = np.load(args.file, allow_pickle=False)
+            except ValueError as exc:
+                raise ValueError(f"--file {args.file}: {exc}") from None
+            if array.dtype.kind not in "fiub":
+                raise ValueError(f"--file {args.file}: holds {array.dtype}, not numbers")
+            return (array[None] if array.ndim == 1 else array.reshape(len(array), -1)).astype(np.float64), []
+        return _parse_rows(args.file.read_text(), f"--file {args.file}"), []
+    if stdin is None or stdin.isatty():
+        raise ValueError("give rows with --values, --file or on stdin (or --digits-index, or an image)")
+    return _parse_rows(stdin.read(), "stdin"), []
+
+
+def _input_spec(channel: grpc.Channel, model: str, timeout: float, metadata) -> tuple[str, str, list[int]]:
+    """(input name, KServe datatype, shape) from the model's v2 metadata."""
+    answer = v2_grpc.GRPCInferenceServiceStub(channel).ModelMetadata(
+        v2.ModelMetadataRequest(name=model), timeout=timeout, metadata=metadata)
+    if len(answer.inputs) != 1:
+        raise ValueError(f"model '{model}' takes {len(answer.inputs)} inputs; quorum predict sends one")
+    spec = answer.inputs[0]
+    return spec.name, spec.datatype, list(spec.shape)
+
+
+def _check_width(rows: np.ndarray, model: str, name: str, datatype: str, shape: list[int], where: str) -> np.ndarray:
+    want = int(np.prod([d for d in shape[1:]])) if len(shape) > 1 else 1
+    if rows.shape[1] != want:
+        raise ValueError(f"{where} needs {want} numbers per row for model '{model}' input '{name}' "
+                         f"{datatype} {shape}, got {rows.shape[1]}")
+    if datatype != "FP32":
+        raise ValueError(f"model '{model}' input '{name}' is {datatype}; quorum predict sends FP32 rows")
+    return rows.astype(np.float32)
 
 
 def _channel(args: argparse.Namespace) -> grpc.Channel:
@@ -88,9 +158,9 @@ def _channel(args: argparse.Namespace) -> grpc.Channel:
     return grpc.secure_channel(args.address, credentials)
 
 
-def _request(args: argparse.Namespace, pixels: np.ndarray) -> pb.PredictRequest:
-    request = pb.PredictRequest(model=args.model, return_member_votes=True, inputs=pb.Tensor(
-        dtype="FP32", shape=[1, pixels.size], content=np.ascontiguousarray(pixels, dtype="<f4").tobytes()))
+def _request(args: argparse.Namespace, model: str, rows: np.ndarray) -> pb.PredictRequest:
+    request = pb.PredictRequest(model=model, return_member_votes=True, inputs=pb.Tensor(
+        dtype="FP32", shape=list(rows.shape), content=np.ascontiguousarray(rows, dtype="<f4").tobytes()))
     if args.policy:
         request.policy = POLICIES[args.policy]
     if args.latency_budget_ms is not None:
@@ -98,8 +168,8 @@ def _request(args: argparse.Namespace, pixels: np.ndarray) -> pb.PredictRequest:
     return request
 
 
-def _as_dict(response: pb.PredictResponse, pixels: np.ndarray, expected: int | None) -> dict:
-    prediction = response.predictions[0]
+def _as_dict(response: pb.PredictResponse, row: int, values: np.ndarray, expected: int | None) -> dict:
+    prediction = response.predictions[row]
     return {
         "model": response.model, "request_id": response.request_id,
         "policy": pb.VotingPolicy.Name(response.policy)[len(PREFIX):].lower(),
@@ -111,7 +181,7 @@ def _as_dict(response: pb.PredictResponse, pixels: np.ndarray, expected: int | N
                           "class_index": v.class_index, "confidence": v.confidence, "weight": v.weight,
                           "latency_ms": v.latency_ms, "in_time": v.in_time}
                          for v in prediction.member_votes],
-        "input": pixels.tolist(), "expected": expected,
+        "input": values.tolist(), "expected": expected,
     }
 
 
@@ -131,9 +201,22 @@ def _print_text(answer: dict, out=sys.stdout) -> None:
         print(f"left out (late): {', '.join(answer['members_left_out'])}", file=out)
 
 
-def run(args: argparse.Namespace) -> int:
+def _source_where(args: argparse.Namespace) -> str:
+    return "--values" if args.values is not None else (f"--file {args.file}" if args.file else
+                                                        "stdin" if args.image is None and args.digits_index is None
+                                                        else "the image" if args.image else "--digits-index")
+
+
+def run(args: argparse.Namespace, stdin: io.TextIOBase | None = None) -> int:
+    target, model = args.target, args.model
+    if target and Path(target).suffix.lower() in IMAGE_SUFFIXES and Path(target).is_file():
+        if args.image is not None or args.values is not None or args.file is not None or args.digits_index is not None:
+            print("quorum predict: give one input: an image, --values, --file or --digits-index", file=sys.stderr)
+            return 2
+        args.image, target = Path(target), None  # `quorum predict digit.png`, as before
+    model = target or model or "digits"
     try:
-        pixels, expected = _pixels(args)
+        rows, expected = _rows(args, sys.stdin if stdin is None else stdin)
         channel = _channel(args)
     except (ValueError, OSError) as exc:  # ImageError is a ValueError
         print(f"quorum predict: {exc}", file=sys.stderr)
@@ -141,17 +224,26 @@ def run(args: argparse.Namespace) -> int:
     metadata = [("authorization", f"Bearer {args.token}")] if args.token else None
     with channel:
         try:
+            name, datatype, shape = _input_spec(channel, model, args.timeout, metadata)
+            rows = _check_width(rows, model, name, datatype, shape, _source_where(args))
             response = pb_grpc.EnsembleServiceStub(channel).Predict(
-                _request(args, pixels), timeout=args.timeout, metadata=metadata)
+                _request(args, model, rows), timeout=args.timeout, metadata=metadata)
+        except ValueError as exc:
+            print(f"quorum predict: {exc}", file=sys.stderr)
+            return 2
         except grpc.RpcError as exc:
             print(f"quorum predict: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
-    answer = _as_dict(response, pixels, expected)
+    answers = [_as_dict(response, i, rows[i], expected[i] if i < len(expected) else None)
+               for i in range(len(rows))]
     if args.json:
-        json.dump(answer, sys.stdout, indent=2)
+        json.dump(answers[0] if len(answers) == 1 else answers, sys.stdout, indent=2)
         print()
     else:
-        _print_text(answer)
+        for i, answer in enumerate(answers):
+            if len(answers) > 1:
+                print(f"row {i}: ", end="")
+            _print_text(answer)
     return 0
 
 

@@ -1,8 +1,11 @@
 """Export a trained classifier as one repository version: checkpoint + variant.json.
 
-The exported graph maps *normalised* input to logits; normalisation statistics, the fitted
-temperature, validation results and the drift reference go into the manifest, so that the
-server applies them outside the graph and a row's output never depends on its batch.
+Whatever the model was (a Keras model, a SavedModel, an ONNX file, a fitted scikit-learn
+classifier; see service.export.source), the checkpoint maps one float32 input to logits, and
+the manifest is the same: normalisation statistics, the fitted temperature, validation
+results and the drift reference, so that the server applies them outside the graph and a
+row's output never depends on its batch. The version is built in a hidden staging folder and
+renamed into place only when complete: a failed export leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -10,93 +13,42 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import numpy as np
-import tensorflow as tf
 from tqdm import tqdm
 
 from service import __version__
-from service.export import calibration, reference
+from service.export import calibration, checks, reference
+from service.export.errors import ExportError, UsageError
+from service.export.labels import resolve as resolve_labels
+from service.export.source import OUTPUT_NAME, Source, fit_rows, load_source
 from service.repository.manifest import (
     SCHEMA_VERSION, Calibration, Normalization, Provenance, SplitMetrics, TensorSpec, Validation,
     VariantManifest)
+from service.repository.scan import valid_model_name
 
 STD_EPSILON = 1e-6
-OUTPUT_NAME = "logits"
-ONNX_OPSET = 17
 ARTIFACTS = {"onnx": "model.onnx", "savedmodel": "model.savedmodel"}
+MODEL_INPUTS = ("normalised", "raw")
+PROBE_ROWS = 1000
 _STEPS = ("load", "normalise", "predict", "calibrate", "reference", "checkpoint", "publish")
+
+__all__ = ["ExportResult", "export_model", "export_variant", "next_version", "normalization_stats",
+           "normalize", "OUTPUT_NAME"]
 
 
 @dataclass(frozen=True)
-class _Graph:
-    """The model as one tf.function with a fixed signature (dynamic batch), plus the object
-    owning its variables (tracked when writing a SavedModel)."""
-
-    fn: Any
-    owner: Any
-    input_name: str
-    input_shape: tuple[int, ...]
-
-    def predict(self, x: np.ndarray, batch: int = 4096) -> np.ndarray:
-        parts = [self.fn(tf.constant(x[i:i + batch]))[OUTPUT_NAME].numpy()
-                 for i in range(0, len(x), batch)]
-        return np.concatenate(parts).astype(np.float32)
-
-
-def _signature(name: str, shape: Sequence[int | None]) -> list[tf.TensorSpec]:
-    # The TensorSpec name becomes the ONNX input name and the SavedModel signature key.
-    return [tf.TensorSpec([None, *shape[1:]], tf.float32, name=name)]
-
-
-def _from_keras(model: Any) -> _Graph:
-    if len(model.inputs) != 1 or len(model.outputs) != 1:
-        raise ValueError("export needs a model with exactly one input and one output")
-    name = model.inputs[0].name
-    spec = _signature(name, model.inputs[0].shape)
-
-    @tf.function(input_signature=spec)
-    def fn(x: tf.Tensor) -> dict[str, tf.Tensor]:
-        # training=False: BatchNormalization uses its moving statistics, not the batch's.
-        return {OUTPUT_NAME: model(x, training=False)}
-
-    return _Graph(fn, model, name, (-1, *model.inputs[0].shape[1:]))
-
-
-def _from_savedmodel(path: Path) -> _Graph:
-    loaded = tf.saved_model.load(str(path))
-    signature = loaded.signatures["serving_default"]
-    inputs = signature.structured_input_signature[1]
-    outputs = signature.structured_outputs
-    if len(inputs) != 1:
-        raise ValueError(f"{path}: serving_default must take one input, has {sorted(inputs)}")
-    out_key = OUTPUT_NAME if OUTPUT_NAME in outputs else next(iter(outputs))
-    if len(outputs) != 1 and OUTPUT_NAME not in outputs:
-        raise ValueError(f"{path}: cannot tell the logits among outputs {sorted(outputs)}")
-    (name, in_spec), = inputs.items()
-    spec = _signature(name, in_spec.shape)
-
-    @tf.function(input_signature=spec)
-    def fn(x: tf.Tensor) -> dict[str, tf.Tensor]:
-        return {OUTPUT_NAME: signature(**{name: x})[out_key]}
-
-    return _Graph(fn, loaded, name, (-1, *in_spec.shape[1:]))
-
-
-def load_graph(model: Any) -> _Graph:
-    """A Keras model, a .keras file or a SavedModel directory, as a _Graph."""
-    if isinstance(model, (str, os.PathLike)):
-        path = Path(model)
-        if path.is_dir():
-            return _from_savedmodel(path)
-        import keras  # only here: loading a SavedModel needs no Keras
-
-        return _from_keras(keras.models.load_model(path, compile=False))
-    return _from_keras(model)
+class ExportResult:
+    path: Path
+    manifest: VariantManifest
+    notes: tuple[str, ...]
+    """What the export decided on the user's behalf (output kind, labels, input name)."""
+    warnings: tuple[str, ...]
 
 
 def normalization_stats(x_train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -119,24 +71,6 @@ def next_version(model_dir: Path) -> int:
     return max(versions, default=0) + 1
 
 
-def _write_onnx(graph: _Graph, path: Path) -> tuple[str, str]:
-    import tf2onnx  # heavy; only needed for this format
-
-    # Keras 3 models are not what tf2onnx.convert.from_keras expects; a tf.function with a
-    # fixed input signature converts cleanly and keeps the batch dimension dynamic.
-    proto, _ = tf2onnx.convert.from_function(graph.fn, input_signature=graph.fn.input_signature,
-                                             opset=ONNX_OPSET, output_path=str(path))
-    return proto.graph.input[0].name, proto.graph.output[0].name
-
-
-def _write_savedmodel(graph: _Graph, path: Path) -> tuple[str, str]:
-    module = tf.Module()
-    module.owner = graph.owner  # tracks the variables the function captures
-    tf.saved_model.save(module, str(path),
-                        signatures={"serving_default": graph.fn.get_concrete_function()})
-    return graph.input_name, OUTPUT_NAME
-
-
 def _exported_at() -> str:
     # SOURCE_DATE_EPOCH (reproducible-builds convention) pins the timestamp for bundles.
     epoch = os.environ.get("SOURCE_DATE_EPOCH")
@@ -144,86 +78,201 @@ def _exported_at() -> str:
     return moment.isoformat(timespec="seconds")
 
 
-def _check_logits(logits: np.ndarray) -> None:
-    if np.all(logits >= 0) and np.allclose(logits.sum(axis=1), 1.0, atol=1e-4):
-        raise ValueError("the model seems to output probabilities; export a graph that returns logits")
+def _check_arrays(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray) -> None:
+    for x, y, part in ((x_train, y_train, "train"), (x_val, y_val, "val")):
+        if len(x) == 0:
+            raise ExportError(f"--data: x_{part} is empty")
+        if len(x) != len(y):
+            raise ExportError(f"--data: x_{part} has {len(x)} rows but y_{part} has {len(y)} labels")
+        if x.dtype.kind not in "fiub":
+            raise ExportError(f"--data: x_{part} must hold numbers, holds {x.dtype}")
+        if not np.all(np.isfinite(x)):
+            raise ExportError(f"--data: x_{part} holds NaN or infinite values")
 
 
-def export_variant(model: Any, *, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
-                   y_val: np.ndarray, val_indices: Sequence[int] | None, repository: str | Path,
-                   name: str, labels: Sequence[str] | None, fmt: Literal["onnx", "savedmodel"],
-                   version: int | None = None, architecture: str = "", seed: int | None = None,
-                   source: str = "keras") -> Path:
-    """Write `<repository>/<name>/<version>/` (checkpoint + variant.json) and return it.
+LOGIT_TOLERANCE = 1e-3
+"""Largest difference between the written checkpoint's logits and the model's, relative to
+the logits' scale, that passes (conversions differ in float32 rounding, ~1e-6)."""
 
-    `model` takes normalised input and returns logits: a Keras model, a .keras file or a
-    SavedModel directory. The version appears atomically (rename of a finished folder)."""
+
+def _verify_onnx(path: Path, in_name: str, out_name: str, x: np.ndarray, expected: np.ndarray) -> None:
+    """The written ONNX file loads in ONNX Runtime as the server will load it, takes one input
+    and answers the validation rows as the model did: a checkpoint that would fail on the
+    server is never published."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        names = [i.name for i in session.get_inputs()]
+        if names != [in_name]:
+            raise ExportError(f"the converted ONNX graph takes inputs {names}, not just '{in_name}'")
+        got = session.run([out_name], {in_name: x})[0]
+    except ExportError:
+        raise
+    except Exception as exc:  # onnxruntime's own exception types
+        raise ExportError(f"the converted ONNX graph does not run in ONNX Runtime: "
+                          f"{str(exc).splitlines()[0]}") from exc
+    scale = max(1.0, float(np.max(np.abs(expected))))
+    diff = float(np.max(np.abs(got - expected)))
+    if not diff <= LOGIT_TOLERANCE * scale:
+        raise ExportError(f"the converted ONNX graph answers the validation rows differently from the "
+                          f"model (largest logit difference {diff:.3g}); try --format savedmodel")
+
+
+def _publish(repository: Path, name: str, version: int, write: Callable[[Path], None]) -> Path:
+    """Build the version in a hidden folder of the repository, then rename it into place: the
+    model folder itself when it is new, else the version folder. On failure nothing is left,
+    not even a repository folder this call created."""
+    created_root = not repository.exists()
+    repository.mkdir(parents=True, exist_ok=True)
+    model_dir, target = repository / name, repository / name / str(version)
+    staging = Path(tempfile.mkdtemp(prefix=".quorum-export-", dir=repository))  # not a valid model name
+    done = False
+    try:
+        folder = staging / name / str(version)
+        folder.mkdir(parents=True)
+        write(folder)
+        if target.exists():
+            raise UsageError(f"--version {version}: {target} exists; versions are immutable, pick a new one")
+        try:
+            if model_dir.exists():
+                raise FileExistsError(model_dir)
+            os.rename(staging / name, model_dir)
+        except OSError:  # the model folder exists (or appeared meanwhile): add the version to it
+            os.rename(folder, target)
+        done = True
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created_root and not done:
+            try:
+                os.rmdir(repository)
+            except OSError:
+                pass
+    return target
+
+
+def export_model(model: Any, *, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
+                 y_val: np.ndarray, val_indices: Sequence[int] | None, repository: str | Path,
+                 name: str, labels: Sequence[str] | None = None,
+                 fmt: Literal["onnx", "savedmodel"] = "onnx", version: int | None = None,
+                 architecture: str = "", seed: int | None = None, source: str = "",
+                 model_input: str | None = None, input_name: str | None = None,
+                 output: str | None = None, progress: bool = True) -> ExportResult:
+    """Write `<repository>/<name>/<version>/` (checkpoint + variant.json).
+
+    `model`: a Keras model, a fitted scikit-learn classifier, or a path (.keras, SavedModel
+    folder, .onnx, .pkl/.joblib). `model_input`: whether the model takes rows normalised with
+    the training split's statistics (the default for Keras and TensorFlow models) or raw rows
+    (the default for scikit-learn, whose pipelines carry their own scalers).
+    Raises ExportError (UsageError for the command line's own mistakes)."""
     if fmt not in ARTIFACTS:
-        raise ValueError(f"format must be one of {sorted(ARTIFACTS)}, got {fmt!r}")
-    if len(x_train) != len(y_train) or len(x_val) != len(y_val) or len(y_val) == 0:
-        raise ValueError("x_train/y_train and x_val/y_val must pair up, and val must not be empty")
-    model_dir = Path(repository) / name
-    model_dir.mkdir(parents=True, exist_ok=True)
+        raise UsageError(f"--format {fmt}: must be one of {', '.join(ARTIFACTS)}")
+    if not valid_model_name(name):
+        raise UsageError(f"--name {name!r}: a model name is a folder name of letters, digits, '_', '.', '-'")
+    if version is not None and version < 1:
+        raise UsageError(f"--version {version}: versions start at 1")
+    if model_input is not None and model_input not in MODEL_INPUTS:
+        raise UsageError(f"--model-input {model_input}: must be one of {', '.join(MODEL_INPUTS)}")
+    x_train, x_val = np.asarray(x_train), np.asarray(x_val)
+    _check_arrays(x_train, np.asarray(y_train), x_val, np.asarray(y_val))
+    if val_indices is not None and len(val_indices) != len(y_val):
+        raise ExportError(f"--data: val_indices has {len(val_indices)} entries, y_val {len(y_val)}")
+    repository = Path(repository)
+    model_dir = repository / name
     version = next_version(model_dir) if version is None else version
-    target = model_dir / str(version)
-    if target.exists():
-        raise FileExistsError(f"{target} exists; versions are immutable, pick a new one")
-    with tqdm(total=len(_STEPS), desc=f"export {name}/{version}", unit="step") as bar:
+    if (model_dir / str(version)).exists():
+        raise UsageError(f"--version {version}: {model_dir / str(version)} exists; versions are immutable, "
+                         "pick a new one")
+    notes: list[str] = []
+    found: list[str] = []
+    with tqdm(total=len(_STEPS), desc=f"export {name}/{version}", unit="step",
+              disable=None if progress else True) as bar:
         def step(done: str) -> None:
             bar.set_postfix_str(done, refresh=False)  # the step just finished
             bar.update(1)
 
-        graph = load_graph(model)
+        src: Source = load_source(model, fmt=fmt, input_name=input_name, output=output,
+                                  sample=x_train.reshape(len(x_train), -1))
+        if fmt not in src.formats:
+            raise UsageError(f"--format {fmt}: {src.family} models can be written as "
+                             f"{' or '.join(src.formats)} only")
         step("load")
-        mean, std = normalization_stats(x_train)
-        xt, xv = (normalize(x, mean, std, graph.input_shape) for x in (x_train, x_val))
+        xt = fit_rows(x_train, src.input_shape, src.input_name, "x_train")
+        xv = fit_rows(x_val, src.input_shape, src.input_name, "x_val")
+        model_input = model_input or src.hints.default_model_input
+        if model_input == "normalised":
+            mean, std = normalization_stats(xt)
+        else:
+            mean, std = np.zeros(xt[0].size), np.ones(xt[0].size)
         step("normalise")
-        val_logits, train_logits = graph.predict(xv), graph.predict(xt)
-        _check_logits(val_logits)
+        val_logits = src.predict(normalize(xv, mean, std, src.input_shape))
+        train_logits = src.predict(normalize(xt, mean, std, src.input_shape))
+        if not (np.all(np.isfinite(val_logits)) and np.all(np.isfinite(train_logits))):
+            raise ExportError("the model's logits hold NaN or infinite values on the --data rows")
         n_classes = val_logits.shape[1]
-        if max(int(np.max(y_train)), int(np.max(y_val))) >= n_classes:
-            raise ValueError(f"labels in y exceed the model's {n_classes} outputs")
-        labels = tuple(labels) if labels is not None else tuple(str(i) for i in range(n_classes))
-        if len(labels) != n_classes:
-            raise ValueError(f"{len(labels)} labels for {n_classes} model outputs")
+        resolved = resolve_labels(y_train, y_val, n_classes, labels, src.hints.classes)
+        y_tr, y_va = resolved.y_train, resolved.y_val
+        notes += [f"input '{src.input_name}' float32 {list(src.input_shape)}, {model_input} rows",
+                  f"output: {src.output_kind}", f"labels: {', '.join(resolved.names)} (from {resolved.note})"]
+        # Would the model do better on the other kind of rows? (It normalises itself, or not.)
+        probe = slice(0, min(PROBE_ROWS, len(xt)))
+        other = (xt[probe] if model_input == "normalised"
+                 else normalize(xt[probe], *normalization_stats(xt), src.input_shape))
+        acc_other = calibration.accuracy(src.predict(other), y_tr[probe])
+        acc_this = calibration.accuracy(train_logits[probe], y_tr[probe])
+        found += checks.normalisation(model_input, acc_this if model_input == "normalised" else acc_other,
+                                      acc_other if model_input == "normalised" else acc_this,
+                                      src.hints.normalisation_layers)
         step("predict")
-        y_val = np.asarray(y_val, dtype=np.int64)
-        temperature = calibration.fit_temperature(val_logits, y_val)
+        temperature = calibration.fit_temperature(val_logits, y_va)
         val_probs = calibration.softmax(val_logits, temperature)
         validation = Validation(
-            n=len(y_val),
-            uncalibrated=SplitMetrics(**calibration.metrics(val_logits, y_val)),
-            calibrated=SplitMetrics(**calibration.metrics(val_logits, y_val, temperature)),
-            indices=tuple(int(i) for i in (range(len(y_val)) if val_indices is None else val_indices)),
-            labels=tuple(int(y) for y in y_val),
+            n=len(y_va),
+            uncalibrated=SplitMetrics(**calibration.metrics(val_logits, y_va)),
+            calibrated=SplitMetrics(**calibration.metrics(val_logits, y_va, temperature)),
+            indices=tuple(int(i) for i in (range(len(y_va)) if val_indices is None else val_indices)),
+            labels=tuple(int(y) for y in y_va),
             probabilities=tuple(tuple(float(p) for p in row) for row in val_probs))
+        found += [w for w in (checks.temperature_bound(temperature),
+                              checks.accuracy_gap(calibration.accuracy(train_logits, y_tr),
+                                                  validation.uncalibrated.accuracy)) if w]
         step("calibrate")
         drift = reference.build_reference(x_train, calibration.softmax(train_logits, temperature),
-                                          input_name=graph.input_name, seed=seed or 0)
+                                          input_name=src.input_name, seed=seed or 0)
         step("reference")
-        staging = Path(tempfile.mkdtemp(prefix=f".{version}.staging-", dir=model_dir))
-        staging.chmod(0o755)  # mkdtemp makes it owner-only; the server may run as another user
-        try:
-            in_name, out_name = (_write_onnx if fmt == "onnx" else _write_savedmodel)(
-                graph, staging / ARTIFACTS[fmt])
+
+        def write(folder: Path) -> None:
+            folder.chmod(0o755)
+            in_name, out_name = src.write(fmt, folder / ARTIFACTS[fmt])
+            if fmt == "onnx":
+                _verify_onnx(folder / ARTIFACTS[fmt], in_name, out_name,
+                             normalize(xv, mean, std, src.input_shape), val_logits)
             step("checkpoint")
             manifest = VariantManifest(
                 schema_version=SCHEMA_VERSION, name=name, version=version, framework=fmt,
                 artifact=ARTIFACTS[fmt],
-                inputs=(TensorSpec(name=in_name, dtype="float32", shape=graph.input_shape),),
+                inputs=(TensorSpec(name=in_name, dtype="float32", shape=src.input_shape),),
                 outputs=(TensorSpec(name=out_name, dtype="float32", shape=(-1, n_classes)),),
-                labels=labels,
+                labels=resolved.names,
                 normalization=Normalization(mean=tuple(map(float, mean)), std=tuple(map(float, std))),
                 calibration=Calibration(temperature=temperature),
                 validation=validation, drift_reference=drift,
-                provenance=Provenance(source=source, architecture=architecture, seed=seed,
+                provenance=Provenance(source=source or src.family, architecture=architecture, seed=seed,
                                       exported_at=_exported_at(), train_n=len(x_train),
-                                      quorum_version=__version__))
-            manifest.save(staging)
-            # The server ignores non-numeric folders, so the version appears only now, whole.
-            os.rename(staging, target)
-            step("publish")
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-    return target
+                                      quorum_version=__version__, family=src.family,
+                                      output=src.output_kind, model_input=model_input),
+                warnings=tuple(found))
+            manifest.save(folder)
+            written.append(manifest)
+
+        written: list[VariantManifest] = []
+        path = _publish(repository, name, version, write)
+        step("publish")
+    return ExportResult(path, written[0], tuple(notes), tuple(found))
+
+
+def export_variant(model: Any, **kwargs: Any) -> Path:
+    """export_model, returning only the version folder (see export_model for the arguments)."""
+    return export_model(model, **kwargs).path

@@ -134,6 +134,12 @@ class Provenance(_Frozen):
     exported_at: str = ""
     train_n: int = 0
     quorum_version: str = ""
+    family: str = Field("", description="what was exported: keras, savedmodel, onnx or sklearn")
+    output: str = Field("", description=(
+        "what the exported logits are: the model's own logits, the logits before its softmax or "
+        "sigmoid head, or the log of its probabilities"))
+    model_input: Literal["normalised", "raw", ""] = Field("", description=(
+        "what the model takes: normalised rows, or raw rows (normalization is then the identity)"))
 
 
 class VariantManifest(_Frozen):
@@ -153,6 +159,7 @@ class VariantManifest(_Frozen):
     validation: Validation
     drift_reference: DriftReference
     provenance: Provenance
+    warnings: tuple[str, ...] = Field((), description="what the export warned about")
 
     @model_validator(mode="after")
     def _check(self) -> "VariantManifest":

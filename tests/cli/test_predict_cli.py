@@ -180,10 +180,20 @@ def test_predict_an_image_file(server, rows, tmp_path):
 
 def test_predict_errors_exit_non_zero(server, tmp_path):
     bad = quorum("--values", "1,2,3", "--address", server.address)
-    assert bad.returncode == 2 and "--values needs 64 numbers, got 3" in bad.stderr
+    assert bad.returncode == 2
+    assert bad.stderr == "quorum predict: --values needs 64 numbers per row for model 'digits' input 'pixels' FP32 [-1, 64], got 3\n"
     jpeg = tmp_path / "photo.jpg"
     jpeg.write_bytes(b"\xff\xd8\xff\xe0" + b"\0" * 16)
     unreadable = quorum(str(jpeg), "--address", server.address)
     assert unreadable.returncode == 2 and unreadable.stderr.startswith("quorum predict: ")
     missing = quorum("--digits-index", "0", "--model", "no_such_model", "--address", server.address)
     assert missing.returncode == 1 and missing.stderr.startswith("quorum predict: NOT_FOUND: ")
+
+
+def test_the_readme_values_example_works_as_written(server):
+    readme = (ROOT / "README.md").read_text()
+    (line,) = [line for line in readme.splitlines() if line.startswith(".venv/bin/quorum predict") and "--values" in line]
+    command = line.split("#")[0].split()[2:]  # drop `.venv/bin/quorum predict`
+    done = quorum(*command, "--address", server.address)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0].startswith("digits: 0  confidence ")  # the row is digits[0], a zero

@@ -15,6 +15,7 @@ from sklearn.datasets import load_digits
 
 from service.export import calibration as cal
 from service.export import cli
+from service.export.errors import UsageError
 from service.export.exporter import export_variant, next_version, normalization_stats, normalize
 from service.repository.manifest import VariantManifest, load_manifest
 
@@ -101,7 +102,7 @@ def test_manifest_names_the_graph_tensors(exported) -> None:
 def test_versions_are_immutable_and_appear_whole(exported, model, data) -> None:
     model_dir = exported["onnx"].parent
     kwargs = {k: data[k] for k in ("x_train", "y_train", "x_val", "y_val")}
-    with pytest.raises(FileExistsError):
+    with pytest.raises(UsageError, match="versions are immutable"):
         export_variant(model, **kwargs, val_indices=None, repository=model_dir.parent,
                        name=model_dir.name, labels=None, fmt="onnx", version=1)
     assert next_version(model_dir) == 2

@@ -1,0 +1,134 @@
+"""Offline checks of a model repository, as the server would make them when loading it:
+used by `quorum validate` and `quorum ensemble create`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from service.errors import ModelLoadError
+from service.repository.config import load_ensemble_config, load_model_config
+from service.repository.contract import EnsembleContractError, check_ensemble
+from service.repository.manifest import VariantManifest, load_manifest
+from service.repository.scan import ModelEntry, scan_model, valid_model_name
+
+
+@dataclass
+class ModelReport:
+    name: str
+    kind: str
+    served: list[str] = field(default_factory=list)
+    """What would serve, e.g. 'version 2 (onnx)'."""
+    refused: list[str] = field(default_factory=list)
+    """What the server would refuse, and why."""
+    ignored: str = ""
+    """Why the server would not even see this folder as a model."""
+
+
+def check_artifact(folder: Path, manifest: VariantManifest) -> None:
+    """The checkpoint is there and is what the manifest says (ONNX: onnx.checker and the graph's
+    input/output names; SavedModel: saved_model.pb)."""
+    path = folder / manifest.artifact
+    if manifest.framework == "savedmodel":
+        if not (path / "saved_model.pb").is_file():
+            raise ModelLoadError(str(folder), f"'{manifest.artifact}' is not a SavedModel (no saved_model.pb)")
+        return
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path))
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception as exc:  # onnx's ValidationError, protobuf's DecodeError
+        raise ModelLoadError(str(folder), f"'{manifest.artifact}' fails onnx.checker: "
+                             f"{' '.join(str(exc).split())[:300]}") from exc
+    initializers = {i.name for i in graph.initializer}
+    inputs = [i.name for i in graph.input if i.name not in initializers]
+    outputs = [o.name for o in graph.output]
+    if manifest.input.name not in inputs:
+        raise ModelLoadError(str(folder), f"manifest input '{manifest.input.name}' not in graph inputs {inputs}")
+    if len(inputs) != 1:  # the server feeds only the manifest's input
+        raise ModelLoadError(str(folder), f"the graph needs inputs {inputs}; the server feeds only "
+                             f"'{manifest.input.name}'")
+    if manifest.output.name not in outputs:
+        raise ModelLoadError(str(folder), f"manifest output '{manifest.output.name}' not in graph outputs {outputs}")
+
+
+def served_manifest(entry: ModelEntry) -> tuple[VariantManifest | str, list[str], int | None]:
+    """(the newest served version's manifest, or why there is none; problems of every version
+    the policy wants; that model's max batch size from model.yaml, if set)."""
+    try:
+        config = load_model_config(entry.path)
+    except ModelLoadError as exc:
+        return str(exc), [str(exc)], None
+    batch = config.batching.max_batch_size if config.batching else None
+    wanted = sorted(config.version_policy.select(set(entry.versions)))
+    if not wanted:
+        why = f"{entry.path}: the version policy selects none of versions {sorted(entry.versions)}"
+        return why, [why], batch
+    problems: list[str] = []
+    good: dict[int, VariantManifest] = {}
+    for version in wanted:
+        folder = entry.path / str(version)
+        try:
+            manifest = load_manifest(folder)
+            if manifest.name != entry.name or manifest.version != version:
+                raise ModelLoadError(str(folder), f"manifest names {manifest.name} version "
+                                     f"{manifest.version}, but the folder is {entry.name}/{version}")
+            check_artifact(folder, manifest)
+            good[version] = manifest
+        except ModelLoadError as exc:
+            problems.append(str(exc))
+    if good:
+        return good[max(good)], problems, batch
+    return "; ".join(problems), problems, batch
+
+
+def member_manifests(root: Path, members: list[str]) -> tuple[dict[str, VariantManifest | str | None], dict[str, int]]:
+    """What check_ensemble takes: each member's manifest, or why it has none, or None."""
+    found: dict[str, VariantManifest | str | None] = {}
+    sizes: dict[str, int] = {}
+    for member in members:
+        entry = scan_model(root, member) if valid_model_name(member) else None
+        if entry is None:
+            found[member] = None
+        elif entry.kind == "ensemble":
+            found[member] = "it is an ensemble; members are single models"
+        else:
+            manifest, _, batch = served_manifest(entry)
+            found[member] = manifest
+            if batch is not None:
+                sizes[member] = batch
+    return found, sizes
+
+
+def check_repository(root: Path) -> list[ModelReport]:
+    reports: list[ModelReport] = []
+    children = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for path in children:
+        entry = scan_model(root, path.name)
+        if entry is None:
+            why = ("not a valid model name" if not valid_model_name(path.name)
+                   else "no ensemble.yaml and no numeric version folder")
+            reports.append(ModelReport(path.name, "ignored", ignored=why))
+            continue
+        report = ModelReport(entry.name, entry.kind)
+        if entry.kind == "variant":
+            manifest, problems, _ = served_manifest(entry)
+            report.refused += problems
+            if not isinstance(manifest, str):
+                report.served.append(f"version {manifest.version} ({manifest.framework}, "
+                                     f"{manifest.input.name} {manifest.input.dtype} {list(manifest.input.shape)}, "
+                                     f"{len(manifest.labels)} labels)")
+        else:
+            try:
+                config = load_ensemble_config(entry.path)
+                members, sizes = member_manifests(root, list(config.members))
+                spec = check_ensemble(entry.name, members, sizes)
+                report.served.append(f"{len(config.members)} members ({', '.join(config.members)}), "
+                                     f"policy {config.policy}, {len(spec.labels)} labels")
+            except EnsembleContractError as exc:
+                report.refused += [f"ensemble '{entry.name}': {p}" for p in exc.problems]
+            except ModelLoadError as exc:
+                report.refused.append(str(exc))
+        reports.append(report)
+    return reports
