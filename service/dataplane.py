@@ -20,6 +20,7 @@ import numpy as np
 from service.ensemble.fanout import gather_with_deadline
 from service.ensemble.voting import Vote, calibrate, vote
 from service.errors import DeadlineExceeded, FailedPrecondition, InvalidInput, ModelNotFound, ModelNotReady
+from service.monitoring.stages import COLLECTOR, Stage, record
 from service.objectives.feedback import FeedbackStore
 from service.objectives.selection import blend
 from service.objectives.tracker import MemberInfo, ObjectiveTracker
@@ -218,6 +219,7 @@ class DataPlane:
         probs = calibrate(logits, served.manifest.calibration.temperature)
         result = vote("soft", [probs], [model])
         vote_s = time.perf_counter() - start
+        _record_vote(vote_s, "soft", ())
         member = MemberResult(model, served.version, served.device, latency, True)
         return InferenceResult(model, served.version, policy or "soft", served.manifest.labels,
                                result, (member,), (), probs[None].astype(np.float32), logits,
@@ -241,9 +243,10 @@ class DataPlane:
             for m, o in outcomes.items())
         members += tuple(MemberResult(m, 0, "", 0.0, False, str(exc)) for m, exc in (missing or {}).items())
         left_out = tuple(m.name for m in members if not m.in_time)
+        vote_s = time.perf_counter() - start
+        _record_vote(vote_s, policy, left_out)
         return InferenceResult(model, 1, policy, spec.labels, result, members, left_out,
-                               np.stack(probs).astype(np.float32), inputs=rows,
-                               vote_s=time.perf_counter() - start)
+                               np.stack(probs).astype(np.float32), inputs=rows, vote_s=vote_s)
 
     # -- satisficing -----------------------------------------------------------------------
     def tracker(self, ensemble: str) -> ObjectiveTracker:
@@ -315,6 +318,14 @@ class DataPlane:
 
 
 @functools.lru_cache(maxsize=1024)
+def _record_vote(seconds: float, policy: str, left_out: tuple[str, ...]) -> None:
+    """The calibration and vote just done, as a stage of the request's trace (if traced)."""
+    if COLLECTOR.get() is not None:
+        end = time.monotonic()
+        record(Stage("calibrate and vote", end - seconds, end,
+                     {"quorum.policy": policy, "quorum.members_left_out": ",".join(left_out)}))
+
+
 def class_order(ensemble_labels: tuple[str, ...], member_labels: tuple[str, ...]) -> np.ndarray | None:
     """Indices that put a member's class axis in the ensemble's order (by label name;
     None when it already is): computed once per pair of label lists, not per request."""

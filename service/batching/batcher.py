@@ -39,6 +39,7 @@ import numpy as np
 from service.batching.config import BatchingConfig
 from service.batching.requests import merge, split
 from service.errors import DeadlineExceeded, InvalidInput, ModelNotReady, Overloaded
+from service.monitoring.stages import COLLECTOR, Stage, record
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,8 @@ class BatchObserver(Protocol):
 
 
 class _Pending:
-    __slots__ = ("rows", "n", "deadline", "arrival", "future", "timer", "queued")
+    __slots__ = ("rows", "n", "deadline", "arrival", "future", "timer", "queued", "started", "finished",
+                 "batch_rows")
 
     def __init__(self, rows: np.ndarray, deadline: float | None, arrival: float,
                  future: asyncio.Future[np.ndarray]) -> None:
@@ -62,12 +64,16 @@ class _Pending:
         self.future = future
         self.timer: asyncio.TimerHandle | None = None
         self.queued = True
+        self.started = self.finished = 0.0  # its batch's compute (for traces)
+        self.batch_rows = 0
 
 
 class DynamicBatcher:
     def __init__(self, name: str, run_batch: RunBatch, config: BatchingConfig,
                  observer: BatchObserver | None = None) -> None:
         self.name = name
+        self._model, _, version = name.partition(":")  # "model:version"
+        self._trace_attributes = {"quorum.member": self._model, "quorum.version": version}
         self._run_batch = run_batch
         self._config = config
         self._observer = observer
@@ -156,12 +162,17 @@ class DynamicBatcher:
         self._queued_rows += pending.n
         self._wake()
         try:
-            return await pending.future
+            output = await pending.future
         except asyncio.CancelledError:
             if pending.queued:
                 self._unqueue(pending)
                 self._wake()
             raise
+        if COLLECTOR.get() is not None:  # this request is traced: its queue wait and batch
+            record(Stage(f"member {self._model}", pending.arrival, pending.finished, self._trace_attributes, (
+                Stage("queue", pending.arrival, pending.started),
+                Stage("compute", pending.started, pending.finished, {"quorum.batch_rows": pending.batch_rows}))))
+        return output
 
     def _unqueue(self, pending: _Pending) -> None:
         """Mark a live queued entry dead (it is popped later) and free its rows."""
@@ -286,7 +297,9 @@ class DynamicBatcher:
             merged, counts = merge([pending.rows for pending in batch])
             for pending in batch:
                 pending.rows = None  # type: ignore[assignment]
+            started = time.monotonic()
             outputs = split(await self._run_batch(merged), counts)
+            finished = time.monotonic()
         except Exception as exc:  # noqa: BLE001 - every caller of the batch gets it
             for pending in batch:
                 if not pending.future.done():
@@ -300,6 +313,7 @@ class DynamicBatcher:
             raise
         else:
             for pending, output in zip(batch, outputs):
+                pending.started, pending.finished, pending.batch_rows = started, finished, rows
                 if not pending.future.done():
                     pending.future.set_result(output)
         finally:

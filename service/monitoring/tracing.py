@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from opentelemetry import propagate, trace
@@ -30,19 +30,10 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
+from service.monitoring.stages import Stage
+
 log = logging.getLogger(__name__)
 ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
-
-
-@dataclass(frozen=True, slots=True)
-class Stage:
-    """One step of a request, timed by the pipeline (time.time_ns() instants)."""
-
-    name: str
-    start_ns: int
-    end_ns: int
-    attributes: Mapping[str, Any] = field(default_factory=dict)
-    children: tuple["Stage", ...] = ()
 
 
 def endpoint_from(configured: str | None, environ: Mapping[str, str] = os.environ) -> str | None:
@@ -103,17 +94,18 @@ class Tracing:
             if code != "OK":
                 span.set_status(Status(StatusCode.ERROR, code))
             parent = trace.set_span_in_context(span)
+            offset = time.time_ns() - int(time.monotonic() * 1e9)  # monotonic -> epoch ns
             for stage in stages:
-                self._record(stage, parent)
+                self._record(stage, parent, offset)
         span.end()
 
-    def _record(self, stage: Stage, parent) -> None:
-        child = self._tracer.start_span(stage.name, context=parent, start_time=stage.start_ns,
+    def _record(self, stage: Stage, parent, offset: int) -> None:
+        child = self._tracer.start_span(stage.name, context=parent, start_time=int(stage.start * 1e9) + offset,
                                         attributes=dict(stage.attributes))
         context = trace.set_span_in_context(child)
         for grandchild in stage.children:
-            self._record(grandchild, context)
-        child.end(end_time=stage.end_ns)
+            self._record(grandchild, context, offset)
+        child.end(end_time=int(stage.end * 1e9) + offset)
 
     def shutdown(self) -> None:
         if self.provider is not None:
