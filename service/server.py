@@ -22,6 +22,7 @@ from service._proto import POOL
 from service._proto.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from service._proto.quorum.v1 import ensemble_pb2, ensemble_pb2_grpc
 from service.api.context import ApiContext
+from service.api.engine import EngineUnavailable, build_server, resolve_engine
 from service.api.ensemble import EnsembleServicer
 from service.api.health import HealthServicer
 from service.api.interceptors import ServiceInterceptor
@@ -105,7 +106,10 @@ class QuorumServer:
 
     async def start(self) -> None:
         limit = self.settings.max_message_bytes
-        self._server = grpc.aio.server(
+        credentials = self._credentials()
+        self.engine = resolve_engine(self.settings.grpc_engine, tls=credentials is not None)
+        self._server = build_server(
+            self.engine,
             interceptors=[ServiceInterceptor(token=self._token(), observer=self.monitor)],
             options=[("grpc.max_receive_message_length", limit),
                      ("grpc.max_send_message_length", limit),
@@ -122,7 +126,6 @@ class QuorumServer:
             services + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
             self._server, pool=_reflection_pool())
         address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
-        credentials = self._credentials()
         self.port = (self._server.add_secure_port(address, credentials) if credentials
                      else self._server.add_insecure_port(address))
         if self.monitor:
@@ -130,7 +133,7 @@ class QuorumServer:
             log.info("Prometheus /metrics on port %d", self.metrics_port)
         await self._set_health(False)
         await self._server.start()  # probes get NOT_SERVING while the models load
-        log.info("gRPC on port %d (%s)", self.port, "TLS" if credentials else "plaintext")
+        log.info("gRPC on port %d (%s, %s engine)", self.port, "TLS" if credentials else "plaintext", self.engine)
         await self.manager.start()
         if self.monitor:
             self.monitor.start_drift()
@@ -207,6 +210,10 @@ async def serve(settings: Settings) -> None:
 
 
 def run(settings: Settings) -> int:
+    try:  # before any worker starts or model loads
+        resolve_engine(settings.grpc_engine, tls=bool(settings.tls_cert and settings.tls_key))
+    except EngineUnavailable as exc:
+        raise SystemExit(f"quorum serve: {exc}") from None
     if settings.workers > 1:
         from service.workers import run_workers
 
