@@ -30,7 +30,7 @@ def pytest_generate_tests(metafunc):
     if unknown:
         raise pytest.UsageError(f"--grpc-engines: unknown {sorted(unknown)}; choose from {ENGINES}")
     if TLS_FIXTURES & set(metafunc.fixturenames):
-        engines = [e for e in engines if e == "grpcio"]
+        engines = ["grpcio"]  # the engine of every TLS server
     metafunc.parametrize("grpc_engine", engines, scope="module", indirect=True)
 
 
