@@ -133,7 +133,8 @@ class QuorumServer:
             log.info("Prometheus /metrics on port %d", self.metrics_port)
         await self._set_health(False)
         await self._server.start()  # probes get NOT_SERVING while the models load
-        log.info("gRPC on port %d (%s, %s engine)", self.port, "TLS" if credentials else "plaintext", self.engine)
+        log.info("gRPC on port %d (%s, %s engine, %s loop)", self.port, "TLS" if credentials else "plaintext",
+                 self.engine, type(asyncio.get_running_loop()).__module__.partition(".")[0])
         await self.manager.start()
         if self.monitor:
             self.monitor.start_drift()
@@ -218,5 +219,11 @@ def run(settings: Settings) -> int:
         from service.workers import run_workers
 
         return run_workers(settings)
-    asyncio.run(serve(settings))
+    loop_factory = None
+    if settings.event_loop == "uvloop":
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(serve(settings))
     return 0

@@ -58,6 +58,8 @@ class Settings(BaseSettings):
     grpc_engine: Literal["grpcio", "native"] | None = None
     """gRPC server: grpcio (grpc.aio) or native (pygrpc-native, HTTP/2 in Rust; plaintext
     only). Unset: grpcio. With TLS the server is grpcio, and asking for native refuses to start."""
+    event_loop: Literal["asyncio", "uvloop"] = "asyncio"
+    """The server's event loop: asyncio's own, or uvloop (libuv)."""
 
     tls_cert: Path | None = None
     """PEM certificate chain of the server; with tls_key, turns TLS on."""
