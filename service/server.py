@@ -133,7 +133,7 @@ class QuorumServer:
             log.info("Prometheus /metrics on port %d", self.metrics_port)
         await self._set_health(False)
         await self._server.start()  # probes get NOT_SERVING while the models load
-        log.info("gRPC on port %d (%s, %s engine, %s loop)", self.port, "TLS" if credentials else "plaintext",
+        log.info("gRPC on port %d (%s), %s engine, %s event loop", self.port, "TLS" if credentials else "plaintext",
                  self.engine, type(asyncio.get_running_loop()).__module__.partition(".")[0])
         await self.manager.start()
         if self.monitor:
