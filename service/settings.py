@@ -58,8 +58,9 @@ class Settings(BaseSettings):
     grpc_engine: Literal["grpcio", "native"] | None = None
     """gRPC server: grpcio (grpc.aio) or native (pygrpc-native, HTTP/2 in Rust; plaintext
     only). Unset: grpcio. With TLS the server is grpcio, and asking for native refuses to start."""
-    event_loop: Literal["asyncio", "uvloop"] = "asyncio"
-    """The server's event loop: asyncio's own, or uvloop (libuv)."""
+    event_loop: Literal["asyncio", "uvloop"] = "uvloop"
+    """The server's event loop: uvloop (libuv; less server CPU per request on both engines,
+    see docs/performance.md) or asyncio's own."""
 
     tls_cert: Path | None = None
     """PEM certificate chain of the server; with tls_key, turns TLS on."""
