@@ -1,6 +1,7 @@
 """Quorum's gRPC engines and event loops side by side, against the grpc.aio floor:
 
     python bench/engines.py [--duration 10] [--rounds 2] [--concurrency 64] [--model digits_mlp_a]
+                            [--variants grpcio-asyncio,grpcio-uvloop,native-asyncio,native-uvloop]
                             [--out bench/results/engines]
 
 Starts the floor (bench/floor_server.py) and one Quorum server per engine x event loop
@@ -37,14 +38,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--model", default="digits_mlp_a")
     p.add_argument("--out", type=Path, default=BENCH / "results" / "engines")
+    p.add_argument("--variants", default=",".join(f"{e}-{loop}" for e, loop in VARIANTS),
+                   help="ENGINE-LOOP,... to run (default: all four)")
     args = p.parse_args(argv)
+    variants = [tuple(v.split("-")) for v in args.variants.split(",")]
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        p.error(f"--variants: unknown {sorted('-'.join(v) for v in unknown)}")
     out: Path = args.out
     (out / "runs").mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
 
     servers = {"floor": Server("floor", [PY, str(BENCH / "floor_server.py"), "--port", str(port := free_port())],
                                port)}
-    for engine, loop in VARIANTS:
+    for engine, loop in variants:
         port = free_port()
         servers[f"quorum-{engine}-{loop}"] = Server(
             f"quorum-{engine}-{loop}",
