@@ -30,6 +30,11 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
                    help="seconds in-flight requests get to finish on SIGTERM")
     p.add_argument("--drain-delay", type=float, dest="drain_delay_s",
                    help="seconds to keep accepting after turning NOT_SERVING on SIGTERM (default 5)")
+    p.add_argument("--grpc-engine", choices=["grpcio", "native"],
+                   help="gRPC server: grpcio (grpc.aio, the default) or native (pygrpc-native, "
+                        "HTTP/2 in Rust); TLS and mTLS are served by grpcio only")
+    p.add_argument("--event-loop", choices=["asyncio", "uvloop"],
+                   help="the server's event loop (default uvloop)")
     p.add_argument("--workers", type=int,
                    help="server processes sharing the gRPC port (SO_REUSEPORT; default 1)")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING...")

@@ -28,6 +28,7 @@ from service._proto import POOL
 from service._proto.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from service._proto.quorum.v1 import ensemble_pb2, ensemble_pb2_grpc
 from service.api.context import ApiContext
+from service.api.engine import EngineUnavailable, build_server, resolve_engine
 from service.api.ensemble import EnsembleServicer
 from service.api.health import LIVENESS, NOT_SERVING, SERVING, HealthServicer
 from service.api.interceptors import Admission, ServiceInterceptor
@@ -109,7 +110,10 @@ class QuorumServer:
 
     async def start(self) -> None:
         limit = self.settings.max_message_bytes
-        self._server = grpc.aio.server(
+        credentials = self._credentials()
+        self.engine = resolve_engine(self.settings.grpc_engine, tls=credentials is not None)
+        self._server = build_server(
+            self.engine,
             interceptors=[ServiceInterceptor(token=self.settings.token(), observer=self.monitor,
                                              admission=self.admission)],
             options=[("grpc.max_receive_message_length", limit),
@@ -127,7 +131,6 @@ class QuorumServer:
             services + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
             self._server, pool=_reflection_pool())
         address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
-        credentials = self._credentials()
         self.port = (self._server.add_secure_port(address, credentials) if credentials
                      else self._server.add_insecure_port(address))
         if self.monitor:
@@ -137,7 +140,8 @@ class QuorumServer:
         self.watchdog.start()
         await self._update_health()
         await self._server.start()  # readiness NOT_SERVING (liveness SERVING) while the models load
-        log.info("gRPC on port %d (%s)", self.port, "TLS" if credentials else "plaintext")
+        log.info("gRPC on port %d (%s), %s engine, %s event loop", self.port, "TLS" if credentials else "plaintext",
+                 self.engine, type(asyncio.get_running_loop()).__module__.partition(".")[0])
         await self.manager.start()
         if self.monitor:
             self.monitor.prime()
@@ -232,9 +236,19 @@ async def serve(settings: Settings) -> None:
 
 
 def run(settings: Settings) -> int:
+    try:  # before any worker starts or model loads
+        resolve_engine(settings.grpc_engine, tls=bool(settings.tls_cert and settings.tls_key))
+    except EngineUnavailable as exc:
+        raise SystemExit(f"quorum serve: {exc}") from None
     if settings.workers > 1:
         from service.workers import run_workers
 
         return run_workers(settings)
-    asyncio.run(serve(settings))
+    loop_factory = None
+    if settings.event_loop == "uvloop":
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(serve(settings))
     return 0

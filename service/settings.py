@@ -66,6 +66,12 @@ class Settings(BaseSettings):
     """How often ensembles re-evaluate which members to ask (satisficing selection)."""
     max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     """Largest gRPC message accepted or sent."""
+    grpc_engine: Literal["grpcio", "native"] | None = None
+    """gRPC server: grpcio (grpc.aio) or native (pygrpc-native, HTTP/2 in Rust; plaintext
+    only). Unset: grpcio. With TLS the server is grpcio, and asking for native refuses to start."""
+    event_loop: Literal["asyncio", "uvloop"] = "uvloop"
+    """The server's event loop: uvloop (libuv; less server CPU per request on both engines,
+    see docs/performance.md) or asyncio's own."""
 
     tls_cert: Path | None = None
     """PEM certificate chain of the server; with tls_key, turns TLS on."""

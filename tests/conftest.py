@@ -12,6 +12,11 @@ from sklearn.datasets import load_digits
 from tests.helpers import SPLIT
 
 
+def pytest_addoption(parser):
+    parser.addoption("--grpc-engines", default="grpcio,native",
+                     help="comma-separated gRPC engines the end-to-end tests run on (tests/e2e/conftest.py)")
+
+
 @pytest.fixture(scope="session")
 def digits() -> tuple[np.ndarray, np.ndarray]:
     data = load_digits()

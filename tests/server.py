@@ -24,6 +24,7 @@ class RunningServer:
     grpc_port: int
     metrics_port: int
     log: Path
+    engine: str | None = None
 
     @property
     def address(self) -> str:
@@ -69,16 +70,20 @@ def running_server(tmp_path: Path, repository: Path = MODELS, *, wait: bool = Tr
     Defaults differ from a real `quorum serve` in two ways only, to keep the suite fast: a
     0.2 s drain delay (5 s by default) and a 0.5 s poll interval (2 s), which matters only to
     a test that asks for hot reload with `args=["--model-control", "poll"]` (the default
-    model control is none, as in production)."""
+    model control is none, as in production).
+
+    The gRPC engine is QUORUM_TEST_GRPC_ENGINE's, when set (tests/e2e/conftest.py sets it)."""
     grpc_port, metrics_port = free_port(), free_port()
     log = tmp_path / f"server-{grpc_port}.log"
+    engine = os.environ.get("QUORUM_TEST_GRPC_ENGINE")
     command = [sys.executable, "-m", "service.cli", "serve", "--model-repository", str(repository),
-               "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port), "--device", "cpu", *args]
+               "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port), "--device", "cpu",
+               *(["--grpc-engine", engine] if engine else []), *args]
     full_env = {**os.environ, "QUORUM_POLL_INTERVAL_S": "0.5", "QUORUM_DRAIN_DELAY_S": "0.2",
                 "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
     with open(log, "wb") as out:
         process = subprocess.Popen(command, cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT)
-    server = RunningServer(process, grpc_port, metrics_port, log)
+    server = RunningServer(process, grpc_port, metrics_port, log, engine)
     try:
         if wait:
             wait_serving(server)

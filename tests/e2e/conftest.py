@@ -1,5 +1,13 @@
 """Fixtures shared by the protocol test modules: one real server per module (a module that
-needs another repository overrides `server`), and clients on it."""
+needs another repository overrides `server`), and clients on it.
+
+Every end-to-end test runs on each gRPC engine (`--grpc-engines grpcio,native`, the default:
+both): `grpc_engine` is a module-scoped parameter, so a module runs all its tests on grpcio,
+then all on native, with one server per engine. A module-scoped fixture that starts a server
+must take `grpc_engine` (so that it is started again for the next engine); `_same_engine`
+fails a test whose server runs another engine than its id says. Tests of TLS servers run on
+grpcio only: pygrpc-native has no TLS, and Quorum serves TLS with grpcio whatever the engine.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +16,44 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from tests.e2e.fixtures import module_server
+from tests.server import RunningServer
+
+ENGINES = ("grpcio", "native")  # as in tests/conftest.py
+TLS_FIXTURES = {"tls_server", "mtls_server"}
+
+
+def pytest_generate_tests(metafunc):
+    if "grpc_engine" not in metafunc.fixturenames:
+        return
+    engines = [e for e in metafunc.config.getoption("--grpc-engines").split(",") if e]
+    unknown = set(engines) - set(ENGINES)
+    if unknown:
+        raise pytest.UsageError(f"--grpc-engines: unknown {sorted(unknown)}; choose from {ENGINES}")
+    if TLS_FIXTURES & set(metafunc.fixturenames):
+        engines = ["grpcio"]  # the engine of every TLS server
+    metafunc.parametrize("grpc_engine", engines, scope="module", indirect=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def grpc_engine(request):
+    """The engine every server started in this module's tests runs (QUORUM_TEST_GRPC_ENGINE)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("QUORUM_TEST_GRPC_ENGINE", request.param)
+        yield request.param
+
+
+@pytest.fixture(autouse=True)
+def _same_engine(request, grpc_engine):
+    for name in request.fixturenames:
+        if name not in ("request", "_same_engine"):
+            value = request.getfixturevalue(name)
+            if isinstance(value, RunningServer):
+                assert value.engine == grpc_engine, (
+                    f"fixture {name!r} runs {value.engine}, not {grpc_engine}: it must take grpc_engine")
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, request):
+def server(tmp_path_factory, request, grpc_engine):
     """A module may set SERVER_ARGS (e.g. ["--model-control", "explicit"]) for its server."""
     with module_server(tmp_path_factory, request.module.__name__.rpartition(".")[2],
                        args=getattr(request.module, "SERVER_ARGS", [])) as s:

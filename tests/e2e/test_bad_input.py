@@ -41,7 +41,7 @@ def layout(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, layout):
+def server(tmp_path_factory, layout, grpc_engine):
     with module_server(tmp_path_factory, "bad-input", repository=layout,
                        args=["--model-control", "explicit"]) as s:  # the load requests below
         yield s

@@ -72,7 +72,7 @@ def mtls_server(tmp_path_factory, pki):
 
 
 @pytest.fixture(scope="module", params=["env", "file"])
-def token_server(request, tmp_path_factory):
+def token_server(request, tmp_path_factory, grpc_engine):
     if request.param == "env":
         env = {"QUORUM_AUTH_TOKEN": TOKEN}
     else:

@@ -1,0 +1,47 @@
+"""Which gRPC server the API runs on: grpcio's `grpc.aio.server`, or pygrpc-native's drop-in
+(`pygrpc_native.aio.server`: HTTP/2 and gRPC framing in Rust, outside the GIL; the same
+servicers and interceptors; client-/bidi-streaming methods such as reflection go to a grpcio
+server behind it on a Unix socket).
+
+pygrpc-native has no TLS: with TLS configured the server is always grpcio, and asking for
+the native engine explicitly then refuses to start rather than serve something else.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import grpc
+
+log = logging.getLogger(__name__)
+
+Engine = Literal["grpcio", "native"]
+ENGINES: tuple[Engine, ...] = ("grpcio", "native")
+DEFAULT_PLAINTEXT: Engine = "grpcio"
+"""The engine of a plaintext server when none is asked for (see README, "gRPC engine")."""
+
+
+class EngineUnavailable(ValueError):
+    """The requested engine cannot serve these settings."""
+
+
+def resolve_engine(requested: Engine | None, tls: bool) -> Engine:
+    """The engine to build: the one asked for, else the default; TLS is grpcio only."""
+    if tls:
+        if requested == "native":
+            raise EngineUnavailable(
+                "--grpc-engine native has no TLS: drop QUORUM_TLS_CERT/QUORUM_TLS_KEY or use "
+                "--grpc-engine grpcio (the default with TLS)")
+        return "grpcio"
+    return requested or DEFAULT_PLAINTEXT
+
+
+def build_server(engine: Engine, *, interceptors: Sequence[Any],
+                 options: Sequence[tuple[str, Any]]) -> grpc.aio.Server:
+    if engine == "native":
+        import pygrpc_native.aio
+
+        return pygrpc_native.aio.server(interceptors=list(interceptors), options=list(options))
+    return grpc.aio.server(interceptors=list(interceptors), options=list(options))
