@@ -16,14 +16,15 @@ import grpc
 from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import FileDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from service._proto import POOL
 from service._proto.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from service._proto.quorum.v1 import ensemble_pb2, ensemble_pb2_grpc
+from service.api import reflection
 from service.api.context import ApiContext
 from service.api.ensemble import EnsembleServicer
 from service.api.health import HealthServicer
+from service.api.http import HttpServer, start_http
 from service.api.interceptors import ServiceInterceptor
 from service.api.tfserving import ModelServicer, PredictionServicer
 from service.api.v2 import InferenceServicer
@@ -81,6 +82,7 @@ class QuorumServer:
         if self.monitor:
             self.monitor.attach(self.manager, self.api.feedback, data.trackers)
         self.metrics_port: int | None = None
+        self.http: HttpServer | None = None  # the HTTP/REST front, unless http_port is 0
         self.health = HealthServicer()
         self.port = settings.grpc_port
         self._server: grpc.aio.Server | None = None
@@ -118,9 +120,8 @@ class QuorumServer:
         ensemble_pb2_grpc.add_EnsembleServiceServicer_to_server(EnsembleServicer(self.api), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         services = _service_names()
-        reflection.enable_server_reflection(
-            services + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-            self._server, pool=_reflection_pool())
+        reflection.enable(self._server, services + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name],
+                          _reflection_pool())
         address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
         credentials = self._credentials()
         self.port = (self._server.add_secure_port(address, credentials) if credentials
@@ -131,6 +132,7 @@ class QuorumServer:
         await self._set_health(False)
         await self._server.start()  # probes get NOT_SERVING while the models load
         log.info("gRPC on port %d (%s)", self.port, "TLS" if credentials else "plaintext")
+        self.http = await start_http(self.settings, self.api, token=self._token(), observer=self.monitor)
         await self.manager.start()
         if self.monitor:
             self.monitor.start_drift()
@@ -188,8 +190,11 @@ class QuorumServer:
         if self.settings.drain_delay_s:
             log.info("NOT_SERVING; still accepting for %.1fs while endpoints update", self.settings.drain_delay_s)
             await asyncio.sleep(self.settings.drain_delay_s)
+        http_stopped = asyncio.create_task(self.http.stop()) if self.http else None  # drains beside gRPC
         if self._server:
             await self._server.stop(grace)
+        if http_stopped:
+            await http_stopped
         await self.manager.stop()
         if self.monitor:
             await self.monitor.stop()

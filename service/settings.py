@@ -18,6 +18,10 @@ class Settings(BaseSettings):
     """Address the gRPC server binds."""
     grpc_port: int = Field(8500, ge=0, le=65535)
     """gRPC port for every service (0 picks a free port)."""
+    http_port: int = Field(8501, ge=0, le=65535)
+    """HTTP/REST port: TF Serving's REST API and KServe v2 REST, beside gRPC (0 disables it)."""
+    http_host: str = "0.0.0.0"
+    """Address the HTTP/REST server binds."""
     metrics_port: int = Field(8502, ge=0, le=65535)
     """HTTP port of the Prometheus /metrics endpoint (0 picks a free port)."""
     metrics_host: str = "0.0.0.0"
@@ -54,7 +58,7 @@ class Settings(BaseSettings):
     objective_interval_s: float = Field(1.0, gt=0)
     """How often ensembles re-evaluate which members to ask (satisficing selection)."""
     max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024)
-    """Largest gRPC message accepted or sent."""
+    """Largest gRPC message accepted or sent, and largest HTTP request body (413 beyond)."""
 
     tls_cert: Path | None = None
     """PEM certificate chain of the server; with tls_key, turns TLS on."""

@@ -24,10 +24,16 @@ class RunningServer:
     grpc_port: int
     metrics_port: int
     log: Path
+    http_port: int = 0
+    """The HTTP/REST port (0 when the test turned it off with --http-port 0)."""
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
 
     def channel(self) -> grpc.Channel:
         return grpc.insecure_channel(self.address)
@@ -64,15 +70,19 @@ def wait_serving(server: RunningServer, timeout: float = 90, channel_factory=Non
 @contextmanager
 def running_server(tmp_path: Path, repository: Path = MODELS, *, wait: bool = True,
                    env: dict[str, str] | None = None, args: list[str] = ()) -> Iterator[RunningServer]:
-    """`quorum serve` on free ports; settings through flags and QUORUM_* env, as a user would."""
+    """`quorum serve` on free ports; settings through flags and QUORUM_* env, as a user would.
+    An `--http-port` in `args` wins over the free one picked here (0 turns HTTP off)."""
     grpc_port, metrics_port = free_port(), free_port()
+    args = list(args)
+    http_port = int(args[args.index("--http-port") + 1]) if "--http-port" in args else free_port()
     log = tmp_path / f"server-{grpc_port}.log"
     command = [sys.executable, "-m", "service.cli", "serve", "--model-repository", str(repository),
-               "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port), "--device", "cpu", *args]
+               "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
+               "--http-port", str(http_port), "--device", "cpu", *args]
     full_env = {**os.environ, "QUORUM_POLL_INTERVAL_S": "0.5", "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
     with open(log, "wb") as out:
         process = subprocess.Popen(command, cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT)
-    server = RunningServer(process, grpc_port, metrics_port, log)
+    server = RunningServer(process, grpc_port, metrics_port, log, http_port)
     try:
         if wait:
             wait_serving(server)

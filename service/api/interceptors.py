@@ -24,6 +24,7 @@ STATUS_OF: dict[type[errors.QuorumError], grpc.StatusCode] = {
     errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     errors.ModelLoadError: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
 }
 
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
