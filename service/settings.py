@@ -72,11 +72,11 @@ class Settings(BaseSettings):
     """File holding the bearer token (read once at start); wins over auth_token."""
 
     workers: int = Field(1, ge=1)
-    """Server processes sharing the gRPC port through SO_REUSEPORT (each loads every model;
+    """Server processes sharing the gRPC and HTTP ports through SO_REUSEPORT (each loads every model;
     worker i serves /metrics on metrics_port + i). The kernel balances connections, not
     requests, so one client channel always reaches the same worker (and its Feedback too)."""
     reuse_port: bool = False
-    """Bind the gRPC port with SO_REUSEPORT (set for each worker of a multi-process server)."""
+    """Bind the gRPC and HTTP ports with SO_REUSEPORT (set for each worker of a multi-process server)."""
 
     log_level: str = "INFO"
     """Python logging level."""

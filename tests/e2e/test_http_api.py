@@ -105,6 +105,8 @@ def test_tritonclient_http_metadata_and_health(http, client):
         assert ours["platform"] == theirs["platform"] and ours["versions"] == theirs["versions"]
     with pytest.raises(InferenceServerException, match="no_such_model"):
         http.get_model_metadata("no_such_model")
+    with pytest.raises(InferenceServerException, match="no version 9"):
+        http.get_model_metadata(MEMBER, "9")
 
 
 def test_tritonclient_http_statistics_and_repository(http):

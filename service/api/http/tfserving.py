@@ -99,8 +99,8 @@ def _rows(info: ModelInfo, body: dict[str, Any]) -> tuple[np.ndarray, bool]:
 
 async def predict(request: web.Request) -> web.Response:
     api, name = request.app["api"], request.match_info["name"]
+    info = api.data.info(name)  # an unknown model is NOT_FOUND before its body is read
     body = await _body(request)
-    info = api.data.info(name)
     rows, row_format = _rows(info, body)
     answer = await inference.infer(api, name, {info.input.name: rows}, version=_version(request),
                                    deadline=deadline(request))
@@ -114,8 +114,8 @@ async def predict(request: web.Request) -> web.Response:
 
 async def classify(request: web.Request) -> web.Response:
     api, name = request.app["api"], request.match_info["name"]
-    body = await _body(request)
     info = api.data.info(name)
+    body = await _body(request)
     examples, context = body.get("examples"), body.get("context") or {}
     if not isinstance(examples, list) or not examples or not all(isinstance(e, dict) for e in examples):
         raise InvalidInput("'examples' must be a non-empty list of objects, one per row")

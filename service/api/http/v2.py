@@ -17,7 +17,7 @@ from service.api import inference
 from service.api.http.app import deadline, json_response, parse_json, read_body
 from service.api.v2 import InferenceServicer
 from service.codecs import rest
-from service.errors import InvalidInput
+from service.errors import InvalidInput, ModelNotFound
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 MODEL = "/v2/models/{name:[^/]+}"
@@ -74,8 +74,10 @@ async def server_metadata(request: web.Request) -> web.Response:
 
 
 async def model_metadata(request: web.Request) -> web.Response:
-    answer = await _servicer(request).ModelMetadata(
-        pb.ModelMetadataRequest(name=request.match_info["name"], version=_version(request)), None)
+    name, version = request.match_info["name"], _version(request)
+    answer = await _servicer(request).ModelMetadata(pb.ModelMetadataRequest(name=name, version=version), None)
+    if version and version not in answer.versions:
+        raise ModelNotFound(f"model '{name}' has no version {version} (versions: {', '.join(answer.versions)})")
     return json_response(to_json(answer))
 
 
@@ -158,7 +160,7 @@ async def infer(request: web.Request) -> web.Response:
     inputs = _inputs(doc.get("inputs"), binary)
     outputs, binary_out = _outputs(doc.get("outputs"), bool(parameters.get("binary_data_output", False)))
     answer = await inference.infer(
-        request.app["api"], name, inputs, version=int(request.match_info["version"]) if "version" in request.match_info else None,
+        request.app["api"], name, inputs, version=int(request.match_info.get("version", 0)) or None,
         deadline=deadline(request, parameters.get("timeout")), outputs=list(outputs), request_id=request_id)
     result = answer.result
     response: dict[str, Any] = {"model_name": name, "model_version": str(result.version)}
