@@ -31,6 +31,10 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 OPEN_PATHS = ("/v2/health/",)
+API = web.AppKey("api", ApiContext)
+MAX_BODY = web.AppKey("max_body", int)
+SERVICERS = web.AppKey("servicers", dict)
+"""The gRPC servicers whose answers the REST routes reuse, by protocol."""
 _TIMEOUT = re.compile(r"^(\d{1,8})([HMSmun])$")
 _UNIT_S = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 
@@ -150,7 +154,7 @@ def make_app(api: ApiContext, *, max_body_bytes: int, token: str | None = None,
                                 _Named(request.match_info.get("name", "")))
 
     app = web.Application(middlewares=[front], client_max_size=max_body_bytes)
-    app["api"], app["max_body"] = api, max_body_bytes
+    app[API], app[MAX_BODY], app[SERVICERS] = api, max_body_bytes, {}
     v2.add_routes(app)
     tfserving.add_routes(app)
     return app

@@ -12,7 +12,7 @@ from aiohttp import web
 from google.protobuf import json_format
 
 from service.api import inference
-from service.api.http.app import deadline, json_response, parse_json, read_body
+from service.api.http.app import API, MAX_BODY, SERVICERS, deadline, json_response, parse_json, read_body
 from service.api.tfserving import ModelServicer, PredictionServicer, check_signature, classifications, regress_refusal
 from service.codecs import rest
 from service.dataplane import ModelInfo
@@ -27,7 +27,7 @@ def _version(request: web.Request) -> int | None:
     if "version" in info:
         return int(info["version"]) or None
     if "label" in info:
-        return inference.labelled_version(request.app["api"], info["name"], info["label"])
+        return inference.labelled_version(request.app[API], info["name"], info["label"])
     return None
 
 
@@ -39,7 +39,7 @@ def _spec(request: web.Request, spec) -> None:
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
-    body = parse_json(await read_body(request, request.app["max_body"]))
+    body = parse_json(await read_body(request, request.app[MAX_BODY]))
     if not isinstance(body, dict):
         raise InvalidInput("the request body must be a JSON object")
     check_signature(request.match_info["name"], body.get("signature_name", "") or "")
@@ -51,7 +51,7 @@ async def status(request: web.Request) -> web.Response:
 
     query = get_model_status_pb2.GetModelStatusRequest()
     _spec(request, query.model_spec)
-    answer = await request.app["tf_models"].GetModelStatus(query, None)
+    answer = await request.app[SERVICERS]["tf_models"].GetModelStatus(query, None)
     return json_response(json_format.MessageToDict(
         answer, preserving_proto_field_name=True, always_print_fields_with_no_presence=True))
 
@@ -61,7 +61,7 @@ async def metadata(request: web.Request) -> web.Response:
 
     query = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
     _spec(request, query.model_spec)
-    answer = await request.app["tf_predict"].GetModelMetadata(query, None)
+    answer = await request.app[SERVICERS]["tf_predict"].GetModelMetadata(query, None)
     signatures = get_model_metadata_pb2.SignatureDefMap()
     answer.metadata["signature_def"].Unpack(signatures)
     return json_response({
@@ -98,7 +98,7 @@ def _rows(info: ModelInfo, body: dict[str, Any]) -> tuple[np.ndarray, bool]:
 
 
 async def predict(request: web.Request) -> web.Response:
-    api, name = request.app["api"], request.match_info["name"]
+    api, name = request.app[API], request.match_info["name"]
     info = api.data.info(name)  # an unknown model is NOT_FOUND before its body is read
     body = await _body(request)
     rows, row_format = _rows(info, body)
@@ -113,7 +113,7 @@ async def predict(request: web.Request) -> web.Response:
 
 
 async def classify(request: web.Request) -> web.Response:
-    api, name = request.app["api"], request.match_info["name"]
+    api, name = request.app[API], request.match_info["name"]
     info = api.data.info(name)
     body = await _body(request)
     examples, context = body.get("examples"), body.get("context") or {}
@@ -136,7 +136,7 @@ async def classify(request: web.Request) -> web.Response:
 
 
 async def regress(request: web.Request) -> web.Response:
-    request.app["api"].data.info(request.match_info["name"])  # an unknown model is NOT_FOUND first
+    request.app[API].data.info(request.match_info["name"])  # an unknown model is NOT_FOUND first
     raise InvalidInput(regress_refusal(request.match_info["name"]))
 
 
@@ -146,7 +146,7 @@ def _left_out(answer: inference.Answer) -> dict[str, str]:
 
 
 def add_routes(app: web.Application) -> None:
-    app["tf_predict"], app["tf_models"] = PredictionServicer(app["api"]), ModelServicer(app["api"])
+    app[SERVICERS].update(tf_predict=PredictionServicer(app[API]), tf_models=ModelServicer(app[API]))
     r = app.router
     for suffix, base in BASES.items():
         r.add_get(base, status, name=f"tfserving.GetModelStatus{suffix}")

@@ -14,7 +14,7 @@ from google.protobuf.message import Message
 
 from service._proto.inference import grpc_service_pb2 as pb
 from service.api import inference
-from service.api.http.app import deadline, json_response, parse_json, read_body
+from service.api.http.app import API, MAX_BODY, SERVICERS, deadline, json_response, parse_json, read_body
 from service.api.v2 import InferenceServicer
 from service.codecs import rest
 from service.errors import InvalidInput, ModelNotFound
@@ -53,7 +53,7 @@ def _scalar(field: FieldDescriptor, value: Any) -> Any:
 
 
 def _servicer(request: web.Request) -> InferenceServicer:
-    return request.app["v2"]
+    return request.app[SERVICERS]["v2"]
 
 
 def _version(request: web.Request) -> str:
@@ -100,7 +100,7 @@ async def model_statistics(request: web.Request) -> web.Response:
 
 
 async def repository_index(request: web.Request) -> web.Response:
-    body = await read_body(request, request.app["max_body"])
+    body = await read_body(request, request.app[MAX_BODY])
     options = parse_json(body) if body else {}
     ready_only = bool(options.get("ready", False)) if isinstance(options, dict) else False
     answer = await _servicer(request).RepositoryIndex(pb.RepositoryIndexRequest(ready=ready_only), None)
@@ -122,7 +122,7 @@ async def model_unload(request: web.Request) -> web.Response:
 async def log_settings(request: web.Request) -> web.Response:
     settings = pb.LogSettingsRequest()
     if request.method == "POST":
-        body = parse_json(await read_body(request, request.app["max_body"]))
+        body = parse_json(await read_body(request, request.app[MAX_BODY]))
         if not isinstance(body, dict):
             raise InvalidInput("log settings must be a JSON object")
         for key, value in body.items():
@@ -145,8 +145,8 @@ async def trace_setting(request: web.Request) -> web.Response:
 
 async def infer(request: web.Request) -> web.Response:
     name = request.match_info["name"]
-    request.app["api"].data.info(name)  # an unknown model is NOT_FOUND before its inputs are read
-    body = await read_body(request, request.app["max_body"])
+    request.app[API].data.info(name)  # an unknown model is NOT_FOUND before its inputs are read
+    body = await read_body(request, request.app[MAX_BODY])
     header, binary = _split(request, body)
     doc = parse_json(header, "inference request header" if binary is not None else "request body")
     if not isinstance(doc, dict):
@@ -160,7 +160,7 @@ async def infer(request: web.Request) -> web.Response:
     inputs = _inputs(doc.get("inputs"), binary)
     outputs, binary_out = _outputs(doc.get("outputs"), bool(parameters.get("binary_data_output", False)))
     answer = await inference.infer(
-        request.app["api"], name, inputs, version=int(request.match_info.get("version", 0)) or None,
+        request.app[API], name, inputs, version=int(request.match_info.get("version", 0)) or None,
         deadline=deadline(request, parameters.get("timeout")), outputs=list(outputs), request_id=request_id)
     result = answer.result
     response: dict[str, Any] = {"model_name": name, "model_version": str(result.version)}
@@ -242,7 +242,7 @@ def _outputs(entries: Any, binary_default: bool) -> tuple[dict[str, bool], bool]
 
 
 def add_routes(app: web.Application) -> None:
-    app["v2"] = InferenceServicer(app["api"])
+    app[SERVICERS]["v2"] = InferenceServicer(app[API])
     r = app.router
     r.add_get("/v2", server_metadata, name="kserve_v2.ServerMetadata")
     r.add_get("/v2/health/live", live, name="kserve_v2.ServerLive")
