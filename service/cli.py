@@ -15,6 +15,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a model repository over gRPC")
     p.add_argument("--model-repository", type=Path, help="repository root (default: the bundled models/)")
     p.add_argument("--grpc-port", type=int, help="gRPC port for every service (default 8500)")
+    p.add_argument("--http-port", type=int, help="HTTP/REST port, TF Serving REST and KServe v2 (default 8501, 0 disables)")
     p.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default 8502)")
     p.add_argument("--device", help="auto, cpu, gpu or gpu:N (default auto)")
     p.add_argument("--batch-invariance", choices=["strict", "tolerant"],

@@ -35,6 +35,10 @@ class Unauthenticated(QuorumError):
     """Missing or wrong credentials."""
 
 
+class Unimplemented(QuorumError):
+    """The protocol has this call but Quorum does not serve it; the message says what is."""
+
+
 class ModelLoadError(QuorumError):
     """A model version could not be loaded; names the folder and the cause."""
 

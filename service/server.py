@@ -22,15 +22,16 @@ import grpc
 from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import FileDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from service._proto import POOL
 from service._proto.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from service._proto.quorum.v1 import ensemble_pb2, ensemble_pb2_grpc
+from service.api import reflection
 from service.api.context import ApiContext
 from service.api.engine import EngineUnavailable, build_server, resolve_engine
 from service.api.ensemble import EnsembleServicer
 from service.api.health import LIVENESS, NOT_SERVING, SERVING, HealthServicer
+from service.api.http import HttpServer, start_http
 from service.api.interceptors import Admission, ServiceInterceptor
 from service.api.tfserving import ModelServicer, PredictionServicer
 from service.api.v2 import InferenceServicer
@@ -89,6 +90,7 @@ class QuorumServer:
         if self.monitor:
             self.monitor.attach(self.manager, self.api.feedback, data.trackers)
         self.metrics_port: int | None = None
+        self.http: HttpServer | None = None  # the HTTP/REST front, unless http_port is 0
         self.health = HealthServicer()
         self.admission = Admission()
         self.watchdog = LoopWatchdog(settings.liveness_timeout_s)
@@ -127,9 +129,8 @@ class QuorumServer:
         ensemble_pb2_grpc.add_EnsembleServiceServicer_to_server(EnsembleServicer(self.api), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         services = _service_names()
-        reflection.enable_server_reflection(
-            services + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-            self._server, pool=_reflection_pool())
+        reflection.enable(self._server, services + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name],
+                          _reflection_pool())
         address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
         self.port = (self._server.add_secure_port(address, credentials) if credentials
                      else self._server.add_insecure_port(address))
@@ -142,6 +143,7 @@ class QuorumServer:
         await self._server.start()  # readiness NOT_SERVING (liveness SERVING) while the models load
         log.info("gRPC on port %d (%s), %s engine, %s event loop", self.port, "TLS" if credentials else "plaintext",
                  self.engine, type(asyncio.get_running_loop()).__module__.partition(".")[0])
+        self.http = await start_http(self.settings, self.api, token=self.settings.token(), observer=self.monitor)
         await self.manager.start()
         if self.monitor:
             self.monitor.prime()
@@ -210,6 +212,7 @@ class QuorumServer:
             log.info("NOT_SERVING; still accepting for %.1fs while endpoints update", delay)
             await asyncio.sleep(delay)
         self.admission.close()
+        http_stopped = asyncio.create_task(self.http.stop()) if self.http else None  # drains beside gRPC
         deadline = time.monotonic() + grace
         log.info("no longer accepting; %d requests in flight", self.admission.inflight)
         if not await self.admission.drained(deadline):
@@ -218,6 +221,8 @@ class QuorumServer:
         await self.health.close()
         if self._server:
             await self._server.stop(max(0.0, deadline - time.monotonic()))
+        if http_stopped:
+            await http_stopped
         await self.manager.stop()
         if self.monitor:
             await self.monitor.stop()

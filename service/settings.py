@@ -18,6 +18,10 @@ class Settings(BaseSettings):
     """Address the gRPC server binds."""
     grpc_port: int = Field(8500, ge=0, le=65535)
     """gRPC port for every service (0 picks a free port)."""
+    http_port: int = Field(8501, ge=0, le=65535)
+    """HTTP/REST port: TF Serving's REST API and KServe v2 REST, beside gRPC (0 disables it)."""
+    http_host: str = "0.0.0.0"
+    """Address the HTTP/REST server binds."""
     metrics_port: int = Field(8502, ge=0, le=65535)
     """HTTP port of the Prometheus /metrics endpoint (0 picks a free port)."""
     metrics_host: str = "0.0.0.0"
@@ -65,7 +69,7 @@ class Settings(BaseSettings):
     objective_interval_s: float = Field(1.0, gt=0)
     """How often ensembles re-evaluate which members to ask (satisficing selection)."""
     max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024)
-    """Largest gRPC message accepted or sent."""
+    """Largest gRPC message accepted or sent, and largest HTTP request body (413 beyond)."""
     grpc_engine: Literal["grpcio", "native"] | None = None
     """gRPC server: grpcio (grpc.aio) or native (pygrpc-native, HTTP/2 in Rust; plaintext
     only). Unset: grpcio. With TLS the server is grpcio, and asking for native refuses to start."""
@@ -85,11 +89,11 @@ class Settings(BaseSettings):
     """File holding the bearer token (read once at start); wins over auth_token."""
 
     workers: int = Field(1, ge=1)
-    """Server processes sharing the gRPC port through SO_REUSEPORT (each loads every model;
+    """Server processes sharing the gRPC and HTTP ports through SO_REUSEPORT (each loads every model;
     worker i serves /metrics on metrics_port + i). The kernel balances connections, not
     requests, so one client channel always reaches the same worker (and its Feedback too)."""
     reuse_port: bool = False
-    """Bind the gRPC port with SO_REUSEPORT (set for each worker of a multi-process server)."""
+    """Bind the gRPC and HTTP ports with SO_REUSEPORT (set for each worker of a multi-process server)."""
 
     log_level: str = "INFO"
     """Python logging level."""

@@ -25,10 +25,16 @@ class RunningServer:
     metrics_port: int
     log: Path
     engine: str | None = None
+    http_port: int = 0
+    """The HTTP/REST port (0 when the test turned it off with --http-port 0)."""
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
 
     def channel(self) -> grpc.Channel:
         return grpc.insecure_channel(self.address)
@@ -72,18 +78,22 @@ def running_server(tmp_path: Path, repository: Path = MODELS, *, wait: bool = Tr
     a test that asks for hot reload with `args=["--model-control", "poll"]` (the default
     model control is none, as in production).
 
-    The gRPC engine is QUORUM_TEST_GRPC_ENGINE's, when set (tests/e2e/conftest.py sets it)."""
+    The gRPC engine is QUORUM_TEST_GRPC_ENGINE's, when set (tests/e2e/conftest.py sets it).
+    An `--http-port` in `args` wins over the free one picked here (0 turns HTTP off)."""
     grpc_port, metrics_port = free_port(), free_port()
+    args = list(args)
+    http_port = int(args[args.index("--http-port") + 1]) if "--http-port" in args else free_port()
     log = tmp_path / f"server-{grpc_port}.log"
     engine = os.environ.get("QUORUM_TEST_GRPC_ENGINE")
     command = [sys.executable, "-m", "service.cli", "serve", "--model-repository", str(repository),
-               "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port), "--device", "cpu",
+               "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
+               "--http-port", str(http_port), "--device", "cpu",
                *(["--grpc-engine", engine] if engine else []), *args]
     full_env = {**os.environ, "QUORUM_POLL_INTERVAL_S": "0.5", "QUORUM_DRAIN_DELAY_S": "0.2",
                 "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
     with open(log, "wb") as out:
         process = subprocess.Popen(command, cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT)
-    server = RunningServer(process, grpc_port, metrics_port, log, engine)
+    server = RunningServer(process, grpc_port, metrics_port, log, engine=engine, http_port=http_port)
     try:
         if wait:
             wait_serving(server)

@@ -29,6 +29,7 @@ STATUS_OF: dict[type[errors.QuorumError], grpc.StatusCode] = {
     errors.ModelLoadError: grpc.StatusCode.FAILED_PRECONDITION,
     errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
 }
 MAX_DETAILS = 1024
 """Longest error message sent back: names in messages are quoted short (limits.short),

@@ -3,7 +3,6 @@ tensorflow-serving-api package."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import grpc
@@ -16,16 +15,18 @@ from tensorflow_serving.apis import (
 from tensorflow_serving.apis import model_service_pb2_grpc
 
 
-from service.api.common import check_declared, deadline_of, model_rows
+from service.api import inference
+from service.api.common import check_declared, deadline_of
 from service.api.context import ApiContext
 from service.api.limits import short
 from service.codecs import tensorproto
 from service.codecs.dtypes import from_numpy
-from service.dataplane import ModelInfo, output_names, result_tensors
-from service.errors import InvalidInput, ModelNotFound, QuorumError
+from service.dataplane import ModelInfo, output_names
+from service.errors import InvalidInput, ModelNotFound
 from service.repository.manager import State
 
 SIGNATURES = ("", "serving_default", "predict")
+CLASSIFY, REGRESS = "tensorflow/serving/classify", "tensorflow/serving/regress"
 OUTPUT_DTYPES = {"probabilities": types_pb2.DT_FLOAT, "label": types_pb2.DT_STRING,
                  "class_index": types_pb2.DT_INT64, "confidence": types_pb2.DT_FLOAT,
                  "agreement": types_pb2.DT_FLOAT, "logits": types_pb2.DT_FLOAT}
@@ -40,69 +41,73 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         if spec.HasField("version"):
             return spec.version.value or None
         if spec.version_label:
-            model = self.api.manager.variants.get(spec.name)
-            labels = model.config.version_labels if model else {}
-            if spec.version_label not in labels:
-                raise ModelNotFound(f"model '{spec.name}' has no version label '{spec.version_label}'")
-            return labels[spec.version_label]
+            return inference.labelled_version(self.api, spec.name, spec.version_label)
         return None
 
     def _signature(self, spec) -> None:
-        if spec.signature_name not in SIGNATURES:
-            raise InvalidInput(f"model '{spec.name}' has no signature '{spec.signature_name}' (use serving_default)")
+        check_signature(spec.name, spec.signature_name)
 
     async def Predict(self, request: predict_pb2.PredictRequest, context: grpc.aio.ServicerContext) -> predict_pb2.PredictResponse:
         spec = request.model_spec
-        start = time.perf_counter()
         self._signature(spec)
-        info = self.api.data.info(spec.name)
+        info = self.api.data.info(spec.name)  # NOT_FOUND before the inputs are decoded
         check_declared(info, {k: tensorproto.declared(v, k) for k, v in request.inputs.items()})
         limit = self.api.manager.settings.max_message_bytes
         inputs = {k: tensorproto.decode(v, k, limit) for k, v in request.inputs.items()}
-        rows = model_rows(info, inputs)
-        try:
-            result = await self.api.data.infer(spec.name, rows, version=self._version(spec),
-                                               deadline=deadline_of(context))
-        except QuorumError:
-            self.api.on_failure(spec.name, time.perf_counter() - start)
-            raise
+        answer = await inference.infer(self.api, spec.name, inputs, version=self._version(spec),
+                                       deadline=deadline_of(context), outputs=list(request.output_filter))
         response = predict_pb2.PredictResponse()
         response.model_spec.name = spec.name
-        response.model_spec.version.value = result.version
+        response.model_spec.version.value = answer.result.version
         response.model_spec.signature_name = "serving_default"
-        for name, array in result_tensors(result, list(request.output_filter)).items():
+        for name, array in answer.tensors.items():
             tensorproto.encode_into(array, response.outputs[name])
-        self.api.on_inference(result, rows.shape[0], time.perf_counter() - start)
         return response
+
+    async def _classify(self, spec, request_input, deadline: float | None) -> tuple[int, list[list[tuple[str, float]]]]:
+        self._signature(spec)
+        info = self.api.data.info(spec.name)
+        rows = _examples_to_rows(request_input, info)
+        answer = await inference.infer(self.api, spec.name, {info.input.name: rows},
+                                       version=self._version(spec), deadline=deadline, outputs=["probabilities"])
+        return answer.result.version, classifications(answer)
 
     async def Classify(self, request: classification_pb2.ClassificationRequest,
                        context: grpc.aio.ServicerContext) -> classification_pb2.ClassificationResponse:
         spec = request.model_spec
-        start = time.perf_counter()
-        self._signature(spec)
-        info = self.api.data.info(spec.name)
-        rows = model_rows(info, {info.input.name: _examples_to_rows(request.input, info)})
-        result = await self.api.data.infer(spec.name, rows, version=self._version(spec),
-                                           deadline=deadline_of(context))
+        version, rows = await self._classify(spec, request.input, deadline_of(context))
         response = classification_pb2.ClassificationResponse()
         response.model_spec.name = spec.name
-        response.model_spec.version.value = result.version
+        response.model_spec.version.value = version
         response.model_spec.signature_name = "serving_default"
-        probabilities = result.vote.probabilities
-        for row in range(probabilities.shape[0]):
-            classes = response.result.classifications.add().classes
-            for label, score in zip(result.labels, probabilities[row].tolist()):
-                classes.add(label=label, score=score)
-        self.api.on_inference(result, rows.shape[0], time.perf_counter() - start)
+        _fill_classifications(response.result, rows)
         return response
 
     async def Regress(self, request: regression_pb2.RegressionRequest, context: grpc.aio.ServicerContext):
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                            "Regress is not served: Quorum's models are classifiers; use Classify or Predict")
+        raise InvalidInput(regress_refusal(request.model_spec.name))
 
-    async def MultiInference(self, request: inference_pb2.MultiInferenceRequest, context: grpc.aio.ServicerContext):
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                            "MultiInference is not served; call Classify or Predict per model")
+    async def MultiInference(self, request: inference_pb2.MultiInferenceRequest,
+                             context: grpc.aio.ServicerContext) -> inference_pb2.MultiInferenceResponse:
+        """Classification tasks on one shared input (TF Serving answers each task in turn);
+        regression tasks are refused as Regress is."""
+        if not request.tasks:
+            raise InvalidInput("MultiInference needs at least one task")
+        for task in request.tasks:
+            if task.method_name != CLASSIFY:
+                raise InvalidInput(f"model '{task.model_spec.name}': MultiInference task method "
+                                   f"{task.method_name!r} is not served; " + (
+                                       regress_refusal(task.model_spec.name) if task.method_name == REGRESS
+                                       else f"tasks must be {CLASSIFY}"))
+        response = inference_pb2.MultiInferenceResponse()
+        deadline = deadline_of(context)
+        for task in request.tasks:
+            version, rows = await self._classify(task.model_spec, request.input, deadline)
+            result = response.results.add()
+            result.model_spec.name = task.model_spec.name
+            result.model_spec.version.value = version
+            result.model_spec.signature_name = "serving_default"
+            _fill_classifications(result.classification_result, rows)
+        return response
 
     async def GetModelMetadata(self, request: get_model_metadata_pb2.GetModelMetadataRequest,
                                context: grpc.aio.ServicerContext) -> get_model_metadata_pb2.GetModelMetadataResponse:
@@ -118,6 +123,30 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         signatures.signature_def["serving_default"].CopyFrom(_signature_def(info))
         response.metadata["signature_def"].Pack(signatures)
         return response
+
+
+def check_signature(model: str, signature: str) -> None:
+    if signature not in SIGNATURES:
+        raise InvalidInput(f"model '{model}' has no signature '{signature}' (use serving_default)")
+
+
+def regress_refusal(model: str) -> str:
+    return (f"model '{model}': Regress does not apply: Quorum serves classifiers, whose answer is a "
+            "label and class probabilities, not a real-valued target; use Classify or Predict")
+
+
+def classifications(answer: inference.Answer) -> list[list[tuple[str, float]]]:
+    """Each row's (label, calibrated probability) for every class, as Classify answers."""
+    labels = answer.result.labels
+    return [list(zip(labels, row)) for row in answer.tensors["probabilities"].tolist()]
+
+
+def _fill_classifications(result: classification_pb2.ClassificationResult,
+                          rows: list[list[tuple[str, float]]]) -> None:
+    for row in rows:
+        classes = result.classifications.add().classes
+        for label, score in row:
+            classes.add(label=label, score=score)
 
 
 def _signature_def(info: ModelInfo) -> meta_graph_pb2.SignatureDef:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -11,12 +10,14 @@ import grpc
 from service import __version__
 from service._proto.inference import grpc_service_pb2 as pb
 from service._proto.inference import grpc_service_pb2_grpc as pb_grpc
-from service.api.common import check_declared, deadline_of, model_rows
+from service._proto.inference import model_config_pb2 as mc
+from service.api import inference
+from service.api.common import check_declared, deadline_of
 from service.api.context import ApiContext
 from service.api.limits import short
 from service.codecs import v2 as codec
-from service.dataplane import output_names, result_tensors
-from service.errors import InvalidInput, QuorumError
+from service.dataplane import output_names
+from service.errors import InvalidInput, ModelNotFound, QuorumError, Unimplemented
 from service.repository.manager import State
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,89 @@ OUTPUT_META = {
     "probabilities": ("FP32", (-1, None)), "label": ("BYTES", (-1,)), "class_index": ("INT64", (-1,)),
     "confidence": ("FP32", (-1,)), "agreement": ("FP32", (-1,)), "logits": ("FP32", (-1, None)),
 }
+
+
+TRACING_REFUSAL = ("TraceSetting is not served: Quorum does not trace requests; it reports per-stage "
+                   "latency as Prometheus histograms on the metrics port and per-model counters "
+                   "through ModelStatistics")
+LOG_KEYS = ("log_file", "log_info", "log_warning", "log_error", "log_verbose_level", "log_format")
+DATA_TYPE = {"BYTES": mc.TYPE_STRING}
+
+
+def _data_type(dtype) -> int:
+    v2 = codec.from_numpy(dtype).v2
+    return DATA_TYPE.get(v2) or mc.DataType.Value(f"TYPE_{v2}")
+
+
+def model_config(api: ApiContext, name: str, version: int | None) -> mc.ModelConfig:
+    """Triton's view of a model: batch size, tensors without the batch dimension, the
+    batcher, where its instances run, and for an ensemble its members as steps."""
+    info = api.data.info(name)
+    ensemble = info.kind == "ensemble"
+    if ensemble and version not in (None, 1):
+        raise ModelNotFound(f"ensemble '{name}' has no version {version} (only version 1)")
+    served = None if ensemble else api.manager.resolve(name, version)
+    config = mc.ModelConfig(
+        name=name, platform="ensemble" if ensemble else PLATFORM[served.runtime.framework],
+        max_batch_size=info.max_batch_size)
+    config.input.add(name=info.input.name, data_type=_data_type(info.input.dtype), dims=list(info.input.shape[1:]))
+    classes = len(info.labels)
+    for output in output_names(info.kind):
+        dtype, shape = OUTPUT_META[output]
+        config.output.add(name=output, data_type=DATA_TYPE.get(dtype) or mc.DataType.Value(f"TYPE_{dtype}"),
+                          dims=[classes if d is None else d for d in shape[1:]])
+    config.parameters["labels"].string_value = ",".join(info.labels)
+    config.parameters["voting_policy"].string_value = info.policy
+    if ensemble:
+        for member in info.members:
+            step = config.ensemble_scheduling.step.add(model_name=member, model_version=-1)
+            step.input_map[info.input.name] = info.input.name
+            try:
+                outputs = api.manager.resolve(member).manifest.outputs
+            except QuorumError:  # a member not serving now is still a step of the ensemble
+                continue
+            for output in outputs:
+                step.output_map[output.name] = f"{member}.{output.name}"
+        return config
+    config.version_policy.specific.versions.extend(info.versions)
+    batching = served.batching
+    config.dynamic_batching.preferred_batch_size.extend(batching.preferred_batch_sizes)
+    config.dynamic_batching.max_queue_delay_microseconds = batching.max_queue_delay_us
+    config.dynamic_batching.preserve_ordering = True
+    group = config.instance_group.add(name=f"{name}_0", count=batching.max_concurrent_batches)
+    if served.device.startswith("gpu"):
+        group.kind = mc.ModelInstanceGroup.KIND_GPU
+        group.gpus.append(int(served.device.partition(":")[2] or 0))
+    else:
+        group.kind = mc.ModelInstanceGroup.KIND_CPU
+    config.default_model_filename = served.manifest.artifact
+    return config
+
+
+def log_settings(changes: dict[str, object]) -> dict[str, object]:
+    """Apply Triton-style log settings to the root logger; the settings now in force."""
+    unknown = sorted(set(changes) - set(LOG_KEYS))
+    if unknown:
+        raise InvalidInput(f"unknown log setting {unknown[0]!r}; settings are {', '.join(LOG_KEYS)}")
+    root = logging.getLogger()
+    if changes.get("log_file"):
+        raise InvalidInput("log_file cannot be set: Quorum logs to stderr (collected by the container runtime)")
+    if changes.get("log_format") not in (None, "", "default"):
+        raise InvalidInput("log_format must be 'default'")
+    level = root.getEffectiveLevel()
+    wanted = [("log_verbose_level", logging.DEBUG), ("log_info", logging.INFO),
+              ("log_warning", logging.WARNING), ("log_error", logging.ERROR)]
+    for key, threshold in wanted:
+        if key in changes and changes[key] is not None:
+            on = bool(changes[key])
+            if on and level > threshold:
+                level = threshold
+            elif not on and level <= threshold:
+                level = threshold + 10
+    root.setLevel(level)
+    return {"log_file": "", "log_info": level <= logging.INFO, "log_warning": level <= logging.WARNING,
+            "log_error": level <= logging.ERROR, "log_verbose_level": int(level <= logging.DEBUG),
+            "log_format": "default"}
 
 
 def _version(text: str) -> int | None:
@@ -82,24 +166,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return await self._infer(request, deadline_of(context))
 
     async def _infer(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
-        start = time.perf_counter()
-        name = request.model_name
-        info = self.api.data.info(name)
+        info = self.api.data.info(request.model_name)  # NOT_FOUND before the inputs are decoded
         check_declared(info, codec.declared_inputs(request))  # before decoding anything
-        rows = model_rows(info, codec.decode_inputs(request))
-        try:
-            result = await self.api.data.infer(name, rows, version=_version(request.model_version), deadline=deadline)
-        except QuorumError:
-            self.api.on_failure(name, time.perf_counter() - start)
-            raise
-        tensors = result_tensors(result, [o.name for o in request.outputs])
-        response = pb.ModelInferResponse(model_name=name, model_version=str(result.version), id=request.id)
-        codec.encode_outputs(response, tensors, raw=codec.wants_raw_outputs(request))
+        answer = await inference.infer(
+            self.api, request.model_name, codec.decode_inputs(request), version=_version(request.model_version),
+            deadline=deadline, outputs=[o.name for o in request.outputs], request_id=request.id)
+        result = answer.result
+        response = pb.ModelInferResponse(model_name=request.model_name, model_version=str(result.version), id=request.id)
+        codec.encode_outputs(response, answer.tensors, raw=codec.wants_raw_outputs(request))
         if result.left_out:
             response.parameters["members_left_out"].string_param = ",".join(result.left_out)
-        if request.id:
-            self.api.feedback.record(request.id, result)
-        self.api.on_inference(result, rows.shape[0], time.perf_counter() - start)
         return response
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest],
@@ -131,6 +207,23 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext) -> pb.RepositoryModelUnloadResponse:
         await self.api.manager.unload_model(request.model_name)
         return pb.RepositoryModelUnloadResponse()
+
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:
+        return pb.ModelConfigResponse(config=model_config(self.api, request.name, _version(request.version)))
+
+    async def TraceSetting(self, request: pb.TraceSettingRequest, context: grpc.aio.ServicerContext) -> pb.TraceSettingResponse:
+        raise Unimplemented(TRACING_REFUSAL)
+
+    async def LogSettings(self, request: pb.LogSettingsRequest, context: grpc.aio.ServicerContext) -> pb.LogSettingsResponse:
+        changes = {}
+        for key, value in request.settings.items():
+            kind = value.WhichOneof("parameter_choice")
+            changes[key] = None if kind is None else getattr(value, kind)
+        response = pb.LogSettingsResponse()
+        for key, value in log_settings(changes).items():
+            field = {bool: "bool_param", int: "uint32_param", str: "string_param"}[type(value)]
+            setattr(response.settings[key], field, value)
+        return response
 
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext) -> pb.ModelStatisticsResponse:
         response = pb.ModelStatisticsResponse()

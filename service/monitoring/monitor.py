@@ -31,6 +31,8 @@ if TYPE_CHECKING:  # no import cycles at run time; nothing here imports grpc
 log = logging.getLogger(__name__)
 
 API_OF = (("/inference.GRPCInferenceService/", "kserve_v2"),
+          ("/rest.kserve_v2/", "kserve_v2_rest"),  # the HTTP front (service/api/http)
+          ("/rest.tfserving/", "tfserving_rest"),
           ("/tensorflow.serving.", "tfserving"),
           ("/quorum.v1.", "quorum"),
           ("/grpc.health.", "health"),

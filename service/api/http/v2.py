@@ -1,0 +1,261 @@
+"""KServe v2 / Open Inference Protocol REST, with Triton's binary tensor data extension
+(what `tritonclient.http` speaks). Inference goes through service.api.inference like the
+gRPC servicer's; everything else is answered by the gRPC servicer's own method and
+written as JSON, so both fronts give the same answers."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+
+from service._proto.inference import grpc_service_pb2 as pb
+from service.api import inference
+from service.api.http.app import API, MAX_BODY, SERVICERS, deadline, json_response, parse_json, read_body
+from service.api.v2 import InferenceServicer
+from service.codecs import rest
+from service.errors import InvalidInput, ModelNotFound
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+MODEL = "/v2/models/{name:[^/]+}"
+VERSIONED = MODEL + "/versions/{version:[0-9]+}"
+
+
+def to_json(message: Message) -> dict[str, Any]:
+    """A proto message as Triton's REST JSON: field names as in the proto, integers as
+    numbers (proto JSON would quote 64-bit ones), enums by name, every field present."""
+    out: dict[str, Any] = {}
+    for field in message.DESCRIPTOR.fields:
+        if field.has_presence and not message.HasField(field.name):
+            continue
+        value = getattr(message, field.name)
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            value_field = field.message_type.fields_by_name["value"]
+            out[field.name] = {str(k): _scalar(value_field, v) for k, v in value.items()}
+        elif field.is_repeated:
+            out[field.name] = [_scalar(field, v) for v in value]
+        else:
+            out[field.name] = _scalar(field, value)
+    return out
+
+
+def _scalar(field: FieldDescriptor, value: Any) -> Any:
+    if field.message_type is not None:
+        return to_json(value)
+    if field.enum_type is not None:
+        return field.enum_type.values_by_number[value].name
+    if field.type == FieldDescriptor.TYPE_BYTES:
+        return value.decode("utf-8", "replace")
+    return value
+
+
+def _servicer(request: web.Request) -> InferenceServicer:
+    return request.app[SERVICERS]["v2"]
+
+
+def _version(request: web.Request) -> str:
+    return request.match_info.get("version", "")
+
+
+async def live(request: web.Request) -> web.Response:
+    return json_response({"live": True})
+
+
+async def ready(request: web.Request) -> web.Response:
+    answer = await _servicer(request).ServerReady(pb.ServerReadyRequest(), None)
+    return json_response({"ready": answer.ready}, 200 if answer.ready else 503)
+
+
+async def server_metadata(request: web.Request) -> web.Response:
+    return json_response(to_json(await _servicer(request).ServerMetadata(pb.ServerMetadataRequest(), None)))
+
+
+async def model_metadata(request: web.Request) -> web.Response:
+    name, version = request.match_info["name"], _version(request)
+    answer = await _servicer(request).ModelMetadata(pb.ModelMetadataRequest(name=name, version=version), None)
+    if version and version not in answer.versions:
+        raise ModelNotFound(f"model '{name}' has no version {version} (versions: {', '.join(answer.versions)})")
+    return json_response(to_json(answer))
+
+
+async def model_ready(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    answer = await _servicer(request).ModelReady(pb.ModelReadyRequest(name=name, version=_version(request)), None)
+    return json_response({"name": name, "ready": answer.ready}, 200 if answer.ready else 503)
+
+
+async def model_config(request: web.Request) -> web.Response:
+    answer = await _servicer(request).ModelConfig(
+        pb.ModelConfigRequest(name=request.match_info["name"], version=_version(request)), None)
+    return json_response(to_json(answer.config))
+
+
+async def model_statistics(request: web.Request) -> web.Response:
+    answer = await _servicer(request).ModelStatistics(
+        pb.ModelStatisticsRequest(name=request.match_info.get("name", ""), version=_version(request)), None)
+    return json_response(to_json(answer))
+
+
+async def repository_index(request: web.Request) -> web.Response:
+    body = await read_body(request, request.app[MAX_BODY])
+    options = parse_json(body) if body else {}
+    ready_only = bool(options.get("ready", False)) if isinstance(options, dict) else False
+    answer = await _servicer(request).RepositoryIndex(pb.RepositoryIndexRequest(ready=ready_only), None)
+    return json_response([to_json(m) for m in answer.models])
+
+
+async def model_load(request: web.Request) -> web.Response:
+    await _servicer(request).RepositoryModelLoad(
+        pb.RepositoryModelLoadRequest(model_name=request.match_info["name"]), None)
+    return json_response({})
+
+
+async def model_unload(request: web.Request) -> web.Response:
+    await _servicer(request).RepositoryModelUnload(
+        pb.RepositoryModelUnloadRequest(model_name=request.match_info["name"]), None)
+    return json_response({})
+
+
+async def log_settings(request: web.Request) -> web.Response:
+    settings = pb.LogSettingsRequest()
+    if request.method == "POST":
+        body = parse_json(await read_body(request, request.app[MAX_BODY]))
+        if not isinstance(body, dict):
+            raise InvalidInput("log settings must be a JSON object")
+        for key, value in body.items():
+            if isinstance(value, bool):
+                settings.settings[key].bool_param = value
+            elif isinstance(value, int) and value >= 0:
+                settings.settings[key].uint32_param = value
+            elif isinstance(value, str):
+                settings.settings[key].string_param = value
+            else:
+                raise InvalidInput(f"log setting {key!r} must be a boolean, a non-negative integer or a string")
+    answer = await _servicer(request).LogSettings(settings, None)
+    return json_response({k: getattr(v, v.WhichOneof("parameter_choice")) for k, v in answer.settings.items()})
+
+
+async def trace_setting(request: web.Request) -> web.Response:
+    await _servicer(request).TraceSetting(pb.TraceSettingRequest(), None)
+    return json_response({})  # not reached: TraceSetting refuses
+
+
+async def infer(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    request.app[API].data.info(name)  # an unknown model is NOT_FOUND before its inputs are read
+    body = await read_body(request, request.app[MAX_BODY])
+    header, binary = _split(request, body)
+    doc = parse_json(header, "inference request header" if binary is not None else "request body")
+    if not isinstance(doc, dict):
+        raise InvalidInput("the inference request must be a JSON object")
+    parameters = doc.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise InvalidInput("'parameters' must be an object")
+    request_id = doc.get("id", "")
+    if not isinstance(request_id, str):
+        raise InvalidInput("'id' must be a string")
+    inputs = _inputs(doc.get("inputs"), binary)
+    outputs, binary_out = _outputs(doc.get("outputs"), bool(parameters.get("binary_data_output", False)))
+    answer = await inference.infer(
+        request.app[API], name, inputs, version=int(request.match_info.get("version", 0)) or None,
+        deadline=deadline(request, parameters.get("timeout")), outputs=list(outputs), request_id=request_id)
+    result = answer.result
+    response: dict[str, Any] = {"model_name": name, "model_version": str(result.version)}
+    if request_id:
+        response["id"] = request_id
+    headers = {}
+    if result.left_out:
+        response["parameters"] = {"members_left_out": ",".join(result.left_out)}
+        headers["Quorum-Members-Left-Out"] = ",".join(result.left_out)
+    tensors, chunks = [], []
+    for output, array in answer.tensors.items():
+        tensor, raw = rest.encode_v2_output(output, array, outputs.get(output, binary_out))
+        tensors.append(tensor)
+        if raw is not None:
+            chunks.append(raw)
+    response["outputs"] = tensors
+    if not chunks:
+        return json_response(response, headers=headers)
+    head = json.dumps(response, separators=(",", ":")).encode()
+    headers[HEADER_LENGTH] = str(len(head))
+    return web.Response(body=b"".join([head, *chunks]), content_type="application/octet-stream", headers=headers)
+
+
+def _split(request: web.Request, body: bytes) -> tuple[memoryview | bytes, memoryview | None]:
+    """The JSON header and the binary part after it (None without the extension)."""
+    value = request.headers.get(HEADER_LENGTH)
+    if value is None:
+        return body, None
+    if not value.isdigit():
+        raise InvalidInput(f"{HEADER_LENGTH} {value!r} is not a non-negative integer")
+    length = int(value)
+    if length > len(body):
+        raise InvalidInput(f"{HEADER_LENGTH} is {length} but the body has only {len(body)} bytes")
+    view = memoryview(body)
+    return view[:length], view[length:]
+
+
+def _inputs(entries: Any, binary: memoryview | None) -> dict[str, Any]:
+    if not isinstance(entries, list) or not entries:
+        raise InvalidInput("'inputs' must be a non-empty list of tensors")
+    arrays = {}
+    offset, available = 0, 0 if binary is None else len(binary)
+    for tensor in entries:
+        size = rest.binary_size(tensor)
+        chunk = None
+        if size is not None:
+            if binary is None:
+                raise InvalidInput(f"input {tensor.get('name')!r} declares binary_data_size but the request "
+                                   f"has no {HEADER_LENGTH} header")
+            if offset + size > available:
+                raise InvalidInput(f"input {tensor.get('name')!r}: binary_data_size {size} runs past the end of "
+                                   f"the body ({available - offset} bytes left)")
+            chunk = binary[offset:offset + size]
+            offset += size
+        name, array = rest.decode_v2_input(tensor, chunk)
+        if name in arrays:
+            raise InvalidInput(f"input {name!r} appears more than once")
+        arrays[name] = array
+    if offset != available:
+        raise InvalidInput(f"the body has {available - offset} bytes after the binary inputs' data "
+                           f"(their binary_data_size add up to {offset})")
+    return arrays
+
+
+def _outputs(entries: Any, binary_default: bool) -> tuple[dict[str, bool], bool]:
+    """Requested output -> binary or not (empty: every output, `binary_default` each)."""
+    if entries is None:
+        return {}, binary_default
+    if not isinstance(entries, list):
+        raise InvalidInput("'outputs' must be a list")
+    wanted = {}
+    for entry in entries:
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise InvalidInput("each entry of 'outputs' must be an object with a 'name'")
+        parameters = entry.get("parameters") or {}
+        wanted[entry["name"]] = bool(parameters.get("binary_data", binary_default)) if isinstance(
+            parameters, dict) else binary_default
+    return wanted, binary_default
+
+
+def add_routes(app: web.Application) -> None:
+    app[SERVICERS]["v2"] = InferenceServicer(app[API])
+    r = app.router
+    r.add_get("/v2", server_metadata, name="kserve_v2.ServerMetadata")
+    r.add_get("/v2/health/live", live, name="kserve_v2.ServerLive")
+    r.add_get("/v2/health/ready", ready, name="kserve_v2.ServerReady")
+    r.add_get("/v2/models/stats", model_statistics, name="kserve_v2.ModelStatistics_all")
+    r.add_post("/v2/repository/index", repository_index, name="kserve_v2.RepositoryIndex")
+    r.add_post("/v2/repository/models/{name}/load", model_load, name="kserve_v2.RepositoryModelLoad")
+    r.add_post("/v2/repository/models/{name}/unload", model_unload, name="kserve_v2.RepositoryModelUnload")
+    r.add_route("*", "/v2/logging", log_settings, name="kserve_v2.LogSettings")
+    r.add_route("*", "/v2/trace/setting", trace_setting, name="kserve_v2.TraceSetting")
+    for base, suffix in ((MODEL, ""), (VERSIONED, "_version")):
+        r.add_get(base, model_metadata, name=f"kserve_v2.ModelMetadata{suffix}")
+        r.add_get(base + "/ready", model_ready, name=f"kserve_v2.ModelReady{suffix}")
+        r.add_get(base + "/config", model_config, name=f"kserve_v2.ModelConfig{suffix}")
+        r.add_get(base + "/stats", model_statistics, name=f"kserve_v2.ModelStatistics{suffix}")
+        r.add_post(base + "/infer", infer, name=f"kserve_v2.ModelInfer{suffix}")

@@ -1,0 +1,52 @@
+"""The one way a front (gRPC or HTTP) asks the data plane for an answer: decoded tensors in,
+the result and its named output tensors out, with statistics, metrics and feedback recorded."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.api.common import model_rows
+from service.api.context import ApiContext
+from service.dataplane import InferenceResult, result_tensors
+from service.errors import ModelNotFound, QuorumError
+
+
+@dataclass(frozen=True)
+class Answer:
+    result: InferenceResult
+    tensors: dict[str, np.ndarray]
+    rows: int
+
+
+async def infer(api: ApiContext, model: str, inputs: Mapping[str, np.ndarray], *,
+                version: int | None = None, deadline: float | None = None,
+                outputs: Sequence[str] = (), request_id: str = "",
+                rows: np.ndarray | None = None) -> Answer:
+    """Validate `inputs` against the model (or take prepared `rows`), infer, and name the
+    outputs (all of them unless `outputs` asks for some). `deadline` is time.monotonic()."""
+    start = time.perf_counter()
+    if rows is None:
+        rows = model_rows(api.data.info(model), inputs)
+    try:
+        result = await api.data.infer(model, rows, version=version, deadline=deadline)
+    except QuorumError:
+        api.on_failure(model, time.perf_counter() - start)
+        raise
+    tensors = result_tensors(result, outputs)
+    if request_id:
+        api.feedback.record(request_id, result)
+    api.on_inference(result, rows.shape[0], time.perf_counter() - start)
+    return Answer(result, tensors, rows.shape[0])
+
+
+def labelled_version(api: ApiContext, model: str, label: str) -> int:
+    """The version a label (model.yaml's version_labels) points at; NOT_FOUND naming it."""
+    variant = api.manager.variants.get(model)
+    labels = variant.config.version_labels if variant else {}
+    if label not in labels:
+        raise ModelNotFound(f"model '{model}' has no version label '{label}'")
+    return labels[label]
