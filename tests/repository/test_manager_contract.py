@@ -11,7 +11,7 @@ import logging
 import pytest
 
 from service.dataplane import DataPlane
-from service.errors import ModelNotReady
+from service.errors import ModelNotFound, ModelNotReady
 from service.repository.manager import ModelManager
 from service.settings import Settings
 from tests.helpers import copy_variant
@@ -97,6 +97,11 @@ async def test_while_loading_an_ensemble_and_its_members_are_not_ready_not_unkno
     _repo(scratch_repo)
     manager = ModelManager(Settings(model_repository=scratch_repo, poll_interval_s=0, device="cpu"))
     data = DataPlane(manager)
+    for name in ("pair", "digits_logreg"):  # before the first scan
+        with pytest.raises(ModelNotReady, match="loading"):
+            data.info(name)
+    with pytest.raises(ModelNotFound):
+        data.info("no_such_model")
     start = asyncio.create_task(manager.start())
     while "pair" not in manager.ensembles:  # the scan registers names before any model loads
         await asyncio.sleep(0)
