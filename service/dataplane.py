@@ -115,7 +115,8 @@ class DataPlane:
         explicit = latency_budget_s is not None and (deadline is None or now + latency_budget_s <= deadline)
         if latency_budget_s is not None:
             deadline = now + latency_budget_s if deadline is None else min(deadline, now + latency_budget_s)
-        if members is None:
+        chosen = members is None
+        if chosen:
             budget = None if deadline is None else deadline - now - config.deadline_margin_ms / 1000
             if budget is not None and budget <= 0:  # no subset can help: the deadline, not an objective
                 raise DeadlineExceeded(f"ensemble '{model}': the deadline leaves no time after its "
@@ -123,7 +124,7 @@ class DataPlane:
             members = tracker.choose(budget, min_accuracy, strict_budget=explicit)
         served, missing = self._resolve_members(members)
         quorum = min(config.min_members, len(members))
-        if len(served) < quorum and tuple(members) != config.members:
+        if chosen and len(served) < quorum and tuple(members) != config.members:
             # the subset chose members that stopped serving since: the ensemble is ready
             # (its quorum serves), so ask every member rather than fail
             members = config.members
@@ -159,18 +160,9 @@ class DataPlane:
     def _ready_spec(self, model: str, ensemble) -> EnsembleSpec:
         """The ensemble's spec when it is ready (its contract holds and at least its quorum
         of members serves), else ModelNotReady saying why."""
-        if ensemble.config is None:
-            raise ModelNotReady(f"ensemble '{model}' is misconfigured: {ensemble.error}")
-        if ensemble.unloaded_by_request:
-            raise ModelNotReady(f"ensemble '{model}' is unloaded")
-        spec = ensemble.spec
-        if spec is None:
-            raise ModelNotReady(f"ensemble '{model}' is not loaded: {ensemble.error or 'its members are loading'}")
-        serving = self.manager.serving_members(model)
-        if serving < ensemble.config.min_members:
-            raise ModelNotReady(f"ensemble '{model}': {serving} of its {len(ensemble.config.members)} members "
-                                f"serve, fewer than its quorum {ensemble.config.min_members}")
-        return spec
+        if not self.manager.is_ready(model):
+            raise ModelNotReady(f"ensemble '{model}' is not ready: {self.manager.ensemble_problem(model)}")
+        return ensemble.spec
 
     def _start_shadow(self, tracker: ObjectiveTracker, spec: EnsembleSpec, members: Sequence[str],
                       rows: np.ndarray) -> dict[str, tuple[int, asyncio.Task]]:

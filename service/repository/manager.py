@@ -178,6 +178,7 @@ class ModelManager:
         self._config_errors: dict[str, str] = {}  # model -> why its model.yaml does not load
         self._errors: dict[str, tuple[str, int]] = {}
         """Last load error per model (or "model/version") and how often it repeated."""
+        self._synced = False  # the first scan has registered every model's name
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -221,6 +222,7 @@ class ModelManager:
                 if entry.name not in self.variants:
                     with contextlib.suppress(ModelLoadError):
                         self.variants[entry.name] = VariantModel(entry, load_model_config(entry.path))
+            self._synced = True
             for entry in variants:
                 await self._sync_variant(entry)
             self._check_ensembles()
@@ -582,6 +584,8 @@ class ModelManager:
         """The version to serve: the one asked for, or the newest available."""
         model = self.variants.get(name)
         if model is None:
+            if not self._synced and valid_model_name(name) and scan_model(self.root, name) is not None:
+                raise ModelNotReady(f"model '{name}' is loading")  # before the first scan registered it
             raise ModelNotFound(f"model '{name}' not found")
         if version:
             served = model.versions.get(version)

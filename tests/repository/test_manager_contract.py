@@ -11,7 +11,7 @@ import logging
 import pytest
 
 from service.dataplane import DataPlane
-from service.errors import ModelNotReady
+from service.errors import ModelNotFound, ModelNotReady
 from service.repository.manager import ModelManager
 from service.settings import Settings
 from tests.helpers import copy_variant
@@ -97,6 +97,11 @@ async def test_while_loading_an_ensemble_and_its_members_are_not_ready_not_unkno
     _repo(scratch_repo)
     manager = ModelManager(Settings(model_repository=scratch_repo, poll_interval_s=0, device="cpu"))
     data = DataPlane(manager)
+    for name in ("pair", "digits_logreg"):  # before the first scan
+        with pytest.raises(ModelNotReady, match="loading"):
+            data.info(name)
+    with pytest.raises(ModelNotFound):
+        data.info("no_such_model")
     start = asyncio.create_task(manager.start())
     while "pair" not in manager.ensembles:  # the scan registers names before any model loads
         await asyncio.sleep(0)
@@ -106,3 +111,31 @@ async def test_while_loading_an_ensemble_and_its_members_are_not_ready_not_unkno
     await start
     assert data.info("pair").labels == tuple(str(i) for i in range(10))
     await manager.stop()
+
+
+async def test_satisficing_replays_a_permuted_members_validation_in_the_ensembles_order(scratch_repo):
+    import numpy as np
+
+    from tests.e2e.contract_models import permuted_member
+
+    members = ["digits_mlp_a", "digits_cnn_a", "digits_logreg"]
+    for name in members:
+        copy_variant(name, scratch_repo)
+    permuted_member("digits_cnn_a", scratch_repo, "digits_cnn_a_permuted", np.random.default_rng(3).permutation(10))
+    objective = "objective:\n  latency_p99_ms: 1000\n"
+    for ensemble, names in (("aligned", members), ("permuted", ["digits_mlp_a", "digits_cnn_a_permuted",
+                                                                 "digits_logreg"])):
+        (scratch_repo / ensemble).mkdir()
+        (scratch_repo / ensemble / "ensemble.yaml").write_text(f"members: [{', '.join(names)}]\n{objective}")
+    manager = ModelManager(Settings(model_repository=scratch_repo, poll_interval_s=0, device="cpu"))
+    await manager.start()
+    try:
+        data = DataPlane(manager)
+        await data.evaluate_objectives()
+        rename = {"digits_cnn_a_permuted": "digits_cnn_a"}
+        replay = {name: {tuple(rename.get(m, m) for m in c.members): c.validation_accuracy
+                         for c in data.tracker(name).candidates} for name in ("aligned", "permuted")}
+        assert replay["permuted"] == replay["aligned"]
+        assert replay["aligned"][tuple(members)] > 0.95
+    finally:
+        await manager.stop()
