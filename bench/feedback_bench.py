@@ -1,11 +1,12 @@
 """Predict + Feedback throughput with an empty feedback store vs a full one, in one run.
 
-Starts one `quorum serve` (digits_logreg: the cheapest model, so the store's own cost is
-what shows) and drives it with closed-loop quorum.v1 traffic at a fixed concurrency: each
-worker sends Predict with its own request id, then Feedback labelling that answer. It
-measures RPC/s on the fresh server, fills the store with --fill more predictions (past its
-20,000-entry capacity, so every Predict evicts the oldest), and measures again. A store that
-costs O(n) per prediction at capacity shows here as a collapse of the second figure.
+Starts two `quorum serve` processes (digits_logreg: the cheapest model, so the store's own
+cost is what shows), fills the second one's store with --fill predictions (past its
+20,000-entry capacity, so every Predict there evicts the oldest), then drives each in turn
+with closed-loop quorum.v1 traffic at a fixed concurrency, interleaved (fresh, full, fresh,
+full) so that changes in the machine's load hit both alike: each worker sends Predict with its
+own request id, then Feedback labelling that answer. A store that costs O(n) per prediction
+at capacity shows as a collapse of the full server's figure.
 
     .venv/bin/python bench/feedback_bench.py --seconds 15 --concurrency 8 --fill 50000
 
@@ -136,22 +137,28 @@ async def main() -> None:
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--fill", type=int, default=50_000)
+    parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     in_process(args.fill)
-    process, port = start()
-    address = f"127.0.0.1:{port}"
+    servers = [start(), start()]
+    fresh, full = (f"127.0.0.1:{port}" for _, port in servers)
     try:
-        await wait_ready(address)
-        await drive(address, 2.0, args.concurrency, "warm")
-        empty = await drive(address, args.seconds, args.concurrency, "empty")
-        print(f"Predict+Feedback, fresh store:                {empty:8.0f} RPC/s")
-        await fill(address, args.fill, args.concurrency)
-        full = await drive(address, args.seconds, args.concurrency, "full")
-        print(f"Predict+Feedback, after {args.fill} more predictions: {full:8.0f} RPC/s  "
-              f"({full / empty:.2f} x the fresh store)")
+        for address in (fresh, full):
+            await wait_ready(address)
+            await drive(address, 2.0, args.concurrency, "warm")
+        await fill(full, args.fill, args.concurrency)
+        rates: dict[str, list[float]] = {"fresh": [], "full": []}
+        for r in range(args.rounds):
+            for name, address in (("fresh", fresh), ("full", full)):
+                rates[name].append(await drive(address, args.seconds, args.concurrency, f"{name}{r}"))
+        for name, values in rates.items():
+            print(f"Predict+Feedback, {name:5s} store: " + ", ".join(f"{v:6.0f}" for v in values) + " RPC/s")
+        ratio = float(np.median(rates["full"]) / np.median(rates["fresh"]))
+        print(f"full / fresh (medians): {ratio:.2f} (after {args.fill} stored predictions)")
     finally:
-        process.terminate()
-        process.wait(timeout=60)
+        for process, _ in servers:
+            process.terminate()
+            process.wait(timeout=60)
 
 
 if __name__ == "__main__":
