@@ -54,8 +54,8 @@ def decode_raw(what: str, dtype: DType, shape: Sequence[int], content: bytes) ->
     if dtype.is_bytes:
         if count * _LENGTH.size > len(content):  # every element has its 4-byte length
             raise InvalidInput(
-                f"{what}: shape {list(shape)} declares {count} BYTES elements but the raw content "
-                f"({len(content)} bytes) cannot hold more than {len(content) // _LENGTH.size}")
+                f"{what}: BYTES raw content ({len(content)} bytes) cannot hold the {count} elements "
+                f"shape {list(shape)} declares (each needs a 4-byte length)")
         return _split_bytes(what, content, count).reshape(shape)
     expected = count * dtype.itemsize
     if len(content) != expected:

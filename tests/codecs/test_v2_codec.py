@@ -199,7 +199,8 @@ def test_shape_declared_larger_than_data() -> None:
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        (b"\x01\x00\x00\x00a\x05\x00", r"ends after 1 of 2 elements"),
+        (b"\x01\x00\x00\x00a\x05\x00", r"\(7 bytes\) cannot hold the 2 elements"),  # checked before allocating
+        (b"\x03\x00\x00\x00abc\x05", r"ends after 1 of 2 elements"),
         (b"\x01\x00\x00\x00a\x05\x00\x00\x00bc", r"element 1 declares 5 bytes but only 2 remain"),
         (b"\x01\x00\x00\x00a\x01\x00\x00\x00bc", r"1 bytes left over after 2 elements"),
     ],

@@ -238,3 +238,49 @@ def test_predict_cli_with_token(token_server: RunningServer):
     assert refused.returncode == 1
     assert refused.stderr.strip() == ("quorum predict: UNAUTHENTICATED: "
                                       "missing or invalid bearer token in 'authorization' metadata")
+
+
+# -- fail closed: settings that would weaken security refuse to start --------------------------
+def _serve_refused(env: dict[str, str]) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in __import__("os").environ.items() if not k.startswith("QUORUM_")}
+    return subprocess.run([sys.executable, "-m", "service.cli", "serve", "--grpc-port", "0", "--metrics-port", "0"],
+                          cwd=ROOT, env={**clean, **env}, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("case", ["empty-token", "blank-token", "empty-token-file", "missing-token-file",
+                                  "cert-without-key", "key-without-cert", "client-ca-without-cert"])
+def test_weakening_settings_refuse_to_start(tmp_path, pki, case):
+    empty = tmp_path / "empty-token"
+    empty.write_text("\n")
+    env, setting = {
+        "empty-token": ({"QUORUM_AUTH_TOKEN": ""}, "auth_token"),
+        "blank-token": ({"QUORUM_AUTH_TOKEN": "  "}, "auth_token"),
+        "empty-token-file": ({"QUORUM_AUTH_TOKEN_FILE": str(empty)}, "auth_token_file"),
+        "missing-token-file": ({"QUORUM_AUTH_TOKEN_FILE": str(tmp_path / "absent")}, "auth_token_file"),
+        "cert-without-key": ({"QUORUM_TLS_CERT": str(pki.server.cert)}, "tls_cert"),
+        "key-without-cert": ({"QUORUM_TLS_KEY": str(pki.server.key)}, "tls_key"),
+        "client-ca-without-cert": ({"QUORUM_TLS_CLIENT_CA": str(pki.ca.cert)}, "tls_client_ca"),
+    }[case]
+    done = _serve_refused(env)
+    assert done.returncode == 2, done.stderr[-2000:]
+    [line] = [ln for ln in done.stderr.splitlines() if ln.startswith("quorum serve:")]
+    assert setting in line, line
+    assert "gRPC on port" not in done.stderr + done.stdout  # it never served
+
+
+# -- the bearer scheme is case-insensitive; several authorization entries are refused ------------
+@pytest.mark.parametrize("scheme", ["bearer", "BEARER", "Bearer"])
+def test_bearer_scheme_any_case(token_server: RunningServer, test_split, scheme):
+    x, _ = test_split
+    with grpc.insecure_channel(token_server.address) as channel:
+        assert len(_predict(channel, x[:1], metadata=[("authorization", f"{scheme} {TOKEN}")])) == 1
+
+
+def test_several_authorization_entries_refused(token_server: RunningServer, test_split):
+    x, _ = test_split
+    with grpc.insecure_channel(token_server.address) as channel:
+        for entries in ([("authorization", "Bearer wrong"), ("authorization", f"Bearer {TOKEN}")],
+                        [("authorization", f"Bearer {TOKEN}"), ("authorization", f"Bearer {TOKEN}")]):
+            with pytest.raises(grpc.RpcError) as denied:
+                _predict(channel, x[:1], metadata=entries)
+            assert denied.value.code() == grpc.StatusCode.UNAUTHENTICATED
