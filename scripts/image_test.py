@@ -103,17 +103,22 @@ def check_models(address: str) -> dict[str, float]:
     # the ensemble, an ONNX Runtime member and a TensorFlow SavedModel member
     for model in ("digits", "digits_cnn_a", "digits_mlp_b"):
         assert client.is_model_ready(model), model
-        tensor = triton.InferInput("pixels", list(pixels.shape), "FP32")
-        tensor.set_data_from_numpy(pixels)
-        answer = client.infer(model, [tensor], outputs=[triton.InferRequestedOutput("class_index")])
-        scores[model] = float(np.mean(answer.as_numpy("class_index").reshape(-1) == labels))
+        predicted = []
+        for rows in np.array_split(pixels, -(-len(pixels) // 64)):  # the models' max batch size is 64
+            tensor = triton.InferInput("pixels", list(rows.shape), "FP32")
+            tensor.set_data_from_numpy(rows)
+            answer = client.infer(model, [tensor], outputs=[triton.InferRequestedOutput("class_index")])
+            predicted.append(answer.as_numpy("class_index").reshape(-1))
+        scores[model] = float(np.mean(np.concatenate(predicted) == labels))
         assert scores[model] >= MIN_ACCURACY, (model, scores[model])
     client.close()
     return scores
 
 
 def main(image: str) -> None:
-    config = json.loads(podman("image", "inspect", "--format", "{{json .Config}}", image))
+    # the Docker-format config: podman's own inspect leaves out the HEALTHCHECK
+    inspect = subprocess.run(["buildah", "inspect", "--type", "image", image], check=True, capture_output=True, text=True)
+    config = json.loads(inspect.stdout)["Docker"]["config"]
     size = int(podman("image", "inspect", "--format", "{{.Size}}", image))
     user = config["User"]
     assert user.split(":")[0] not in ("", "0", "root"), f"image runs as {user!r}"
@@ -121,7 +126,7 @@ def main(image: str) -> None:
     grpc_port, metrics_port, http_port = free_port(), free_port(), free_port()
     env |= {"QUORUM_GRPC_PORT": str(grpc_port), "QUORUM_METRICS_PORT": str(metrics_port),
             "QUORUM_HTTP_PORT": str(http_port), "HOME": "/tmp"}
-    command = [*config.get("Entrypoint") or [], *config.get("Cmd") or []]
+    command = [*(config.get("Entrypoint") or []), *(config.get("Cmd") or [])]
     healthcheck = (config.get("Healthcheck") or {}).get("Test") or []
     assert healthcheck[:1] == ["CMD"], f"no HEALTHCHECK in the image config (built with --format docker?): {healthcheck}"
 
