@@ -1,11 +1,12 @@
 # syntax=docker/dockerfile:1.7
 #
-# Quorum serving image. Two targets:
+# Quorum serving image. Two targets (`make image` / `make image-gpu` build them with podman,
+# from a local base where no registry is reachable: scripts/image_build.sh):
 #   docker build -t quorum:0.1.0-gpu .                 # default (last stage): CUDA 13 + cuDNN 9, onnxruntime-gpu
 #   docker build -t quorum:0.1.0 --target cpu .        # CPU only, python:3.11-slim
 # Both: non-root UID 10001, the bundled models/ at /opt/quorum/models, gRPC :8500
-# (with grpc.health.v1.Health), Prometheus /metrics :8502. docs/deploy.md has the details,
-# including how TensorFlow and ONNX Runtime share the GPU image.
+# (with grpc.health.v1.Health), HTTP :8501, Prometheus /metrics :8502. docs/deploy.md has
+# the details, including how TensorFlow and ONNX Runtime share the GPU image.
 
 ARG CUDA_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
