@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROTO_STAMP := service/_proto/.generated
 
-.PHONY: serve test venv protos models bench lint clean prometheus
+.PHONY: serve test venv protos models bench lint clean prometheus image image-gpu image-test image-tools
 
 venv: $(STAMP) $(PROTO_STAMP)
 
@@ -42,6 +42,24 @@ bench: venv
 	$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/pip install --quiet -e '.[bench]'
 	bench/setup_mlserver.sh
 	$(BIN)/python bench/run_suite.py
+
+# The container image (docs/deploy.md): podman/buildah, and debootstrap for a local base
+# image where no registry can be reached. `make image-test` runs the built image's
+# filesystem as UID 10001 with a read-only root and calls it (needs root: mounts, chroot).
+image-tools:
+	@command -v podman >/dev/null && command -v buildah >/dev/null && command -v debootstrap >/dev/null || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+	    podman buildah debootstrap fuse-overlayfs uidmap; }
+
+image: image-tools
+	scripts/image_build.sh cpu
+
+image-gpu: image-tools
+	scripts/image_build.sh gpu
+
+image-test: image venv
+	$(BIN)/python scripts/image_test.py
 
 clean:
 	rm -rf $(VENV) service/_proto

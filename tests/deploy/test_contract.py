@@ -3,6 +3,7 @@ service.settings.Settings), the user, and the metric names the autoscaler depend
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
 
@@ -14,7 +15,12 @@ from tests.deploy.manifests import (K8S, OVERLAYS, ROOT, base_metric, container,
                                     settings_data)
 
 DEFAULTS = Settings()
-ENV_NAMES = {f"QUORUM_{name.upper()}" for name in Settings.model_fields}
+# QUORUM_MODEL_CONTROL: the setting the lead fixed for the operability work (GUIDE shared
+# interfaces), which the PVC variant turns to `poll`; a Settings field once that is merged.
+ENV_NAMES = {f"QUORUM_{name.upper()}" for name in Settings.model_fields} | {"QUORUM_MODEL_CONTROL"}
+HTTP_PORT = 8501  # QUORUM_HTTP_PORT's default (the HTTP work; shared interface)
+VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+HEALTHCHECK = ["python", "/opt/quorum/healthcheck.py"]
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
 
 
@@ -45,12 +51,18 @@ def test_ports_and_probes_match_the_server(overlay):
     c = container(objects)
     assert _port(c["ports"], "grpc")["containerPort"] == grpc_port
     assert _port(c["ports"], "metrics")["containerPort"] == metrics_port
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert c[probe]["grpc"]["port"] == grpc_port, probe  # native gRPC health probe
-        assert c[probe]["grpc"].get("service", "") == ""  # overall health: every model ready
+    assert _port(c["ports"], "http")["containerPort"] == HTTP_PORT
+    # readiness (and startup): health service ""; liveness: health service "liveness"
+    for probe, service in (("startupProbe", ""), ("readinessProbe", ""), ("livenessProbe", "liveness")):
+        if "QUORUM_TLS_CERT" in data:  # the kubelet's gRPC probes cannot speak TLS
+            assert "grpc" not in c[probe] and c[probe]["exec"]["command"] == [*HEALTHCHECK, service], probe
+        else:
+            assert c[probe]["grpc"] == {"port": grpc_port, "service": service}, probe
     service = find(objects, "Service", "quorum")["spec"]["ports"]
     assert _port(service, "grpc") == {"name": "grpc", "port": grpc_port, "targetPort": "grpc",
                                       "protocol": "TCP", "appProtocol": "grpc"}
+    assert _port(service, "http") == {"name": "http", "port": HTTP_PORT, "targetPort": "http",
+                                      "protocol": "TCP", "appProtocol": "http"}
     assert _port(service, "metrics")["port"] == metrics_port
     headless = find(objects, "Service", "quorum-headless")["spec"]
     assert headless["clusterIP"] == "None" and _port(headless["ports"], "grpc")["port"] == grpc_port
@@ -113,8 +125,10 @@ def test_kserve_predictor_runs_the_same_server():
 
 
 def test_dockerfile_matches_the_server():
-    assert re.search(r"^EXPOSE (\d+) (\d+)$", DOCKERFILE, re.M).groups() == (
-        str(DEFAULTS.grpc_port), str(DEFAULTS.metrics_port))
+    assert re.findall(r"^EXPOSE (\d+) (\d+) (\d+)$", DOCKERFILE, re.M) == [
+        (str(DEFAULTS.grpc_port), str(HTTP_PORT), str(DEFAULTS.metrics_port))] * 2
+    assert DOCKERFILE.count(f'CMD {json.dumps(HEALTHCHECK)}') == 2
+    assert "COPY --chown=root:root scripts/healthcheck.py /opt/quorum/healthcheck.py" in DOCKERFILE
     assert DOCKERFILE.count('ENTRYPOINT ["quorum", "serve"]') == 2  # cpu and gpu targets
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["quorum"] == "service.cli:main"
@@ -134,6 +148,10 @@ def test_dockerfile_matches_the_server():
 def test_dockerignore_keeps_what_the_build_needs():
     rules = [line for line in (ROOT / ".dockerignore").read_text().splitlines() if line and line[0] != "#"]
     assert rules[0] == "*"
-    for needed in ("!pyproject.toml", "!service/", "!protos/", "!scripts/gen_protos.py", "!models/"):
+    copied = re.findall(r"^COPY (?:--chown=\S+ )?(.+) \S+$", DOCKERFILE, re.M)
+    sources = {src for line in copied if "--from" not in line for src in line.split()}
+    assert {"scripts/image_slim.sh", "scripts/healthcheck.py", "scripts/image_requirements.py"} <= sources
+    for needed in ("!pyproject.toml", "!service/", "!protos/", "!models/", *(f"!{p}" for p in sources if "/" in p
+                                                                             and p.startswith("scripts/"))):
         assert needed in rules
     assert "service/_proto/" in rules
