@@ -29,18 +29,45 @@ def _port(ports: list[dict], name: str) -> dict:
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
-def test_settings_configmap_names_settings_fields_and_parses(overlay, monkeypatch):
+def test_settings_configmap_names_settings_fields_and_parses(overlay, monkeypatch, tmp_path):
     data = settings_data(render(overlay))
     assert set(data) <= ENV_NAMES, f"not Settings fields: {set(data) - ENV_NAMES}"
     for key in [k for k in __import__("os").environ if k.startswith("QUORUM_")]:
         monkeypatch.delenv(key)
     for key, value in data.items():
+        if key in SECRET_FILES:  # a mounted Secret: the file exists in the pod, so here too
+            value = str(_mounted(tmp_path, value, SECRET_FILES[key]))
         monkeypatch.setenv(key, value)
     settings = Settings()  # the pod's settings parse
     assert settings.grpc_port == DEFAULTS.grpc_port == 8500
     assert settings.metrics_port == DEFAULTS.metrics_port == 8502
     expected = "gpu" if "gpu" in overlay.name else "cpu"
     assert settings.device == expected
+
+
+SECRET_FILES = {"QUORUM_AUTH_TOKEN_FILE": "token", "QUORUM_TLS_CERT": "cert", "QUORUM_TLS_KEY": "key",
+                "QUORUM_TLS_CLIENT_CA": "ca"}
+
+
+def _mounted(root, path: str, kind: str):
+    """The file a Secret mount would hold at `path`, under `root`: a token or real PEMs
+    (one PKI per test, so that the certificate and the key are a pair)."""
+    target = root / path.lstrip("/")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "token":
+        target.write_text("a-token\n")
+        return target
+    from tests.e2e.certs import make_pki
+
+    pki_dir = root / "pki"
+    if not pki_dir.exists():
+        _PKI[root] = make_pki(pki_dir)
+    pki = _PKI[root]
+    target.write_bytes({"cert": pki.server.cert, "key": pki.server.key, "ca": pki.ca.cert}[kind].read_bytes())
+    return target
+
+
+_PKI: dict = {}
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
