@@ -29,8 +29,8 @@ def pytest_generate_tests(metafunc):
     unknown = set(engines) - set(ENGINES)
     if unknown:
         raise pytest.UsageError(f"--grpc-engines: unknown {sorted(unknown)}; choose from {ENGINES}")
-    if TLS_FIXTURES & set(metafunc.fixturenames):
-        engines = ["grpcio"]  # the engine of every TLS server
+    if TLS_FIXTURES & set(metafunc.fixturenames) or getattr(metafunc.module, "GRPCIO_ONLY", False):
+        engines = ["grpcio"]  # the engine of every TLS server (a module of TLS servers says GRPCIO_ONLY)
     metafunc.parametrize("grpc_engine", engines, scope="module", indirect=True)
 
 

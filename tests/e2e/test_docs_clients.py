@@ -27,6 +27,7 @@ from tests.helpers import ROOT
 from tests.server import running_server, wait_serving
 
 DOC = ROOT / "docs" / "clients.md"
+GRPCIO_ONLY = True  # the docs show the default engine; a TLS server is grpcio whatever the engine
 TOKEN = "my-token"
 _FENCE = re.compile(r"^```(\w*)\n(.*?)^```\n", re.MULTILINE | re.DOTALL)
 _NUMBER = re.compile(r"-?\d+\.\d+(?:[eE][-+]?\d+)?|-?\d+[eE][-+]?\d+")
@@ -82,7 +83,7 @@ def matches(expected: list[str], actual: list[str]) -> bool:
 
 
 @pytest.fixture(scope="module")
-def plain(tmp_path_factory):
+def plain(tmp_path_factory, grpc_engine):
     with running_server(tmp_path_factory.mktemp("docs")) as server:
         yield server
         server.stop()
@@ -94,7 +95,7 @@ def pki(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def secure(tmp_path_factory, pki):
+def secure(tmp_path_factory, pki, grpc_engine):
     env = {"QUORUM_TLS_CERT": str(pki.server.cert), "QUORUM_TLS_KEY": str(pki.server.key),
            "QUORUM_AUTH_TOKEN": TOKEN}
     credentials = grpc.ssl_channel_credentials(pki.ca.cert.read_bytes())

@@ -55,7 +55,7 @@ def repo(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, repo):
+def server(tmp_path_factory, repo, grpc_engine):
     # Broken ensembles are in this repository on purpose: wait for the good ones, not for
     # overall readiness (which, by default, one bad model does not decide either way here).
     with module_server(tmp_path_factory, "contract", repository=repo, wait=False,

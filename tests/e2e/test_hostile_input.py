@@ -38,7 +38,7 @@ MB = "x" * 2**20  # a 1 MB name or id
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, grpc_engine):
     with module_server(tmp_path_factory, "hostile") as s:  # default settings: no model control
         yield s
 

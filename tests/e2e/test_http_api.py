@@ -30,7 +30,7 @@ MAX_BODY = 1 << 20  # the module's server refuses bodies beyond 1 MiB (QUORUM_MA
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, grpc_engine):
     with module_server(tmp_path_factory, "http", env={"QUORUM_MAX_MESSAGE_BYTES": str(MAX_BODY)}) as s:
         yield s
 

@@ -14,6 +14,7 @@ from tests.e2e.fixtures import ENSEMBLE
 from tests.server import running_server, wait_serving
 
 TOKEN = "s3cret-http-token"
+GRPCIO_ONLY = True  # TLS servers: grpcio serves TLS whatever the engine (tests/e2e/conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,7 @@ def pki(tmp_path_factory) -> Pki:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, pki):
+def server(tmp_path_factory, pki, grpc_engine):
     import grpc
 
     env = {"QUORUM_TLS_CERT": str(pki.server.cert), "QUORUM_TLS_KEY": str(pki.server.key),

@@ -188,9 +188,10 @@ def test_sigterm_during_a_burst_answers_every_accepted_request(tmp_path, lingeri
     assert code == 0, log[-3000:]
     assert timeline.exited - signalled < GRACE_S
     # A Health.Watch stream must not hold the shutdown for the whole grace period: it ends
-    # cleanly once it has delivered NOT_SERVING.
+    # cleanly once it has delivered NOT_SERVING (held, the exit would come a full grace
+    # period after the drain delay, past the bound above; no tighter wall-clock margin here,
+    # which a loaded machine would break).
     assert timeline.watch_code == grpc.StatusCode.OK
-    assert timeline.exited - max(o.done for o in outcomes) < 3.0
     # Models unload only after the RPCs finished.
     assert log.index("draining") < log.index("unloaded") < log.index("stopped")
     assert "still running" not in log

@@ -45,7 +45,7 @@ def scores(probs: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, grpc_engine):
     repo = tmp_path_factory.mktemp("calibration-repo")
     for name in VARIANTS:
         copy_variant(name, repo)
