@@ -39,6 +39,10 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int,
                    help="server processes sharing the gRPC port (SO_REUSEPORT; default 1)")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING...")
+    p.add_argument("--log-format", choices=["text", "json"], help="log lines as text (default) or JSON")
+    p.add_argument("--otlp-endpoint", help="OTLP/gRPC endpoint for OpenTelemetry traces (default: off, "
+                                           "or OTEL_EXPORTER_OTLP_ENDPOINT)")
+    p.add_argument("--trace-sample-ratio", type=float, help="share of new traces sampled (default 0.01)")
 
 
 def _serve(args: argparse.Namespace) -> int:  # returns only when the settings are refused
@@ -53,8 +57,9 @@ def _serve(args: argparse.Namespace) -> int:  # returns only when the settings a
     except ValidationError as exc:
         print(f"quorum serve: {_settings_error(exc)}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from service.logs import configure_logging
+
+    configure_logging(settings.log_level, settings.log_format)
     from service.server import run  # after the settings: a refusal needs no TensorFlow
 
     code = run(settings)

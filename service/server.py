@@ -38,6 +38,7 @@ from service.api.v2 import InferenceServicer
 from service.dataplane import DataPlane
 from service.liveness import LoopWatchdog
 from service.monitoring.monitor import Monitor
+from service.monitoring.tracing import Tracing
 from service.monitoring.statistics import Statistics
 from service.repository.manager import ModelManager
 from service.settings import Settings
@@ -91,6 +92,7 @@ class QuorumServer:
             self.monitor.attach(self.manager, self.api.feedback, data.trackers)
         self.metrics_port: int | None = None
         self.http: HttpServer | None = None  # the HTTP/REST front, unless http_port is 0
+        self.tracing = Tracing.configure(settings.otlp_endpoint, settings.trace_sample_ratio)
         self.health = HealthServicer()
         self.admission = Admission()
         self.watchdog = LoopWatchdog(settings.liveness_timeout_s)
@@ -117,7 +119,7 @@ class QuorumServer:
         self._server = build_server(
             self.engine,
             interceptors=[ServiceInterceptor(token=self.settings.token(), observer=self.monitor,
-                                             admission=self.admission)],
+                                             admission=self.admission, tracing=self.tracing)],
             options=[("grpc.max_receive_message_length", limit),
                      ("grpc.max_send_message_length", limit),
                      ("grpc.so_reuseport", int(self.settings.reuse_port))])
@@ -143,7 +145,8 @@ class QuorumServer:
         await self._server.start()  # readiness NOT_SERVING (liveness SERVING) while the models load
         log.info("gRPC on port %d (%s), %s engine, %s event loop", self.port, "TLS" if credentials else "plaintext",
                  self.engine, type(asyncio.get_running_loop()).__module__.partition(".")[0])
-        self.http = await start_http(self.settings, self.api, token=self.settings.token(), observer=self.monitor)
+        self.http = await start_http(self.settings, self.api, token=self.settings.token(), observer=self.monitor,
+                                     tracing=self.tracing)
         await self.manager.start()
         if self.monitor:
             self.monitor.prime()
@@ -226,6 +229,7 @@ class QuorumServer:
         await self.manager.stop()
         if self.monitor:
             await self.monitor.stop()
+        await asyncio.to_thread(self.tracing.shutdown)  # flushes the spans still queued
         await self.watchdog.stop()
         log.info("stopped")
 

@@ -97,6 +97,15 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
     """Python logging level."""
+    log_format: Literal["text", "json"] = "text"
+    """Log lines as text or as one JSON object each; a line written while a request is
+    handled carries its request id (the client's id, else a generated one)."""
+    otlp_endpoint: str | None = None
+    """OTLP/gRPC endpoint for OpenTelemetry traces (e.g. http://otel-collector:4317); unset,
+    the standard OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT, else tracing is off."""
+    trace_sample_ratio: float = Field(0.01, ge=0, le=1)
+    """Share of new traces sampled (parent-based: a caller's sampled trace always continues);
+    OTEL_TRACES_SAMPLER/OTEL_TRACES_SAMPLER_ARG, when set, win."""
 
     @field_validator("auth_token")
     @classmethod

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from service.dataplane import DataPlane, InferenceResult
+from service.monitoring.stages import annotate
 from service.monitoring.statistics import Statistics
 from service.objectives.feedback import FeedbackStore
 from service.repository.manager import ModelManager, State
@@ -41,6 +42,8 @@ class ApiContext:
         return self.manager.all_ready() if self.manager.settings.strict_readiness else True
 
     def on_inference(self, result: InferenceResult, rows: int, seconds: float) -> None:
+        annotate({"quorum.model": result.model, "quorum.version": result.version, "quorum.rows": rows,
+                  "quorum.policy": result.policy, "quorum.members_left_out": ",".join(result.left_out)})
         self.statistics.on_request(result.model, result.version, rows, seconds, ok=True)
         if self.monitor is not None:
             self.monitor.on_inference(result, rows, seconds)

@@ -12,6 +12,7 @@ from service._proto.quorum.v1 import ensemble_pb2 as pb
 from service._proto.quorum.v1 import ensemble_pb2_grpc as pb_grpc
 from service.api.common import check_declared, deadline_of, model_rows
 from service.api.context import ApiContext
+from service.logs import REQUEST_ID
 from service.codecs import v2 as codec
 from service.codecs.dtypes import from_v2
 from service.errors import InvalidInput, QuorumError
@@ -53,7 +54,7 @@ class EnsembleServicer(pb_grpc.EnsembleServiceServicer):
         except QuorumError:
             self.api.on_failure(request.model, time.perf_counter() - start)
             raise
-        request_id = request.request_id or uuid.uuid4().hex
+        request_id = request.request_id or REQUEST_ID.get() or uuid.uuid4().hex  # the logs' id
         self.api.feedback.record(request_id, result)
         response = pb.PredictResponse(
             request_id=request_id, model=result.model, version=result.version,

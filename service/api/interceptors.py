@@ -15,6 +15,8 @@ import grpc
 
 from service import errors
 from service.api.limits import check_request, short
+from service.api.request_scope import REQUEST_ID_KEY, RequestScope, client_request_id, new_request_id
+from service.monitoring.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -163,9 +165,11 @@ def _cancelled_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
 
 
 def _wrap(handler: grpc.RpcMethodHandler, method: str, token: bytes | None,
-          observer: RpcObserver | None, admission: Admission | None) -> grpc.RpcMethodHandler:
+          observer: RpcObserver | None, admission: Admission | None,
+          tracing: Tracing = Tracing.disabled()) -> grpc.RpcMethodHandler:
     """Rewrap the handler's behaviour, keeping its (de)serializers and streaming kind."""
     open_service = method.startswith(OPEN_SERVICES)
+    span_name = method[1:]
     check_auth = token is not None and not open_service
     gate = None if open_service or method in ALWAYS_ANSWERED else admission
 
@@ -195,6 +199,11 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, token: bytes | None,
                 observer.on_rpc_start(method)
             code = grpc.StatusCode.OK
             entered = False
+            scope = None
+            if not open_service:  # probes and reflection get no request id or span
+                scope = RequestScope(tracing, span_name, client_request_id(request) or new_request_id(),
+                                     dict(context.invocation_metadata() or ()) if tracing.enabled else None)
+                context.set_trailing_metadata(((REQUEST_ID_KEY, scope.request_id),))
             try:
                 authorize(context)
                 if gate is not None:
@@ -221,6 +230,8 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, token: bytes | None,
                 if entered:
                     gate.leave()
                 observe(code, start, request if handler.unary_unary and not isinstance(request, _Unparsable) else None)
+                if scope is not None:
+                    scope.close(code.name)
 
         factory = (grpc.unary_unary_rpc_method_handler if handler.unary_unary
                    else grpc.stream_unary_rpc_method_handler)
@@ -279,10 +290,11 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
     nothing behind (gRPC answers UNIMPLEMENTED)."""
 
     def __init__(self, token: str | None = None, observer: RpcObserver | None = None,
-                 admission: Admission | None = None) -> None:
+                 admission: Admission | None = None, tracing: Tracing | None = None) -> None:
         self._token = token.encode() if token else None
         self._observer = observer
         self._admission = admission
+        self._tracing = tracing or Tracing.disabled()
         self._cache: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(self, continuation, handler_call_details):
@@ -293,5 +305,6 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        wrapped = self._cache[method] = _wrap(handler, method, self._token, self._observer, self._admission)
+        wrapped = self._cache[method] = _wrap(handler, method, self._token, self._observer, self._admission,
+                                                   self._tracing)
         return wrapped

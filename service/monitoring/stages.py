@@ -27,6 +27,8 @@ class Stage:
 
 COLLECTOR: ContextVar[list[Stage] | None] = ContextVar("quorum_stages", default=None)
 """The current request's stages, or None when its trace is not sampled."""
+ATTRIBUTES: ContextVar[dict[str, Any] | None] = ContextVar("quorum_span_attributes", default=None)
+"""Attributes for the current request's span (model, version...), or None when not sampled."""
 
 
 def record(stage: Stage) -> None:
@@ -34,3 +36,10 @@ def record(stage: Stage) -> None:
     stages = COLLECTOR.get()
     if stages is not None:
         stages.append(stage)
+
+
+def annotate(attributes: Mapping[str, Any]) -> None:
+    """Add `attributes` to the current request's span, if it is being traced."""
+    found = ATTRIBUTES.get()
+    if found is not None:
+        found.update(attributes)

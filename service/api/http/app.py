@@ -25,7 +25,9 @@ from aiohttp import web
 from service.api.context import ApiContext
 from service.api.http import errors as http_errors
 from service.api.interceptors import RpcObserver
+from service.api.request_scope import MAX_CLIENT_ID, REQUEST_ID_KEY, RequestScope, new_request_id
 from service.errors import InvalidInput, QuorumError, Unauthenticated
+from service.monitoring.tracing import Tracing
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -103,10 +105,11 @@ def bearer_matches(header: str, token: bytes) -> bool:
 
 
 def make_app(api: ApiContext, *, max_body_bytes: int, token: str | None = None,
-             observer: RpcObserver | None = None) -> web.Application:
+             observer: RpcObserver | None = None, tracing: Tracing | None = None) -> web.Application:
     from service.api.http import tfserving, v2
 
     secret = token.encode() if token else None
+    tracing = tracing or Tracing.disabled()
     methods: dict[str | None, str] = {}
 
     def method_of(route: str | None) -> str:
@@ -122,6 +125,10 @@ def make_app(api: ApiContext, *, max_body_bytes: int, token: str | None = None,
         if observer is not None:
             observer.on_rpc_start(method)
         code, status = grpc.StatusCode.OK, 200
+        scope = RequestScope(tracing, f"{request.method} {route or request.path[:64]}",
+                             request.headers.get(REQUEST_ID_KEY, "")[:MAX_CLIENT_ID] or new_request_id(),
+                             request.headers if tracing.enabled else None)
+        response = None
         try:
             if secret is not None and not request.path.startswith(OPEN_PATHS):
                 if not bearer_matches(request.headers.get("Authorization", ""), secret):
@@ -143,15 +150,20 @@ def make_app(api: ApiContext, *, max_body_bytes: int, token: str | None = None,
             message = exc.text if exc.text and not exc.text.startswith(str(status)) else exc.reason
             if status == 413:
                 message = f"request body larger than the limit of {max_body_bytes} bytes (max_message_bytes)"
-            return error_response(code, message, status)
+            response = error_response(code, message, status)
+            return response
         except Exception as exc:  # a bug: logged, 500, the server lives on
             log.exception("internal error in %s %s", request.method, request.path, exc_info=exc)
             code, status = grpc.StatusCode.INTERNAL, 500
-            return error_response(code, f"internal error: {type(exc).__name__}: {exc}")
+            response = error_response(code, f"internal error: {type(exc).__name__}: {exc}")
+            return response
         finally:
             if observer is not None:
                 observer.on_rpc(method, code, time.perf_counter() - start,
                                 _Named(request.match_info.get("name", "")))
+            if response is not None:
+                response.headers[REQUEST_ID_KEY] = scope.request_id
+            scope.close(code.name, {"http.status_code": status})
 
     app = web.Application(middlewares=[front], client_max_size=max_body_bytes)
     app[API], app[MAX_BODY], app[SERVICERS] = api, max_body_bytes, {}
@@ -193,12 +205,12 @@ def ssl_context(cert: str, key: str, client_ca: str | None) -> ssl.SSLContext:
 
 
 async def start_http(settings: Settings, api: ApiContext, *, token: str | None,
-                     observer: RpcObserver | None) -> HttpServer | None:
+                     observer: RpcObserver | None, tracing: Tracing | None = None) -> HttpServer | None:
     """The HTTP front on the running loop, with the gRPC port's TLS, token and observer;
     None when http_port is 0. With --workers, every worker binds it with SO_REUSEPORT."""
     if not settings.http_port:
         return None
-    app = make_app(api, max_body_bytes=settings.max_message_bytes, token=token, observer=observer)
+    app = make_app(api, max_body_bytes=settings.max_message_bytes, token=token, observer=observer, tracing=tracing)
     server = HttpServer(app, grace_s=settings.grace_period_s)
     tls = None
     if settings.tls_cert and settings.tls_key:
