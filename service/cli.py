@@ -35,7 +35,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
                    help="gRPC server: grpcio (grpc.aio, the default) or native (pygrpc-native, "
                         "HTTP/2 in Rust); TLS and mTLS are served by grpcio only")
     p.add_argument("--event-loop", choices=["asyncio", "uvloop"],
-                   help="the server's event loop (default uvloop)")
+                   help="the server's event loop (default asyncio; uvloop is faster for lone models, slower for ensembles)")
     p.add_argument("--workers", type=int,
                    help="server processes sharing the gRPC port (SO_REUSEPORT; default 1)")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING...")

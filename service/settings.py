@@ -73,9 +73,10 @@ class Settings(BaseSettings):
     grpc_engine: Literal["grpcio", "native"] | None = None
     """gRPC server: grpcio (grpc.aio) or native (pygrpc-native, HTTP/2 in Rust; plaintext
     only). Unset: grpcio. With TLS the server is grpcio, and asking for native refuses to start."""
-    event_loop: Literal["asyncio", "uvloop"] = "uvloop"
-    """The server's event loop: uvloop (libuv; less server CPU per request on both engines,
-    see docs/performance.md) or asyncio's own."""
+    event_loop: Literal["asyncio", "uvloop"] = "asyncio"
+    """The server's event loop: asyncio's own, or uvloop (libuv). Measured side by side
+    (docs/performance.md): uvloop +10-18% req/s for a single ONNX model, but -15-33% for the
+    5-member ensemble, whose executor hand-offs it makes slower; ensembles are the point."""
 
     tls_cert: Path | None = None
     """PEM certificate chain of the server; with tls_key, turns TLS on."""

@@ -73,12 +73,12 @@ def _still_serving(server, v2, test_split) -> None:
 
 
 def test_server_runs_the_engine_under_test(server, grpc_engine):
-    assert f"{grpc_engine} engine, uvloop event loop" in server.output()
+    assert f"{grpc_engine} engine, asyncio event loop" in server.output()
 
 
-def test_asyncio_event_loop(tmp_path, grpc_engine, test_split):
-    with running_server(tmp_path, args=["--event-loop", "asyncio"]) as other, other.channel() as channel:
-        assert f"{grpc_engine} engine, asyncio event loop" in other.output()
+def test_uvloop_event_loop(tmp_path, grpc_engine, test_split):
+    with running_server(tmp_path, args=["--event-loop", "uvloop"]) as other, other.channel() as channel:
+        assert f"{grpc_engine} engine, uvloop event loop" in other.output()
         _still_serving(other, service_pb2_grpc.GRPCInferenceServiceStub(channel), test_split)
         assert other.stop() == 0
 
