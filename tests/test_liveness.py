@@ -33,7 +33,9 @@ def test_a_blocked_loop_is_seen_from_outside_with_where_it_is_stuck(caplog):
     try:
         asyncio.run_coroutine_threadsafe(_start(watchdog), loop).result(timeout=30)
         with caplog.at_level(logging.ERROR, logger="service.liveness"):
-            before = watchdog.stalls  # 0, unless this machine is loaded enough to stall a loop
+            # A loaded machine can stall the loop by itself: start from a loop that just ticked.
+            assert _until(lambda: watchdog.heartbeat_age_s < 0.5 and watchdog._stalled_since is None)
+            before = watchdog.stalls
             loop.call_soon_threadsafe(stuck_in_a_synchronous_call)
             assert _until(lambda: watchdog.stalls > before), "the watchdog never saw the stall"
             assert not release.is_set()  # seen while the loop is still blocked

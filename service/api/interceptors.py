@@ -87,7 +87,7 @@ class Admission:
     def close(self) -> None:
         self.open = False
 
-    async def drained(self, deadline: float, quiet_s: float = 0.2) -> bool:
+    async def drained(self, deadline: float, quiet_s: float = 1.0) -> bool:
         """Wait (until `deadline`, time.monotonic) for every accepted call to finish and no
         call to arrive for quiet_s; False when the deadline came first."""
         while True:
@@ -276,6 +276,8 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, token: bytes | None,
         finally:
             if entered:
                 gate.leave()
+            if code == grpc.StatusCode.OK and context.cancelled():  # a stream the client cancelled
+                code = _cancelled_code(context)
             observe(code, start, request if handler.unary_stream and not isinstance(request, _Unparsable) else None)
 
     factory = (grpc.unary_stream_rpc_method_handler if handler.unary_stream

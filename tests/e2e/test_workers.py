@@ -4,6 +4,7 @@ SIGTERM to the parent drains them all."""
 from __future__ import annotations
 
 import signal
+import time
 import urllib.request
 
 import grpc
@@ -23,6 +24,10 @@ def _requests_served(port: int) -> float:
 def test_two_workers_share_the_port_and_stop_together(tmp_path, test_split):
     x, y = test_split
     with running_server(tmp_path, args=["--workers", "2"]) as server:
+        end = time.monotonic() + 120
+        while server.output().count("ensemble digits (") < 2:  # both workers have loaded
+            assert time.monotonic() < end, server.output()[-3000:]
+            time.sleep(0.1)
         answers = []
         for i in range(24):  # a new connection each time: the kernel spreads them over the workers
             with grpc.insecure_channel(server.address, options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
