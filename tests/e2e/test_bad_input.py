@@ -29,7 +29,7 @@ NOT_FOUND = grpc.StatusCode.NOT_FOUND
 
 # -- the server, and a well-behaved client running beside every test ------------------------
 @pytest.fixture(scope="module")
-def layout(tmp_path_factory):
+def layout(tmp_path_factory, grpc_engine):  # per engine: the load requests below change it
     """A copy of the bundled repository, with loadable model folders *outside* it that a
     path-traversing load request would reach: base/models (served), base/etc, base/escaped."""
     base = tmp_path_factory.mktemp("layout")

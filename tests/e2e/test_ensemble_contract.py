@@ -41,7 +41,8 @@ BROKEN = {
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory):
+def repo(tmp_path_factory, grpc_engine):
+    """A fresh repository per engine: a test below publishes a breaking member version."""
     root = tmp_path_factory.mktemp("contract-repo")
     for name in MEMBERS:
         copy_variant(name, root)
