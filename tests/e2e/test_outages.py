@@ -115,13 +115,18 @@ def test_reload_config_naming_an_unknown_model_changes_nothing(tmp_path, test_sp
             assert all(client.is_model_ready(m) for m in repository_models(repo))
             assert server.health() == SERVING and server.health(ENSEMBLE) == SERVING
 
-            # An unloaded member: reported under its own name and the ensemble's, not the server's.
+            # An unloaded member is reported under its own name, not the server's; the ensemble
+            # stays ready while its quorum (a majority, 3 of 5) serves, and not below it.
             client.unload_model("digits_logreg")
             _until(lambda: server.health("digits_logreg") == NOT_SERVING, "member NOT_SERVING")
-            _until(lambda: server.health(ENSEMBLE) == NOT_SERVING, "ensemble NOT_SERVING")
+            assert server.health(ENSEMBLE) == SERVING and client.is_model_ready(ENSEMBLE)
+            for member in ("digits_cnn_b", "digits_mlp_b"):
+                client.unload_model(member)
+            _until(lambda: server.health(ENSEMBLE) == NOT_SERVING, "ensemble NOT_SERVING below its quorum")
             assert server.health() == SERVING and client.is_server_ready()
             assert server.health("liveness") == SERVING
-            client.load_model("digits_logreg")
+            for member in ("digits_logreg", "digits_cnn_b", "digits_mlp_b"):
+                client.load_model(member)
             _until(lambda: server.health(ENSEMBLE) == SERVING, "ensemble SERVING again")
         finally:
             client.close()
