@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -130,6 +129,16 @@ class DataPlane:
             members = config.members
             served, missing = self._resolve_members(members)
             quorum = min(config.min_members, len(members))
+        if chosen and tuple(members) != config.members:
+            # a member that stopped serving is left out of the vote whether or not the
+            # selection (re-evaluated in the background) still names it: every protocol
+            # says so alike, with or without a deadline
+            for m in config.members:
+                if m not in served and m not in missing:
+                    try:
+                        self.manager.resolve(m)
+                    except (ModelNotFound, ModelNotReady) as exc:
+                        missing[m] = exc
         if len(served) < quorum:
             raise ModelNotReady(f"ensemble '{model}': only {len(served)} of {len(members)} members are "
                                 f"serving, fewer than its quorum {quorum} ({'; '.join(map(str, missing.values()))})")
@@ -309,7 +318,6 @@ class DataPlane:
         return info
 
 
-@functools.lru_cache(maxsize=1024)
 def _record_vote(seconds: float, policy: str, left_out: tuple[str, ...]) -> None:
     """The calibration and vote just done, as a stage of the request's trace (if traced)."""
     if COLLECTOR.get() is not None:
