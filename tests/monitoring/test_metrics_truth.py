@@ -1,5 +1,5 @@
 """What /metrics says on a real server: counters docs/metrics.md says start at 0 are in the
-first scrape, and only /metrics answers."""
+first scrape, a call the client cancels is counted CANCELLED (not OK), and only /metrics answers."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ import urllib.error
 import urllib.request
 
 import grpc
-import numpy as np
 import pytest
-from tritonclient.grpc import service_pb2, service_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.e2e.fixtures import ENSEMBLE, Reference, module_server
 
@@ -41,3 +40,19 @@ def test_other_paths_are_not_found(server, path):
         _scrape(server, path)
     assert err.value.code == 404
     assert "quorum_requests_total" not in err.value.read().decode()
+
+
+def test_a_call_the_client_cancels_is_counted_as_cancelled(server):
+    # Health/Watch stays open until the client cancels it: the server is mid-call then.
+    with grpc.insecure_channel(server.address) as channel:
+        stream = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=60)
+        assert next(stream).status == health_pb2.HealthCheckResponse.SERVING
+        stream.cancel()
+    pattern = re.compile(r'^quorum_requests_total\{api="(\w+)",code="(\w+)",method="Watch",model=""\} (\S+)$', re.M)
+    end = time.monotonic() + 30
+    while time.monotonic() < end:
+        codes = {code: float(value) for _, code, value in pattern.findall(_scrape(server))}
+        if codes:
+            break
+        time.sleep(0.2)
+    assert codes == {"CANCELLED": 1.0}, codes
