@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             f"quorum-{engine}-{loop}",
             [PY, "-m", "service.cli", "serve", "--device", "cpu", "--poll-interval", "0",
              "--model-repository", str(ROOT / "models"), "--grpc-port", str(port),
-             "--metrics-port", str(free_port()), "--grpc-engine", engine, "--event-loop", loop], port)
+             "--metrics-port", str(free_port()), "--http-port", "0", "--grpc-engine", engine, "--event-loop", loop], port)
     base = Config("engines", "floor", args.model, concurrency=args.concurrency)
     configs = [replace(base, server=name) for name in servers]
     runs: dict[str, list[dict]] = {c.server: [] for c in configs}

@@ -49,7 +49,7 @@ def start() -> tuple[subprocess.Popen, int]:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     process = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "serve", "--grpc-port", str(port), "--metrics-port", "0",
-         "--device", "cpu", "--log-level", "WARNING"], cwd=ROOT, env=env)
+         "--http-port", "0", "--device", "cpu", "--log-level", "WARNING"], cwd=ROOT, env=env)
     return process, port
 
 

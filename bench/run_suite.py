@@ -244,11 +244,11 @@ def main(argv: list[str] | None = None) -> int:
                     "MLSERVER_METRICS_PORT": str(free_port())}))
     port = free_port()
     add(Server("quorum", serve + ["--model-repository", str(ROOT / "models"), "--grpc-port", str(port),
-                                  "--metrics-port", str(free_port())], port, env=quorum_env))
+                                  "--metrics-port", str(free_port()), "--http-port", "0"], port, env=quorum_env))
     port = free_port()
     image_input = mobilenet_input_name() if "quorum-mobilenet" not in args.skip else "input"
     add(Server("quorum-mobilenet", serve + ["--model-repository", str(MOBILENET_REPO), "--grpc-port", str(port),
-                                            "--metrics-port", str(free_port())], port,
+                                            "--metrics-port", str(free_port()), "--http-port", "0"], port,
                # One intra-op thread per member: the three members then run side by side on
                # the two cores instead of six ONNX Runtime threads fighting over them.
                env={"QUORUM_INTRA_OP_THREADS": "1", **quorum_env},
