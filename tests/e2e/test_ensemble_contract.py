@@ -9,7 +9,6 @@ import json
 import time
 import urllib.request
 
-import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient

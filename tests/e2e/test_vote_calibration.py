@@ -7,7 +7,6 @@ ECE and NLL are computed here with plain numpy, independently of the server's co
 
 from __future__ import annotations
 
-import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
