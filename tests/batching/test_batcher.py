@@ -166,15 +166,14 @@ async def test_incompatible_row_shapes_go_in_separate_batches():
 
 # -- latency -------------------------------------------------------------------------------
 async def test_lone_request_is_dispatched_at_once():
-    compute = 0.005
-    batcher = DynamicBatcher("m", FakeModel(compute_s=compute), BatchingConfig())
+    model = FakeModel(compute_s=0.005)
+    batcher = DynamicBatcher("m", model, BatchingConfig(preferred_batch_sizes=(8,)))
     await batcher.submit(row(0))  # warm: start the dispatcher
-    latencies = []
     for i in range(20):
-        start = time.monotonic()
-        await batcher.submit(row(i))
-        latencies.append(time.monotonic() - start)
-    assert np.median(latencies) < compute + 0.01
+        # alone, with no delay configured: a batcher that waited for company would never
+        # answer (nothing else arrives), so the bound only has to be far from forever
+        await asyncio.wait_for(batcher.submit(row(i)), timeout=10)
+    assert model.sizes == [1] * 21
     await batcher.stop()
 
 
@@ -189,7 +188,7 @@ async def test_lone_request_with_a_delay_waits_it_out():
 
 
 async def test_delay_stops_at_the_preferred_batch_size():
-    delay_s = 0.5
+    delay_s = 5.0  # far longer than the four arrivals take, even on a loaded machine
     model = FakeModel()
     config = BatchingConfig(max_queue_delay_us=int(delay_s * 1e6), preferred_batch_sizes=(4,))
     batcher = DynamicBatcher("m", model, config)
@@ -201,12 +200,14 @@ async def test_delay_stops_at_the_preferred_batch_size():
 
     await asyncio.gather(*(later(i) for i in range(4)))
     assert model.sizes == [4]
-    assert time.monotonic() - start < delay_s - 0.2  # did not wait out the delay
+    assert time.monotonic() - start < delay_s / 2  # did not wait out the delay
     await batcher.stop()
 
 
 async def test_no_request_waits_longer_than_delay_plus_one_batch():
-    delay_s, compute_s = 0.02, 0.03
+    # Wide enough that load cannot break the bound: a batcher that held requests for a full
+    # batch of 64 would keep them ~2 s (100 arrivals over 3 s), past delay + compute + slack.
+    delay_s, compute_s = 0.2, 0.1
     recorder = Recorder()
     model = FakeModel(compute_s=compute_s)
     config = BatchingConfig(max_batch_size=64, max_queue_delay_us=int(delay_s * 1e6))
@@ -214,7 +215,7 @@ async def test_no_request_waits_longer_than_delay_plus_one_batch():
     rng = np.random.default_rng(0)
 
     async def call(i: int) -> float:
-        await asyncio.sleep(rng.uniform(0, 0.3))
+        await asyncio.sleep(rng.uniform(0, 3.0))
         start = time.monotonic()
         await batcher.submit(row(i))
         return time.monotonic() - start
@@ -222,8 +223,8 @@ async def test_no_request_waits_longer_than_delay_plus_one_batch():
     latencies = await asyncio.gather(*(call(i) for i in range(100)))
     waits = [w for _, _, ws in recorder.batches for w in ws]
     assert len(waits) == 100
-    assert max(waits) <= delay_s + compute_s + SLACK_S
-    assert max(latencies) <= delay_s + 2 * compute_s + SLACK_S
+    assert max(waits) <= delay_s + compute_s + 0.5
+    assert max(latencies) <= delay_s + 2 * compute_s + 0.5
     await batcher.stop()
 
 
@@ -236,10 +237,9 @@ async def test_full_queue_rejects_at_once():
     await wait_until(lambda: model.running == 1)
     queued = [asyncio.create_task(batcher.submit(row(i))) for i in (1, 2)]
     await wait_until(lambda: batcher.queue_depth == 2)
-    start = time.monotonic()
-    with pytest.raises(Overloaded, match="queue full"):
-        await batcher.submit(row(3))
-    assert time.monotonic() - start < 0.01
+    with pytest.raises(Overloaded, match="queue full"):  # at once: waiting would never end
+        await asyncio.wait_for(batcher.submit(row(3)), timeout=10)
+    assert not gate.is_set() and model.running == 1
     gate.set()
     await asyncio.gather(running, *queued)
     assert not model.saw(3)
@@ -256,8 +256,9 @@ async def test_expired_request_is_dropped_and_never_run():
     late = asyncio.create_task(batcher.submit(row(42), deadline=start + 0.03))
     kept = asyncio.create_task(batcher.submit(row(1), deadline=start + 10))
     with pytest.raises(DeadlineExceeded):
-        await late
-    assert time.monotonic() - start < 0.03 + SLACK_S  # failed at its deadline, not later
+        await asyncio.wait_for(late, timeout=10)
+    # failed at its deadline, not when the model came free: it is still busy
+    assert time.monotonic() - start >= 0.03 and model.running == 1
     assert batcher.queue_depth == 1
     gate.set()
     await asyncio.gather(running, kept)
