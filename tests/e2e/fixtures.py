@@ -3,13 +3,12 @@
 The expected answers are computed in the test process, independently of the server's
 runtimes: each member folder is loaded with onnxruntime or tf.saved_model, its input
 normalised with the manifest's frozen statistics, its logits temperature-scaled, and
-the members combined with service.ensemble.voting.vote (the voting arithmetic itself
-has its own unit tests).
+the members combined by tests/e2e/oracle.py, a row-by-row restatement of each policy
+written apart from service.ensemble.voting.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import threading
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from service.ensemble.voting import Vote, vote
+from tests.e2e.oracle import ExpectedVote, expected_vote, recalibrated
 from tests.helpers import MODELS
 from tests.server import RunningServer, running_server
 
@@ -108,22 +107,16 @@ class Reference:
             return self.member(self.ensemble_config(name)["members"][0]).labels
         return self.member(name).labels
 
-    def vote(self, name: str, pixels: np.ndarray, policy: str | None = None) -> Vote:
+    def vote(self, name: str, pixels: np.ndarray, policy: str | None = None) -> ExpectedVote:
         if (self.repository / name / "ensemble.yaml").exists():
             config = self.ensemble_config(name)
             members = [self.member(m) for m in config["members"]]
             policy = policy or config["policy"]
-            result = vote(policy, [m.probabilities(pixels) for m in members],
-                          [m.name for m in members], validation_accuracy=[m.accuracy for m in members])
-            temperature = self.vote_temperatures.get((name, policy), 1.0)
-            # The vote's own calibration: softmax(log(p + 1e-6) / T), winner unchanged.
-            z = np.log(result.probabilities + 1e-6) / temperature
-            z -= z.max(axis=1, keepdims=True)
-            probabilities = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
-            return dataclasses.replace(result, probabilities=probabilities,
-                                       confidence=probabilities[np.arange(len(z)), result.label_index])
+            result = expected_vote(policy, [m.probabilities(pixels) for m in members],
+                                   [m.accuracy for m in members])
+            return recalibrated(result, self.vote_temperatures.get((name, policy), 1.0))
         member = self.member(name)
-        return vote(policy or "soft", [member.probabilities(pixels)], [member.name])
+        return expected_vote(policy or "soft", [member.probabilities(pixels)], [member.accuracy])
 
     def outputs(self, name: str, pixels: np.ndarray) -> dict[str, np.ndarray]:
         """The output tensors the server should answer with (as the v2 / TF APIs name them)."""
