@@ -30,8 +30,14 @@ prometheus:
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus; }
 
+# In a random order (pytest-randomly; the seed is printed), with coverage of service/ measured
+# in the test process and in every server it starts; the summary lists the least covered files.
 test: venv prometheus
-	$(BIN)/python -m pytest -q
+	rm -f .coverage .coverage.*
+	COVERAGE_FILE=$(CURDIR)/.coverage $(BIN)/python -m pytest -q --cov --cov-report=
+	@COVERAGE_FILE=$(CURDIR)/.coverage $(BIN)/coverage report > .coverage-report.txt; \
+	  echo "coverage of service/ (least covered first; full table: .coverage-report.txt)"; \
+	  head -n 22 .coverage-report.txt; echo "..."; tail -n 1 .coverage-report.txt
 
 models: venv
 	$(BIN)/python models/make_digits.py

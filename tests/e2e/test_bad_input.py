@@ -4,7 +4,6 @@ client's valid requests to the same server keep succeeding throughout this modul
 from __future__ import annotations
 
 import shutil
-import time
 
 import grpc
 import numpy as np
@@ -63,8 +62,13 @@ def good_client(server, pixels):
     thread = GoodClient(server.address, pixels, expected)
     thread.start()
     yield thread
+    # After every test of the module, in whatever order they ran: the good client saw
+    # nothing but right answers (an assertion here fails the module's last test).
     thread.stopping.set()
     thread.join(timeout=60)
+    assert not thread.is_alive()
+    assert thread.failures == []
+    assert thread.successes >= 20
 
 
 @pytest.fixture(autouse=True)
@@ -286,13 +290,3 @@ def test_oversized_message(tmp_path_factory, test_split):
             assert c.infer(ENSEMBLE, [ok]).as_numpy("class_index").shape == (64,)
         finally:
             c.close()
-
-
-# -- last: the good client saw nothing but right answers ----------------------------------------
-def test_zz_good_client_never_failed(good_client):
-    time.sleep(0.2)
-    good_client.stopping.set()
-    good_client.join(timeout=60)
-    assert not good_client.is_alive()
-    assert good_client.failures == []
-    assert good_client.successes >= 20

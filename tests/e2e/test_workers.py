@@ -21,6 +21,20 @@ def _requests_served(port: int) -> float:
                if line.startswith("quorum_requests_total{") and 'method="Predict"' in line and 'code="OK"' in line)
 
 
+def _predict(stub, row: np.ndarray) -> pb.PredictResponse:
+    """Both workers have loaded; a connection the kernel hands a worker whose listener is
+    still coming up is refused (UNAVAILABLE): retried with backoff, anything else fails."""
+    for attempt in range(10):
+        try:
+            return stub.Predict(pb.PredictRequest(model="digits", inputs=pb.Tensor(
+                dtype="FP32", shape=[1, 64], content=row.tobytes())), timeout=30)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            time.sleep(0.05 * 2 ** attempt)
+    raise AssertionError("UNAVAILABLE ten times in a row (about 50 s)")
+
+
 def test_two_workers_share_the_port_and_stop_together(tmp_path, test_split):
     x, y = test_split
     with running_server(tmp_path, args=["--workers", "2"]) as server:
@@ -31,15 +45,7 @@ def test_two_workers_share_the_port_and_stop_together(tmp_path, test_split):
         answers = []
         for i in range(24):  # a new connection each time: the kernel spreads them over the workers
             with grpc.insecure_channel(server.address, options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
-                stub = pb_grpc.EnsembleServiceStub(ch)
-                for _ in range(30):  # the second worker may still be loading at first
-                    try:
-                        response = stub.Predict(pb.PredictRequest(
-                            model="digits", inputs=pb.Tensor(dtype="FP32", shape=[1, 64],
-                                                             content=x[i:i + 1].tobytes())), timeout=10)
-                        break
-                    except grpc.RpcError as exc:
-                        assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+                response = _predict(pb_grpc.EnsembleServiceStub(ch), x[i:i + 1])
                 answers.append(int(response.predictions[0].label))
         assert np.mean(np.asarray(answers) == y[:24]) > 0.9
         served = [_requests_served(server.metrics_port), _requests_served(server.metrics_port + 1)]
