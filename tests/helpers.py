@@ -7,6 +7,8 @@ import shutil
 import socket
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
 SPLIT = MODELS / "digits_split.json"
@@ -37,3 +39,14 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def batch_deviation(predict, rows: np.ndarray, seed: int = 0) -> float:
+    """Does a row's output depend on what it was batched with? Each row run alone, then all
+    together in a shuffled order: the largest absolute difference for the same row (0.0 means
+    bitwise identical)."""
+    alone = np.concatenate([predict(rows[i:i + 1]) for i in range(rows.shape[0])])
+    order = np.random.default_rng(seed).permutation(rows.shape[0])
+    together = np.empty_like(alone)
+    together[order] = predict(rows[order])
+    return float(np.max(np.abs(alone.astype(np.float64) - together.astype(np.float64))))

@@ -3,7 +3,7 @@
 Requests queue while the model is busy; the moment it is free, everything queued (up to
 `max_batch_size` rows) goes out as one batch. With the default `max_queue_delay_us=0` a
 request that finds the model idle is dispatched at once: no timer tax on lone requests
-(see ANCHORS.md). A positive delay lets a small batch wait, from its oldest request's
+(measured in docs/performance.md). A positive delay lets a small batch wait, from its oldest request's
 arrival, for the next preferred size.
 
 Rules:

@@ -101,15 +101,6 @@ def encode_into(array: np.ndarray, proto: TensorProto, *, use_tensor_content: bo
         getattr(proto, dtype.tf_values).extend(array.ravel().tolist())
 
 
-def encode(array: np.ndarray, *, use_tensor_content: bool = False) -> TensorProto:
-    """A new TensorProto holding `array` (see encode_into)."""
-    from tensorflow.core.framework.tensor_pb2 import TensorProto
-
-    proto = TensorProto()
-    encode_into(array, proto, use_tensor_content=use_tensor_content)
-    return proto
-
-
 def _shape(what: str, proto: TensorProto) -> tuple[int, ...]:
     if proto.tensor_shape.unknown_rank:
         raise InvalidInput(f"{what}: shape of unknown rank")

@@ -162,8 +162,6 @@ class Monitor:
         self._model(model)[2].observe(seconds)
 
     def on_load_failure(self, model: str, version: int) -> None:
-        if self.statistics:
-            self.statistics.on_load_failure(model, version)
         self.metrics.load_failures.labels(model).inc()
 
     # -- RPC observer (the interceptor) ----------------------------------------------------

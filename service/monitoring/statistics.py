@@ -35,10 +35,6 @@ class Statistics:
 
     def __init__(self) -> None:
         self.models: dict[tuple[str, int], ModelStats] = defaultdict(ModelStats)
-        self.load_failures: dict[str, int] = defaultdict(int)
-
-    def on_load_failure(self, model: str, version: int) -> None:
-        self.load_failures[model] += 1
 
     def on_request(self, model: str, version: int, rows: int, seconds: float, ok: bool) -> None:
         stats = self.models[(model, version)]

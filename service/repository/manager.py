@@ -66,7 +66,6 @@ class ServedVersion:
     batcher: DynamicBatcher
     batching: BatchingConfig
     state: State = State.LOADING
-    loaded_at: float = 0.0
     _leases: int = 0
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -170,7 +169,6 @@ class ModelManager:
         self.root = Path(settings.model_repository)
         self.variants: dict[str, VariantModel] = {}
         self.ensembles: dict[str, EnsembleModel] = {}
-        self.load_failures: dict[str, int] = {}
         self._observer = observer
         self._slot = 0  # spreads variants over the visible GPUs
         self._lock = asyncio.Lock()
@@ -370,7 +368,6 @@ class ModelManager:
         self._cleared(f"{model.entry.name}/{version}")
         model.versions[version] = served
         served.state = State.AVAILABLE  # routing switches here, in one step
-        served.loaded_at = time.time()
         model.last_manifest = model.serving().manifest
         for ensemble in self.ensembles.values():  # in the same step: they align the new version at once
             if ensemble.spec is not None:
@@ -428,7 +425,6 @@ class ModelManager:
             await self._retire_version(model, version)
 
     def _count_failure(self, name: str, version: int) -> None:
-        self.load_failures[name] = self.load_failures.get(name, 0) + 1
         if self._observer:
             self._observer.on_load_failure(name, version)
 
@@ -648,9 +644,6 @@ class ModelManager:
             for version, error in sorted(model.failed.items()):
                 out.append(VersionStatus(model.entry.name, version, State.END, error=error))
         return out
-
-    def served_versions(self) -> list[ServedVersion]:
-        return [v for m in self.variants.values() for v in m.versions.values() if v.state == State.AVAILABLE]
 
 
 def _quote(name: str) -> str:

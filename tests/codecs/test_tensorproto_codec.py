@@ -106,30 +106,38 @@ def test_decodes_a_real_predict_request() -> None:
     assert not decoded.flags.owndata  # np.frombuffer view of tensor_content
 
 
+def _encode(array: np.ndarray, *, use_tensor_content: bool = False):
+    """A fresh TensorProto filled by encode_into, as the server fills its responses' outputs."""
+    proto = tf.make_tensor_proto(np.zeros(0, np.float32))
+    proto.Clear()
+    tensorproto.encode_into(array, proto, use_tensor_content=use_tensor_content)
+    return proto
+
+
 # --- us -> TF -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", NUMERIC, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("use_tensor_content", [False, True], ids=["typed", "content"])
 def test_make_ndarray_reads_what_we_encode(dtype, use_tensor_content: bool) -> None:
     array = sample(dtype, (3, 2))
-    proto = tensorproto.encode(array, use_tensor_content=use_tensor_content)
+    proto = _encode(array, use_tensor_content=use_tensor_content)
     assert bool(proto.tensor_content) == use_tensor_content
     assert_same(tf.make_ndarray(proto), array)
     assert_same(tensorproto.decode(proto), array)
 
 
 def test_typed_fields_follow_tensorflow_rules() -> None:
-    assert list(tensorproto.encode(np.array([1, -2], np.int8)).int_val) == [1, -2]
-    assert list(tensorproto.encode(np.array([65535], np.uint16)).int_val) == [65535]
-    assert list(tensorproto.encode(np.array([True, False])).bool_val) == [True, False]
-    assert list(tensorproto.encode(np.array([1.0], np.float16)).half_val) == [0x3C00]
-    assert list(tensorproto.encode(np.array([7], np.uint32)).uint32_val) == [7]
-    assert list(tensorproto.encode(np.array([0.5], np.float32)).float_val) == [0.5]
+    assert list(_encode(np.array([1, -2], np.int8)).int_val) == [1, -2]
+    assert list(_encode(np.array([65535], np.uint16)).int_val) == [65535]
+    assert list(_encode(np.array([True, False])).bool_val) == [True, False]
+    assert list(_encode(np.array([1.0], np.float16)).half_val) == [0x3C00]
+    assert list(_encode(np.array([7], np.uint32)).uint32_val) == [7]
+    assert list(_encode(np.array([0.5], np.float32)).float_val) == [0.5]
 
 
 def test_encodes_strings_and_str() -> None:
-    assert_same(tf.make_ndarray(tensorproto.encode(strings())), strings())
-    assert tf.make_ndarray(tensorproto.encode(np.array(["zero", "é"]))).tolist() == [b"zero", "é".encode()]
+    assert_same(tf.make_ndarray(_encode(strings())), strings())
+    assert tf.make_ndarray(_encode(np.array(["zero", "é"]))).tolist() == [b"zero", "é".encode()]
 
 
 def test_encode_into_a_response_map_entry_replaces_its_content() -> None:
@@ -142,9 +150,9 @@ def test_encode_into_a_response_map_entry_replaces_its_content() -> None:
 
 
 def test_scalar_and_empty() -> None:
-    assert_same(tf.make_ndarray(tensorproto.encode(np.float64(2.5))), np.array(2.5))
+    assert_same(tf.make_ndarray(_encode(np.float64(2.5))), np.array(2.5))
     empty = np.zeros((0, 3), np.float32)
-    assert_same(tf.make_ndarray(tensorproto.encode(empty)), empty)
+    assert_same(tf.make_ndarray(_encode(empty)), empty)
     assert_same(tensorproto.decode(tf.make_tensor_proto(empty)), empty)
 
 

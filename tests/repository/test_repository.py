@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from service.errors import ManifestError, ModelNotFound
+from service.monitoring.monitor import Monitor
 from service.repository.manager import ModelManager, State
 from service.repository.manifest import load_manifest
 from service.settings import Settings
@@ -17,7 +18,13 @@ from tests.helpers import ONNX_VARIANT, copy_variant
 
 
 def _manager(repo: Path) -> ModelManager:
-    return ModelManager(Settings(model_repository=repo, poll_interval_s=0, device="cpu"))
+    settings = Settings(model_repository=repo, poll_interval_s=0, device="cpu")
+    return ModelManager(settings, Monitor(settings))  # the server's own observer: real metrics
+
+
+def _load_failures(manager: ModelManager, model: str) -> float | None:
+    """quorum_model_load_failures_total for `model`, as /metrics would show it."""
+    return manager._observer.registry.get_sample_value("quorum_model_load_failures_total", {"model": model})
 
 
 def _load(repo: Path) -> ModelManager:
@@ -66,7 +73,7 @@ def test_broken_version_is_reported_and_others_load(scratch_repo, how, names):
     [status] = manager.statuses("broken")
     assert status.state == State.END
     assert str(broken) in status.error and names in status.error
-    assert manager.load_failures["broken"] == 1
+    assert _load_failures(manager, "broken") == 1
     asyncio.run(manager.stop())
 
 
@@ -116,5 +123,5 @@ def test_bad_model_yaml_is_reported(scratch_repo):
     copy_variant(ONNX_VARIANT, scratch_repo, as_name="good")
     manager = _load(scratch_repo)
     assert manager.resolve("good")
-    assert manager.load_failures["m"] == 1
+    assert _load_failures(manager, "m") == 1
     asyncio.run(manager.stop())

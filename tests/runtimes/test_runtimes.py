@@ -14,8 +14,7 @@ from service.ensemble.voting import calibrate
 from service.repository.manifest import load_manifest
 from service.runtimes import RuntimeOptions, create_runtime
 from service.runtimes.devices import place
-from service.runtimes.invariance import batch_deviation
-from tests.helpers import MODELS, SAVEDMODEL_VARIANT, VARIANTS
+from tests.helpers import MODELS, SAVEDMODEL_VARIANT, VARIANTS, batch_deviation
 
 
 def _load(folder: Path, **options) -> object:
