@@ -12,6 +12,7 @@ import prometheus_client
 from service.monitoring.monitor import Monitor, api_of, request_model
 from service.monitoring.statistics import Statistics
 from service.settings import Settings
+from service.runtimes.devices import gpu_count
 
 
 def _monitor() -> Monitor:
@@ -83,11 +84,16 @@ def test_satisficing_state_of_trackers_is_exported():
     assert get("quorum_satisficing_member_selected", {"ensemble": "digits", "member": "b"}) == 0
 
 
-def test_gpu_metrics_are_absent_without_nvml():
+def test_gpu_metrics_are_there_with_a_gpu_and_absent_without():
     monitor = _monitor()
     text = prometheus_client.generate_latest(monitor.registry).decode()
-    assert not monitor.gpus.available
-    assert "quorum_gpu_" not in text  # absent, not zero
+    if gpu_count() == 0:  # no NVML or no GPU on this host
+        assert not monitor.gpus.available
+        assert "quorum_gpu_" not in text  # absent, not zero
+    else:
+        assert monitor.gpus.available
+        for gpu in range(gpu_count()):
+            assert f'quorum_gpu_memory_total_bytes{{gpu="{gpu}"}}' in text
 
 
 def test_api_and_model_of_requests():

@@ -21,11 +21,12 @@ import pytest
 import yaml
 
 from service._proto.quorum.v1 import ensemble_pb2, ensemble_pb2_grpc
+from service.runtimes.devices import gpu_count
 from tests.helpers import free_port
 from tests.monitoring.tools import DASHBOARD, DEPLOY, binary
 from tests.server import running_server
 
-EMPTY_HERE = ("quorum_gpu_",)
+EMPTY_HERE = ("quorum_gpu_",) if gpu_count() == 0 else ()  # GPU series need a GPU
 # A static scrape has no namespace/pod labels; ".*" also matches a missing label, as the
 # dashboard's "All" does.
 SUBSTITUTIONS = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "5m",
@@ -173,7 +174,8 @@ def test_every_dashboard_and_rule_query_returns_data(tmp_path):
             target = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/targets").read())
             assert target["data"]["activeTargets"][0]["health"] == "up"
             metrics = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics").read().decode()
-            assert "quorum_gpu_" not in metrics  # no GPU here: absent, not zero
+            # GPU series: absent (not zero) on a host without one, there on a GPU host
+            assert ("quorum_gpu_memory_total_bytes" in metrics) == (gpu_count() > 0)
             assert 'quorum_requests_total{api="kserve_v2",code="NOT_FOUND",method="ModelInfer",model="unknown"}' in metrics
         finally:
             stop.set()

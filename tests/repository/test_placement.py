@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from service.repository.manager import ModelManager
+from service.runtimes.devices import gpu_count, place
 from service.settings import Settings
 from tests.helpers import ONNX_VARIANT, copy_variant
 
@@ -19,9 +22,26 @@ def test_per_variant_device_overrides(scratch_repo):
     asyncio.run(manager.start())
     assert manager.resolve("by_setting").device == "cpu"
     assert manager.resolve("by_model_yaml").device == "cpu"
-    # No GPU on this machine: asking for one fails loudly instead of degrading silently.
-    [status] = manager.statuses("asks_gpu")
-    assert "no GPU is visible" in status.error
+    if gpu_count() == 0:  # no GPU here: asking for one fails loudly instead of degrading silently
+        [status] = manager.statuses("asks_gpu")
+        assert "no GPU is visible" in status.error
+    else:  # a GPU host (the `gpu` extra): it lands on the first GPU and serves
+        assert manager.resolve("asks_gpu").device == "gpu:0"
     options = manager.resolve("by_setting").runtime._session.get_session_options()
     assert options.intra_op_num_threads == 1
     asyncio.run(manager.stop())
+
+
+@pytest.mark.parametrize("spec, slot, gpus, device", [
+    ("cpu", 0, 2, "cpu"), ("auto", 0, 0, "cpu"), ("auto", 3, 2, "gpu:1"), ("gpu", 2, 2, "gpu:0"),
+    ("gpu:1", 0, 2, "gpu:1"), ("GPU:0", 5, 1, "gpu:0")])
+def test_placement_on_hosts_with_and_without_gpus(spec, slot, gpus, device):
+    assert place(spec, slot, gpus=gpus) == device
+
+
+@pytest.mark.parametrize("spec, gpus, message", [
+    ("gpu", 0, "no GPU is visible"), ("gpu:0", 0, "no GPU is visible"), ("gpu:2", 2, "only 2 GPU(s) are visible"),
+    ("tpu", 1, "device must be auto, cpu, gpu or gpu:N"), ("cpu:1", 1, "device must be")])
+def test_placement_that_cannot_be_met_fails_loudly(spec, gpus, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        place(spec, 0, gpus=gpus)
