@@ -111,6 +111,10 @@ class DataPlane:
         spec = self._ready_spec(model, ensemble)
         config = ensemble.config
         tracker = self.tracker(model)
+        if tracker.selected is None and (min_accuracy is not None or latency_budget_s is not None):
+            # An objective asked of an ensemble not yet evaluated (just loaded, or its
+            # configuration just changed): evaluate it now, once, rather than ignore it.
+            await self._evaluate(model, ensemble)
         explicit = latency_budget_s is not None and (deadline is None or now + latency_budget_s <= deadline)
         if latency_budget_s is not None:
             deadline = now + latency_budget_s if deadline is None else min(deadline, now + latency_budget_s)
@@ -263,23 +267,24 @@ class DataPlane:
     async def evaluate_objectives(self) -> None:
         """Re-evaluate every ensemble's member selection (the replay runs in a thread)."""
         for name, ensemble in list(self.manager.ensembles.items()):
-            if ensemble.config is None:
-                continue
-            spec = ensemble.spec
-            if spec is None:
-                continue
-            tracker = self.tracker(name)
-            infos = {}
-            for member in ensemble.config.members:
-                model = self.manager.variants.get(member)
-                served = model.serving() if model else None
-                if served is not None:
-                    infos[member] = member_info(served, spec.labels)
-            if not infos:
-                continue
-            rows = list(self.feedback.rows.get(name, ()))
-            live = {m: self.feedback.live(f"{name}/{m}") for m in infos}
-            await asyncio.to_thread(tracker.evaluate, infos, rows, live)
+            await self._evaluate(name, ensemble)
+
+    async def _evaluate(self, name: str, ensemble) -> None:
+        if ensemble.config is None or ensemble.spec is None:
+            return
+        spec = ensemble.spec
+        tracker = self.tracker(name)
+        infos = {}
+        for member in ensemble.config.members:
+            model = self.manager.variants.get(member)
+            served = model.serving() if model else None
+            if served is not None:
+                infos[member] = member_info(served, spec.labels)
+        if not infos:
+            return
+        rows = list(self.feedback.rows.get(name, ()))
+        live = {m: self.feedback.live(f"{name}/{m}") for m in infos}
+        await asyncio.to_thread(tracker.evaluate, infos, rows, live)
 
     async def run_objectives(self, interval_s: float = 1.0) -> None:
         """Re-evaluate periodically: feedback and latency move the choice over time."""

@@ -170,3 +170,17 @@ async def test_degraded_version_is_dropped_after_feedback_and_returns_when_fixed
     await data.evaluate_objectives()
     assert "digits_cnn_a" in tracker.selected.members, tracker.reason
     await data.manager.stop()
+
+
+async def test_an_objective_asked_before_the_first_evaluation_is_not_ignored(scratch_repo, test_split):
+    x, _ = test_split
+    repo = _repo(scratch_repo, ["digits_mlp_a", "digits_logreg"], None)
+    manager = ModelManager(Settings(model_repository=repo, poll_interval_s=0, device="cpu"))
+    await manager.start()
+    data = DataPlane(manager)  # no evaluate_objectives(): the ensemble was never evaluated
+    try:
+        with pytest.raises(FailedPrecondition, match="min_accuracy 0.9995"):
+            await data.infer("slo", x[:1], min_accuracy=0.9995)
+        assert data.tracker("slo").selected is not None
+    finally:
+        await manager.stop()
