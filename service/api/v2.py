@@ -76,7 +76,7 @@ def model_config(api: ApiContext, name: str, version: int | None) -> mc.ModelCon
     config.dynamic_batching.preferred_batch_size.extend(batching.preferred_batch_sizes)
     config.dynamic_batching.max_queue_delay_microseconds = batching.max_queue_delay_us
     config.dynamic_batching.preserve_ordering = True
-    group = config.instance_group.add(name=f"{name}_0", count=batching.max_concurrent_batches)
+    group = config.instance_group.add(name=f"{name}_0", count=1)  # one batch at a time
     if served.device.startswith("gpu"):
         group.kind = mc.ModelInstanceGroup.KIND_GPU
         group.gpus.append(int(served.device.partition(":")[2] or 0))

@@ -80,7 +80,6 @@ class DynamicBatcher:
         self._queue: deque[_Pending] = deque()
         self._wakeup: asyncio.Event | None = None
         self._dispatcher: asyncio.Task[None] | None = None
-        self._running: set[asyncio.Task[None]] = set()
         self._depth = 0          # live requests queued
         self._queued_rows = 0    # their rows
         self._in_flight = 0      # rows in running batches
@@ -210,7 +209,7 @@ class DynamicBatcher:
         wakeup = self._wakeup
         assert wakeup is not None
         while True:
-            while not (self._depth and self._batches_running < cfg.max_concurrent_batches):
+            while not (self._depth and not self._batches_running):
                 if self._stopping and not self._depth and not self._batches_running:
                     return
                 wakeup.clear()
@@ -222,12 +221,9 @@ class DynamicBatcher:
                 continue
             self._batches_running += 1
             self._in_flight += rows
-            if cfg.max_concurrent_batches == 1:
-                await self._run(batch, rows)  # inline: one task switch fewer per batch
-            else:
-                task = asyncio.get_running_loop().create_task(self._run(batch, rows))
-                self._running.add(task)
-                task.add_done_callback(self._running.discard)
+            # One batch at a time, run inline (one task switch fewer per batch): the runtime
+            # computes on a single executor thread, so a second batch could not overlap.
+            await self._run(batch, rows)
 
     async def _linger(self) -> None:
         """Wait, up to max_queue_delay_us after the oldest queued request arrived, for

@@ -19,9 +19,6 @@ class BatchingConfig:
     for GPU kernels tuned to those shapes. Empty: wait for max_batch_size."""
     max_queue_size: int = 1024
     """Most requests waiting in the queue; one more is rejected at once with Overloaded."""
-    max_concurrent_batches: int = 1
-    """Batches allowed to run at the same time (each on the runtime's executor, which must
-    have as many threads for them to overlap)."""
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -30,9 +27,6 @@ class BatchingConfig:
             raise ValueError(f"max_queue_delay_us must be >= 0, got {self.max_queue_delay_us}")
         if self.max_queue_size < 1:
             raise ValueError(f"max_queue_size must be >= 1, got {self.max_queue_size}")
-        if self.max_concurrent_batches < 1:
-            raise ValueError(
-                f"max_concurrent_batches must be >= 1, got {self.max_concurrent_batches}")
         sizes = tuple(self.preferred_batch_sizes)
         bad = [s for s in sizes if not 1 <= s <= self.max_batch_size]
         if bad:

@@ -11,7 +11,7 @@ unobserved. Either way their outcome is retrieved silently: no "exception was ne
 retrieved" warnings.
 
 The answer is a `FanOut`: a dict of member name -> `MemberOutcome` (result, latency,
-in_time, error), in call order, with views `results`, `latencies_s`, `left_out`, `errors`.
+in_time, error), in call order.
 
 If fewer than `quorum` members answered: when the cutoff passed, DeadlineExceeded names
 who answered and who was left out and why; when errors put the quorum out of reach
@@ -57,25 +57,7 @@ class MemberOutcome(Generic[T]):
 
 
 class FanOut(dict[str, MemberOutcome[T]]):
-    """Every member's outcome by name, in the order of the calls, with views by status."""
-
-    @property
-    def results(self) -> dict[str, T]:
-        """Results of the members that answered in time."""
-        return {n: o.result for n, o in self.items() if o.answered}  # type: ignore[misc]
-
-    @property
-    def latencies_s(self) -> dict[str, float]:
-        return {n: o.latency_s for n, o in self.items()}
-
-    @property
-    def left_out(self) -> list[str]:
-        """Members that did not answer in time: late, or raised."""
-        return [n for n, o in self.items() if not o.answered]
-
-    @property
-    def errors(self) -> dict[str, BaseException]:
-        return {n: o.error for n, o in self.items() if o.error is not None}
+    """Every member's outcome by name, in the order of the calls."""
 
 
 async def gather_with_deadline(calls: Mapping[str, Awaitable[T]], deadline: float | None,

@@ -327,12 +327,11 @@ async def test_in_flight_and_queue_depth():
     await batcher.stop()
 
 
-async def test_two_batches_may_run_at_once():
+async def test_one_batch_runs_at_a_time():
     model = FakeModel(compute_s=0.03)
-    batcher = DynamicBatcher("m", model, BatchingConfig(max_batch_size=4, max_concurrent_batches=2))
+    batcher = DynamicBatcher("m", model, BatchingConfig(max_batch_size=4))
     outs = await asyncio.gather(*(batcher.submit(row(i)) for i in range(16)))
-    assert model.max_running == 2
-    assert max(model.sizes) <= 4
+    assert model.max_running == 1 and max(model.sizes) <= 4
     for i, out in enumerate(outs):
         np.testing.assert_array_equal(out, row(i) * 2 + 1)
     await batcher.stop()
@@ -401,6 +400,6 @@ def test_config_validates_and_sorts_preferred_sizes():
     assert config.target_rows(9) == 16
     assert config.target_rows(17) == 32
     for bad in (dict(max_batch_size=0), dict(max_queue_delay_us=-1), dict(max_queue_size=0),
-                dict(max_concurrent_batches=0), dict(preferred_batch_sizes=(128,))):
+                dict(preferred_batch_sizes=(128,))):
         with pytest.raises(ValueError):
             BatchingConfig(**bad)

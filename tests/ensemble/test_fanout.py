@@ -15,6 +15,22 @@ from service.errors import DeadlineExceeded, Overloaded
 SLACK_S = 0.5
 
 
+def results(out: FanOut) -> dict:
+    return {n: o.result for n, o in out.items() if o.answered}
+
+
+def latencies(out: FanOut) -> dict[str, float]:
+    return {n: o.latency_s for n, o in out.items()}
+
+
+def left_out(out: FanOut) -> list[str]:
+    return [n for n, o in out.items() if not o.answered]
+
+
+def errors(out: FanOut) -> dict[str, BaseException]:
+    return {n: o.error for n, o in out.items() if o.error is not None}
+
+
 async def member(value, delay: float, error: BaseException | None = None):
     await asyncio.sleep(delay)
     if error is not None:
@@ -29,18 +45,18 @@ async def test_straggler_is_left_out_and_named_and_the_answer_arrives_in_time():
         {"fast": member(1, 0.1), "medium": member(2, 0.3), "slow": member(3, 30.0)},
         deadline, safety_margin_s=1.0, quorum=2)
     elapsed = time.monotonic() - start
-    results, latencies, left_out = out.results, out.latencies_s, out.left_out
+    answered, latencies_s, late = results(out), latencies(out), left_out(out)
     assert elapsed < 2.0  # answered before the deadline itself
     assert elapsed >= 1.0 - 0.005  # waited until the cutoff for the straggler
-    assert results == {"fast": 1, "medium": 2}
-    assert left_out == ["slow"]
-    assert set(latencies) == {"fast", "medium", "slow"}
-    assert 0.1 <= latencies["fast"] < latencies["medium"] < 0.3 + SLACK_S
-    assert latencies["medium"] >= 0.3
-    assert latencies["slow"] >= 1.0 - 0.005  # a lower bound: waited that long
+    assert answered == {"fast": 1, "medium": 2}
+    assert late == ["slow"]
+    assert set(latencies_s) == {"fast", "medium", "slow"}
+    assert 0.1 <= latencies_s["fast"] < latencies_s["medium"] < 0.3 + SLACK_S
+    assert latencies_s["medium"] >= 0.3
+    assert latencies_s["slow"] >= 1.0 - 0.005  # a lower bound: waited that long
     # The outcomes themselves, by name in call order.
     assert isinstance(out, FanOut) and list(out) == ["fast", "medium", "slow"]
-    assert out["slow"] == MemberOutcome("slow", in_time=False, latency_s=latencies["slow"])
+    assert out["slow"] == MemberOutcome("slow", in_time=False, latency_s=latencies_s["slow"])
     assert out["fast"].result == 1 and out["fast"].answered
 
 
@@ -49,8 +65,8 @@ async def test_all_in_time_returns_as_soon_as_all_answer():
     out = await gather_with_deadline({"a": member(1, 0.01), "b": member(2, 0.02)},
                         deadline=start + 10.0, safety_margin_s=0.0, quorum=2)
     assert time.monotonic() - start < 0.02 + SLACK_S
-    assert out.results == {"a": 1, "b": 2}
-    assert out.left_out == []
+    assert results(out) == {"a": 1, "b": 2}
+    assert left_out(out) == []
     assert all(o.in_time and o.answered for o in out.values())
 
 
@@ -70,9 +86,9 @@ async def test_below_quorum_raises_deadline_exceeded_naming_members():
 async def test_raising_member_is_left_out_and_its_error_kept():
     out = await gather_with_deadline({"ok": member(1, 0.0), "bad": member(2, 0.0, RuntimeError("boom"))},
                         deadline=time.monotonic() + 1.0, safety_margin_s=0.0, quorum=1)
-    assert out.results == {"ok": 1}
-    assert out.left_out == ["bad"]
-    assert isinstance(out.errors["bad"], RuntimeError)
+    assert results(out) == {"ok": 1}
+    assert left_out(out) == ["bad"]
+    assert isinstance(errors(out)["bad"], RuntimeError)
     bad = out["bad"]
     assert bad.in_time and not bad.answered
 
@@ -99,15 +115,15 @@ async def test_no_deadline_waits_for_all():
     out = await gather_with_deadline(
         {"a": member(1, 0.05), "b": member(2, 0.15)}, None, safety_margin_s=0.02, quorum=1)
     assert time.monotonic() - start >= 0.15 - 0.005  # a lower bound: load only adds to it
-    assert out.results == {"a": 1, "b": 2} and out.left_out == []
-    assert out.latencies_s["b"] >= out.latencies_s["a"]
+    assert results(out) == {"a": 1, "b": 2} and left_out(out) == []
+    assert latencies(out)["b"] >= latencies(out)["a"]
 
 
 async def test_members_run_concurrently():
     start = time.monotonic()
     out = await gather_with_deadline({f"m{i}": member(i, 0.5) for i in range(10)}, None, 0.0, 10)
     assert time.monotonic() - start < 0.5 + SLACK_S * 2  # in turn they would take 5 s
-    assert len(out.results) == 10
+    assert len(results(out)) == 10
 
 
 async def test_deadline_already_past_is_exceeded_at_once():
@@ -153,7 +169,7 @@ async def test_late_executor_member_finishes_silently_in_the_background(caplog):
                 {"a": member(1, 0.0), "thread": loop.run_in_executor(executor, blocking),
                  "coro": late_failure()},
                 time.monotonic() + 0.5, 0.0, 1, cancel_late=cancel_late)
-            assert out.left_out == ["thread", "coro"]
+            assert left_out(out) == ["thread", "coro"]
             await asyncio.wait_for(finished.wait(), 10.0)
             await asyncio.sleep(1.0)  # the coroutine's late failure, when it was not cancelled
     gc.collect()
