@@ -76,6 +76,9 @@ class ModelInfo:
     members: tuple[str, ...]
     policy: str
     max_batch_size: int
+    """Rows the model computes in one batch (larger requests are split into such pieces)."""
+    max_request_rows: int = 65536
+    """Most rows one request may carry (the max_request_rows setting)."""
 
 
 class DataPlane:
@@ -308,7 +311,7 @@ class DataPlane:
                 return cached[2]
             config = ensemble.config
             info = ModelInfo(model, "ensemble", (1,), spec.input, spec.labels, config.members,
-                             config.policy, spec.max_batch_size)
+                             config.policy, spec.max_batch_size, self.manager.settings.max_request_rows)
             self._info[model] = (config, spec, info)
             return info
         served = self.manager.resolve(model)
@@ -318,7 +321,7 @@ class DataPlane:
             return cached[2]
         m = served.manifest
         info = ModelInfo(model, "model", versions, m.input, m.labels, (model,), "soft",
-                         served.batching.max_batch_size)
+                         served.batching.max_batch_size, self.manager.settings.max_request_rows)
         self._info[model] = (served, versions, info)
         return info
 

@@ -70,6 +70,11 @@ class Settings(BaseSettings):
     """How often ensembles re-evaluate which members to ask (satisficing selection)."""
     max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     """Largest gRPC message accepted or sent, and largest HTTP request body (413 beyond)."""
+    max_request_rows: int = Field(65536, ge=1)
+    """Most rows one request may carry, on every protocol (INVALID_ARGUMENT beyond, naming
+    this limit). A request with more rows than a model's max batch size is split into
+    max-batch-size pieces inside and answered as one (as TF Serving does); the message size
+    limit bounds it too."""
     grpc_engine: Literal["grpcio", "native"] | None = None
     """gRPC server: grpcio (grpc.aio) or native (pygrpc-native, HTTP/2 in Rust; plaintext
     only). Unset: grpcio. With TLS the server is grpcio, and asking for native refuses to start."""

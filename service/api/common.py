@@ -39,10 +39,10 @@ def check_declared(info: ModelInfo, declared: Mapping[str, tuple[np.dtype, tuple
             f"(or [-1, {features}]), got {list(shape)}")
     if shape[0] == 0:
         raise InvalidInput(f"model '{info.name}' input '{spec.name}' is an empty batch")
-    if shape[0] > info.max_batch_size:
+    if shape[0] > info.max_request_rows:
         raise InvalidInput(
-            f"model '{info.name}' input '{spec.name}' has {shape[0]} rows, more than the "
-            f"max batch size {info.max_batch_size}; split the request")
+            f"model '{info.name}' input '{spec.name}' has {shape[0]} rows, more than "
+            f"max_request_rows {info.max_request_rows} (QUORUM_MAX_REQUEST_ROWS); split the request")
 
 
 def model_rows(info: ModelInfo, inputs: Mapping[str, np.ndarray]) -> np.ndarray:

@@ -95,9 +95,20 @@ class ServedVersion:
                 self._idle.set()
 
     async def infer(self, rows: np.ndarray, deadline: float | None = None) -> np.ndarray:
-        """Logits for `rows`, through the batcher."""
+        """Logits for `rows`, through the batcher; more rows than the max batch size go as
+        max-batch-size pieces (queued together, each a batch's worth) and come back as one."""
         with self.lease():
-            return await self.batcher.submit(rows, deadline)
+            size = self.batching.max_batch_size
+            if rows.shape[0] <= size:
+                return await self.batcher.submit(rows, deadline)
+            parts = [asyncio.ensure_future(self.batcher.submit(rows[i:i + size], deadline))
+                     for i in range(0, rows.shape[0], size)]
+            try:
+                return np.concatenate(await asyncio.gather(*parts))
+            except BaseException:  # the first failure is the answer (its own status code)
+                for part in parts:
+                    part.cancel()  # a queued piece leaves the queue: no work for nobody
+                raise
 
     async def drain_and_unload(self, grace_s: float) -> None:
         self.state = State.UNLOADING

@@ -180,13 +180,12 @@ def test_empty_batch(v2, channel):
 
 
 @pytest.mark.parametrize("model", [ENSEMBLE, MEMBER])
-def test_max_batch_size(v2, test_split, model):
-    x = np.ascontiguousarray(np.resize(test_split[0], (65, 64)).astype(np.float32))
-    response = v2.ModelInfer(_infer_request(model, x[:64]), timeout=60)
-    assert [o.shape for o in response.outputs][0] == [64, 10]
-    code, message = _code(v2.ModelInfer, _infer_request(model, x), timeout=60)
+def test_more_rows_than_max_request_rows(v2, model):
+    # declared, not sent: refused from the declared shape, before any allocation
+    request = _infer_request(model, np.zeros((1, 64), np.float32), shape=[65537, 64])
+    code, message = _code(v2.ModelInfer, request, timeout=60)
     assert code == INVALID, message
-    assert "65" in message and "max batch size 64" in message
+    assert "65537 rows" in message and "max_request_rows 65536" in message
 
 
 @pytest.mark.parametrize("extra", [-4, 4, -256])

@@ -2,6 +2,7 @@
 clients: per-request objectives (min_accuracy, latency_budget_ms) and the bundled
 `digits_slo`, a v2 request id labelled through quorum.v1 Feedback, unloading and
 reloading an ensemble, a full queue answered RESOURCE_EXHAUSTED while the server goes on,
+requests larger than a batch answered as their chunks would be (up to max_request_rows),
 per-variant placement from QUORUM_DEVICE_OVERRIDES, `--batch-invariance strict`, and an
 edited ensemble.yaml picked up by the poller."""
 
@@ -27,6 +28,7 @@ from tests.server import running_server
 
 QUEUE_MODEL = "digits_cnn_one_slot"  # a member copy whose queue holds one request
 PLACED_MODEL = "digits_logreg_on_gpu"  # QUORUM_DEVICE_OVERRIDES asks a GPU for it
+MAX_ROWS = 2000  # QUORUM_MAX_REQUEST_ROWS of the module's server
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +44,8 @@ def repo(tmp_path_factory, grpc_engine):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, repo, grpc_engine):
     with module_server(tmp_path_factory, "user-paths", repository=repo, args=["--model-control", "explicit"],
-                       env={"QUORUM_DEVICE_OVERRIDES": json.dumps({PLACED_MODEL: "gpu"})}) as s:
+                       env={"QUORUM_DEVICE_OVERRIDES": json.dumps({PLACED_MODEL: "gpu"}),
+                            "QUORUM_MAX_REQUEST_ROWS": str(MAX_ROWS)}) as s:
         yield s
 
 
@@ -144,6 +147,41 @@ def test_device_overrides_place_one_variant(client):
         assert placed["instance_group"][0]["kind"] == "KIND_GPU"
 
 
+def _v2(client, model: str, x: np.ndarray) -> dict[str, np.ndarray]:
+    tensor = grpcclient.InferInput("pixels", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(np.ascontiguousarray(x))
+    result = client.infer(model, [tensor])
+    return {name: result.as_numpy(name) for name in ("probabilities", "class_index")}
+
+
+def _in_chunks(client, model: str, x: np.ndarray, size: int = 64) -> dict[str, np.ndarray]:
+    parts = [_v2(client, model, x[i:i + size]) for i in range(0, len(x), size)]
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+
+@pytest.mark.parametrize("model", ["digits", "digits_mlp_a"])
+def test_a_request_of_1000_rows_is_answered_as_its_chunks_would_be(client, channel, model, test_split):
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    x = np.resize(test_split[0], (1000, 64)).astype(np.float32)  # 16 batches' worth, in one request
+    chunks = _in_chunks(client, model, x)
+    whole = _v2(client, model, x)
+    np.testing.assert_array_equal(whole["class_index"], chunks["class_index"])
+    np.testing.assert_allclose(whole["probabilities"], chunks["probabilities"], atol=1e-6)
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = model
+    request.inputs["pixels"].CopyFrom(tf.make_tensor_proto(x))
+    tf_answer = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=60)
+    np.testing.assert_array_equal(tf.make_ndarray(tf_answer.outputs["class_index"]), chunks["class_index"])
+    np.testing.assert_allclose(tf.make_ndarray(tf_answer.outputs["probabilities"]), chunks["probabilities"],
+                               atol=1e-6)
+    with pytest.raises(InferenceServerException) as err:
+        _v2(client, model, np.resize(x, (MAX_ROWS + 1, 64)))
+    assert err.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert f"{MAX_ROWS + 1} rows" in err.value.message() and f"max_request_rows {MAX_ROWS}" in err.value.message()
+
+
 def _rows_alone_and_together(client: grpcclient.InferenceServerClient, x: np.ndarray) -> tuple:
     alone = []
     for row in range(len(x)):
@@ -161,9 +199,12 @@ def test_strict_batch_invariance_gives_bitwise_the_same_answer_alone_or_batched(
         client = grpcclient.InferenceServerClient(server.address)
         try:
             alone, together = _rows_alone_and_together(client, x)
+            large = np.resize(x, (1000, 64))
+            whole, chunks = _v2(client, "digits", large), _in_chunks(client, "digits", large, size=50)
         finally:
             client.close()
     np.testing.assert_array_equal(alone, together)  # bitwise, not within a tolerance
+    np.testing.assert_array_equal(whole["probabilities"], chunks["probabilities"])  # split inside, or by the client
 
 
 def test_an_edited_ensemble_yaml_is_picked_up_by_the_poller(tmp_path, test_split):
