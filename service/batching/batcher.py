@@ -85,7 +85,7 @@ class DynamicBatcher:
         self._in_flight = 0      # rows in running batches
         self._batches_running = 0
         self._stopping = False
-
+        self._batch_s: float | None = None  # recent seconds per batch (EWMA): admission
     @property
     def config(self) -> BatchingConfig:
         return self._config
@@ -101,10 +101,6 @@ class DynamicBatcher:
         return self._in_flight
 
     # -- lifecycle -------------------------------------------------------------------------
-    async def start(self) -> None:
-        """Start the dispatcher in the running loop (submit also does this lazily)."""
-        self._ensure_started()
-
     def _ensure_started(self) -> None:
         if self._dispatcher is None:
             self._wakeup = asyncio.Event()
@@ -149,8 +145,11 @@ class DynamicBatcher:
             raise Overloaded(f"model '{self.name}': queue full "
                              f"({self._depth} requests waiting); retry later")
         now = time.monotonic()
-        if deadline is not None and deadline <= now:
-            raise DeadlineExceeded(f"model '{self.name}': deadline passed before queueing")
+        if deadline is not None:
+            if deadline <= now:
+                raise DeadlineExceeded(f"model '{self.name}': deadline passed before queueing")
+            if self._batch_s is not None:
+                self._admit(rows.shape[0], deadline - now)
         self._ensure_started()
         loop = asyncio.get_running_loop()
         pending = _Pending(rows, deadline, now, loop.create_future())
@@ -172,6 +171,20 @@ class DynamicBatcher:
                 Stage("queue", pending.arrival, pending.started),
                 Stage("compute", pending.started, pending.finished, {"quorum.batch_rows": pending.batch_rows}))))
         return output
+
+    def _admit(self, rows: int, time_left_s: float) -> None:
+        """Refuse at once (Overloaded: RESOURCE_EXHAUSTED) a request that cannot finish in
+        time: the batches ahead of it (the running one, the queued rows and its own, at
+        max_batch_size a batch) take longer, at the recently measured time per batch, than
+        its deadline leaves. Failing fast frees the client to retry elsewhere, and the
+        model never spends time on an answer nobody will read."""
+        batches = self._batches_running + -(-(self._queued_rows + rows) // self._config.max_batch_size)
+        needed_s = batches * self._batch_s  # type: ignore[operator]
+        if needed_s > time_left_s:
+            raise Overloaded(
+                f"model '{self.name}': {self._queued_rows} rows queued ahead, about {needed_s * 1000:.1f} ms "
+                f"of work ({batches} batches of {self._batch_s * 1000:.2f} ms), more than the "  # type: ignore[operator]
+                f"{time_left_s * 1000:.1f} ms its deadline leaves; retry later or elsewhere")
 
     def _unqueue(self, pending: _Pending) -> None:
         """Mark a live queued entry dead (it is popped later) and free its rows."""
@@ -296,6 +309,8 @@ class DynamicBatcher:
             started = time.monotonic()
             outputs = split(await self._run_batch(merged), counts)
             finished = time.monotonic()
+            took = finished - started
+            self._batch_s = took if self._batch_s is None else 0.8 * self._batch_s + 0.2 * took
         except Exception as exc:  # noqa: BLE001 - every caller of the batch gets it
             for pending in batch:
                 if not pending.future.done():

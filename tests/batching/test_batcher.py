@@ -267,6 +267,36 @@ async def test_expired_request_is_dropped_and_never_run():
     await batcher.stop()
 
 
+async def test_a_request_that_cannot_finish_before_its_deadline_is_refused_at_once():
+    model = FakeModel(compute_s=0.2)
+    batcher = DynamicBatcher("m", model, BatchingConfig(max_batch_size=1))
+    await batcher.submit(row(0))  # one batch measured: about 0.2 s
+    backlog = [asyncio.create_task(batcher.submit(row(i))) for i in range(1, 11)]  # ~2 s of work
+    await wait_until(lambda: batcher.queue_depth >= 9)
+    start = time.monotonic()
+    with pytest.raises(Overloaded, match=r"rows queued ahead.*more than the .* ms its deadline leaves"):
+        await batcher.submit(row(99), deadline=start + 1.0)  # refused without queueing or waiting
+    assert batcher.queue_depth >= 9  # nothing was queued for it
+    admitted = await asyncio.wait_for(batcher.submit(row(98), deadline=start + 60), timeout=60)
+    np.testing.assert_array_equal(admitted, row(98) * 2 + 1)
+    await asyncio.gather(*backlog)
+    assert not model.saw(99)  # refused work never reaches the model
+    await batcher.stop()
+
+
+async def test_no_deadline_or_no_measurement_yet_is_admitted():
+    gate = asyncio.Event()
+    model = FakeModel(gate=gate)
+    batcher = DynamicBatcher("m", model, BatchingConfig(max_batch_size=1))
+    # nothing measured yet: even a tight deadline is queued (it expires in the queue instead)
+    first = asyncio.create_task(batcher.submit(row(1), deadline=time.monotonic() + 30))
+    second = asyncio.create_task(batcher.submit(row(2)))
+    await wait_until(lambda: model.running == 1 and batcher.queue_depth == 1)
+    gate.set()
+    await asyncio.gather(first, second)
+    await batcher.stop()
+
+
 async def test_past_deadline_is_rejected_before_queueing():
     model = FakeModel()
     batcher = DynamicBatcher("m", model, BatchingConfig())
