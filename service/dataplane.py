@@ -244,7 +244,8 @@ class DataPlane:
             order = class_order(spec.labels, served[m].manifest.labels)  # by label name
             probs.append(p if order is None else p[:, order])
         accuracy = [served[m].manifest.validation.calibrated.accuracy for m in answered]
-        result = ensemble.calibration.apply(vote(policy, probs, answered, validation_accuracy=accuracy))
+        result = ensemble.calibration.apply(vote(policy, probs, answered, validation_accuracy=accuracy,
+                                                 member_weights=ensemble.calibration.weights_of(answered)))
         members = tuple(
             MemberResult(m, served[m].version, served[m].device, o.latency_s,
                          m in answered, "" if o.error is None else str(o.error))

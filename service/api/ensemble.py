@@ -20,7 +20,7 @@ from service.repository.manager import State
 
 POLICY_OF = {pb.VOTING_POLICY_MAJORITY: "majority", pb.VOTING_POLICY_SOFT: "soft",
              pb.VOTING_POLICY_CONFIDENCE: "confidence", pb.VOTING_POLICY_ACCURACY: "accuracy",
-             pb.VOTING_POLICY_CONFIDENCE_ENTROPY: "confidence_entropy"}
+             pb.VOTING_POLICY_CONFIDENCE_ENTROPY: "confidence_entropy", pb.VOTING_POLICY_STACKED: "stacked"}
 ENUM_OF = {v: k for k, v in POLICY_OF.items()}
 VERSION_STATE = {State.START: pb.VERSION_STATE_LOADING, State.LOADING: pb.VERSION_STATE_LOADING,
                  State.AVAILABLE: pb.VERSION_STATE_READY, State.UNLOADING: pb.VERSION_STATE_UNLOADING,
@@ -154,6 +154,8 @@ class EnsembleServicer(pb_grpc.EnsembleServiceServicer):
             status.vote_calibration.add(
                 policy=ENUM_OF[policy], temperature=c.temperature, validation_rows=c.rows, accuracy=c.accuracy,
                 ece_before=c.ece_before, ece_after=c.ece_after, nll_before=c.nll_before, nll_after=c.nll_after)
+        for member, weight in ensemble.calibration.weights.items():
+            status.stacked_weights[member] = weight
         live, status.live_samples = self.api.feedback.live(name)
         if live is not None:
             status.live_accuracy = live

@@ -12,6 +12,12 @@ minimising the NLL of the true labels:
 finite, so a confident mistake costs a bounded log-loss. The transform is monotone in p
 within a row, so the winner and every ranking stay the vote's; only confidences move.
 Applying it is one vectorised op per batch.
+
+The `stacked` policy's member weights are fitted first, on the same replay: the weights
+(a softmax of free parameters, so non-negative and summing to 1) whose weighted mean of the
+members' probabilities gives the true labels the least NLL (a linear pool, or stacking).
+The NLL of a mixture is convex in its weights, so the optimum is the optimum; weak or
+redundant members get weights near 0.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import minimize_scalar
+from scipy.optimize import minimize, minimize_scalar
 
 from service.ensemble.voting import Policy, Vote, vote
 from service.export.calibration import ece
@@ -84,12 +90,35 @@ def fit(policy: str, probabilities: np.ndarray, labels: np.ndarray) -> PolicyCal
         nll_before=_nll(np.asarray(probabilities, dtype=np.float64), labels), nll_after=_nll(after, labels))
 
 
+def fit_pool_weights(probabilities: Sequence[np.ndarray], labels: np.ndarray) -> np.ndarray:
+    """Member weights (summing to 1) of the linear pool with the least NLL of `labels`."""
+    labels = np.asarray(labels, dtype=np.int64)
+    truth = np.stack([np.asarray(p, dtype=np.float64)[np.arange(labels.size), labels] for p in probabilities])
+
+    def loss(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        w = np.exp(theta - theta.max())
+        w /= w.sum()
+        pooled = np.maximum(w @ truth, 1e-300)  # (n,) the pool's probability of the truth
+        grad_w = -(truth / pooled).mean(axis=1)  # d loss / d w
+        return float(-np.mean(np.log(pooled))), w * (grad_w - w @ grad_w)  # through the softmax
+
+    result = minimize(loss, np.zeros(len(probabilities)), jac=True, method="L-BFGS-B")
+    w = np.exp(result.x - result.x.max())
+    return w / w.sum()
+
+
 @dataclass(frozen=True)
 class VoteCalibration:
-    """Per-policy vote temperatures of one ensemble (fitted on its configured members)."""
+    """Per-policy vote temperatures of one ensemble (fitted on its configured members), and
+    the `stacked` policy's member weights."""
 
     members: tuple[str, ...]
     policies: Mapping[str, PolicyCalibration]
+    weights: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    """Member -> `stacked` weight; a member without one weighs 1 (equal weights)."""
+
+    def weights_of(self, members: Sequence[str]) -> list[float]:
+        return [self.weights.get(m, 1.0) for m in members]
 
     @classmethod
     def fit(cls, members: Sequence[str], probabilities: Mapping[str, np.ndarray], labels: np.ndarray,
@@ -97,13 +126,16 @@ class VoteCalibration:
         """`probabilities`: each member's calibrated validation probabilities on the same rows,
         in the ensemble's class order; `labels`: those rows' true class indices."""
         names = [m for m in members if m in probabilities]
-        fitted = {}
+        fitted, weights = {}, {}
         if len(names) >= 2 and labels.size:
+            pool = fit_pool_weights([probabilities[m] for m in names], labels)
+            weights = {m: float(w) for m, w in zip(names, pool)}
             for policy in Policy:
                 combined = vote(policy, [probabilities[m] for m in names], names,
-                                validation_accuracy=[validation_accuracy[m] for m in names])
+                                validation_accuracy=[validation_accuracy[m] for m in names],
+                                member_weights=list(pool))
                 fitted[policy.value] = fit(policy.value, combined.probabilities, labels)
-        return cls(tuple(names), fitted)
+        return cls(tuple(names), fitted, weights)
 
     def apply(self, result: Vote) -> Vote:
         """The vote with its probabilities and confidence calibrated; a lone member's answer

@@ -20,6 +20,9 @@ probabilities by a policy, vectorised over rows (loops run over members only):
 - `accuracy`: fixed member weights from validation accuracy, as log-odds
   w = log(acc / (1 - acc)) with acc clipped to [eps, 1 - eps] and w clipped to >= 0,
   then a weighted mean of probabilities.
+- `stacked`: fixed member weights given by the caller (`member_weights`): the linear pool
+  of the members fitted when the ensemble loads (service.ensemble.calibration: the weights
+  whose weighted mean of the validation replay has the least NLL), then a weighted mean.
 
 Whenever every weight of a row is zero (all members uniform under `confidence_entropy`,
 all accuracies <= 0.5 under `accuracy`), that row falls back to equal weights.
@@ -47,6 +50,7 @@ class Policy(StrEnum):
     CONFIDENCE = "confidence"
     CONFIDENCE_ENTROPY = "confidence_entropy"
     ACCURACY = "accuracy"
+    STACKED = "stacked"
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,8 +85,11 @@ def calibrate(logits: np.ndarray, temperature: float) -> np.ndarray:
 
 
 def vote(policy: Policy | str, member_probs: Sequence[np.ndarray], member_names: Sequence[str],
-         validation_accuracy: Sequence[float] | None = None) -> Vote:
-    """Combine members' calibrated probabilities (each (n, C)) by `policy`."""
+         validation_accuracy: Sequence[float] | None = None,
+         member_weights: Sequence[float] | None = None) -> Vote:
+    """Combine members' calibrated probabilities (each (n, C)) by `policy`
+    (`member_weights`: one non-negative weight per member, for `stacked`; without them,
+    equal weights)."""
     policy = Policy(policy)
     if len(member_probs) == 1 and len(member_names) == 1 and policy in _WEIGHT_ONE:
         return _lone(policy, member_probs[0], member_names[0])
@@ -100,6 +107,8 @@ def vote(policy: Policy | str, member_probs: Sequence[np.ndarray], member_names:
             raw = probs.max(axis=2)
         elif policy is Policy.CONFIDENCE_ENTROPY:
             raw = _entropy_confidence(probs)
+        elif policy is Policy.STACKED:
+            raw = np.broadcast_to(_given_weights(member_weights, n_members)[:, None], member_labels.shape)
         else:
             raw = np.broadcast_to(_accuracy_weights(validation_accuracy, n_members)[:, None],
                                   member_labels.shape)
@@ -186,6 +195,17 @@ def _entropy_confidence(probs: np.ndarray) -> np.ndarray:
         plogp = np.where(probs > 0, probs * np.log(probs), 0.0)
     entropy = -plogp.sum(axis=2)
     return np.clip(1.0 - entropy / np.log(n_classes), 0.0, 1.0)
+
+
+def _given_weights(member_weights: Sequence[float] | None, n_members: int) -> np.ndarray:
+    if member_weights is None:  # none fitted (offline replays of a subset): equal weights
+        return np.ones(n_members)
+    if len(member_weights) != n_members:
+        raise ValueError(f"policy 'stacked' needs one weight per member ({n_members})")
+    weights = np.asarray(member_weights, dtype=np.float64)
+    if np.any(~np.isfinite(weights)) or np.any(weights < 0):
+        raise ValueError(f"member weights must be finite and non-negative, got {weights.tolist()}")
+    return weights
 
 
 def _accuracy_weights(validation_accuracy: Sequence[float] | None, n_members: int) -> np.ndarray:

@@ -14,7 +14,7 @@ from service.errors import ModelLoadError
 MODEL_CONFIG = "model.yaml"
 ENSEMBLE_CONFIG = "ensemble.yaml"
 
-Policy = Literal["majority", "soft", "confidence", "confidence_entropy", "accuracy"]
+Policy = Literal["majority", "soft", "confidence", "confidence_entropy", "accuracy", "stacked"]
 
 
 class _Strict(BaseModel):

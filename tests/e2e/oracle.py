@@ -24,8 +24,11 @@ class ExpectedVote:
     member_weights: np.ndarray   # (M, n)
 
 
-def _row_weights(policy: str, row_probs: list[np.ndarray], accuracies: list[float]) -> list[float]:
+def _row_weights(policy: str, row_probs: list[np.ndarray], accuracies: list[float],
+                 given: list[float] | None) -> list[float]:
     """Each member's raw weight for one row, before normalising to sum 1."""
+    if policy == "stacked":  # fitted when the ensemble loads (GetStatus.stacked_weights)
+        return list(given) if given is not None else [1.0] * len(row_probs)
     if policy == "soft":
         return [1.0] * len(row_probs)
     if policy == "confidence":  # a calibrated member's top probability: its expected accuracy
@@ -45,7 +48,8 @@ def _row_weights(policy: str, row_probs: list[np.ndarray], accuracies: list[floa
     raise ValueError(policy)
 
 
-def expected_vote(policy: str, member_probs: list[np.ndarray], accuracies: list[float]) -> ExpectedVote:
+def expected_vote(policy: str, member_probs: list[np.ndarray], accuracies: list[float],
+                  given_weights: list[float] | None = None) -> ExpectedVote:
     """`member_probs`: each member's calibrated (n, C) probabilities, in member order."""
     n, classes = member_probs[0].shape
     m = len(member_probs)
@@ -64,7 +68,7 @@ def expected_vote(policy: str, member_probs: list[np.ndarray], accuracies: list[
             combined[row] = [count / m for count in counts]
             weights[:, row] = 1.0 / m
             continue
-        raw = _row_weights(policy, probs, accuracies)
+        raw = _row_weights(policy, probs, accuracies, given_weights)
         total = sum(raw)
         share = [w / total for w in raw] if total > 0 else [1.0 / m] * m  # all zero: equal weights
         mix = sum(w * p for w, p in zip(share, probs))

@@ -19,7 +19,7 @@ from tests.helpers import MODELS, VARIANTS, copy_variant
 
 POLICIES = {"majority": pb.VOTING_POLICY_MAJORITY, "soft": pb.VOTING_POLICY_SOFT,
             "confidence": pb.VOTING_POLICY_CONFIDENCE, "confidence_entropy": pb.VOTING_POLICY_CONFIDENCE_ENTROPY,
-            "accuracy": pb.VOTING_POLICY_ACCURACY}
+            "accuracy": pb.VOTING_POLICY_ACCURACY, "stacked": pb.VOTING_POLICY_STACKED}
 PAIR = ["digits_cnn_a", "digits_mlp_a"]  # the two strongest members on validation (ONNX both)
 
 
@@ -81,11 +81,14 @@ def test_calibration_table_every_policy_on_the_test_split(server, client, channe
     members = Reference().ensemble_config("digits")["members"]
     member_probs = {m: _triton(client, m, x) for m in members}
     accuracy = {m: Reference().member(m).accuracy for m in members}
+    [status] = stub.GetStatus(pb.GetStatusRequest(model="digits"), timeout=10).models
+    weights = dict(status.stacked_weights)
+    assert set(weights) == set(members) and sum(weights.values()) == pytest.approx(1.0)
     lines = ["| policy | vote accuracy | vote ECE (uncalibrated) | vote NLL (uncalibrated) |", "|---|---|---|---|"]
     for policy, enum in POLICIES.items():
         calibrated = _quorum(stub, "digits", x, enum)
         raw = vote(policy, [member_probs[m] for m in members], members,
-                   validation_accuracy=[accuracy[m] for m in members])
+                   validation_accuracy=[accuracy[m] for m in members], member_weights=[weights[m] for m in members])
         np.testing.assert_array_equal(calibrated.argmax(axis=1), raw.label_index)  # the winner stays
         acc, ece_after, nll_after = scores(calibrated, y)
         _, ece_before, nll_before = scores(raw.probabilities, y)
@@ -104,6 +107,19 @@ def test_default_policy_vote_is_as_accurate_and_as_well_calibrated_as_its_best_m
     x, y = test_split
     members = {m: scores(_triton(client, m, x), y) for m in PAIR}
     acc, ece_vote, nll_vote = scores(_triton(client, "pair", x), y)
+    assert acc >= max(s[0] for s in members.values()), (acc, members)
+    assert ece_vote <= min(s[1] for s in members.values()), (ece_vote, members)
+    assert nll_vote <= min(s[2] for s in members.values()), (nll_vote, members)
+
+
+def test_the_stacked_vote_of_the_five_is_as_accurate_and_as_well_calibrated_as_their_best(
+        server, client, channel, test_split):
+    """The bundled 5-member digits ensemble under `stacked` (weights and temperature fitted
+    on the validation replay only) against each of its members, on the test split."""
+    x, y = test_split
+    members = {m: scores(_triton(client, m, x), y) for m in Reference().ensemble_config("digits")["members"]}
+    acc, ece_vote, nll_vote = scores(_quorum(pb_grpc.EnsembleServiceStub(channel), "digits", x,
+                                             pb.VOTING_POLICY_STACKED), y)
     assert acc >= max(s[0] for s in members.values()), (acc, members)
     assert ece_vote <= min(s[1] for s in members.values()), (ece_vote, members)
     assert nll_vote <= min(s[2] for s in members.values()), (nll_vote, members)

@@ -44,13 +44,30 @@ def test_each_policys_temperature_minimises_the_validation_nll_of_the_vote(manif
     accuracy = [m.validation.calibrated.accuracy for m in manifests.values()]
     grid = np.exp(np.linspace(np.log(0.05), np.log(20), 2001))
     for policy, fitted in calibration.policies.items():
-        combined = vote(policy, probs, MEMBERS, validation_accuracy=accuracy).probabilities
+        combined = vote(policy, probs, MEMBERS, validation_accuracy=accuracy,
+                        member_weights=calibration.weights_of(MEMBERS)).probabilities
         losses = [_nll(_scaled(combined, t), y) for t in grid]
         best = grid[int(np.argmin(losses))]
         assert fitted.temperature == pytest.approx(best, rel=0.01), policy
         assert fitted.nll_after == pytest.approx(min(losses), abs=1e-4)
         assert fitted.nll_after <= fitted.nll_before and fitted.ece_after <= fitted.ece_before, fitted
         assert fitted.rows == len(y)
+
+
+def test_stacked_weights_give_the_validation_replay_its_least_nll(manifests):
+    spec = check_ensemble("digits", manifests)
+    weights = np.array(fit_vote_calibration(spec, manifests).weights_of(MEMBERS))
+    assert weights.min() >= 0 and weights.sum() == pytest.approx(1.0)
+    probs = np.stack([np.asarray(m.validation.probabilities) for m in manifests.values()])
+    y = np.asarray(manifests[MEMBERS[0]].validation.labels)
+
+    def pool_nll(w: np.ndarray) -> float:
+        return _nll(np.einsum("m,mnc->nc", w / w.sum(), probs), y)
+
+    fitted = pool_nll(weights)
+    rng = np.random.default_rng(0)
+    others = [np.eye(len(MEMBERS))[i] for i in range(len(MEMBERS))] + list(rng.dirichlet(np.ones(len(MEMBERS)), 2000))
+    assert all(fitted <= pool_nll(w) + 1e-9 for w in others)  # no single member, no random pool does better
 
 
 def test_calibration_keeps_the_winner_and_a_lone_member_as_it_is(manifests):
@@ -99,7 +116,7 @@ def test_readme_tables_are_what_evaluate_digits_prints():
     readme = (ROOT / "README.md").read_text()
     rows = [line for line in out.splitlines() if line.startswith("| digits_") or line.startswith("| best single")]
     rows += [line for line in out.splitlines() if line.startswith(tuple(f"| {p} |" for p in Policy))]
-    assert len(rows) == 11
+    assert len(rows) == 12
     for line in rows:
         shown = line.replace("| confidence |", "| confidence (default) |")
         assert shown in readme, line

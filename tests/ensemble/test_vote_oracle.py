@@ -9,7 +9,7 @@ import pytest
 from service.ensemble.voting import vote
 from tests.e2e.oracle import expected_vote
 
-POLICIES = ["majority", "soft", "confidence", "confidence_entropy", "accuracy"]
+POLICIES = ["majority", "soft", "confidence", "confidence_entropy", "accuracy", "stacked"]
 
 
 def _members(rng, m: int, n: int, c: int, sharp: float) -> list[np.ndarray]:
@@ -23,8 +23,9 @@ def test_vote_matches_the_oracle(policy, m):
     rng = np.random.default_rng(m)
     probs = _members(rng, m, 200, 10, sharp=3.0)
     accuracy = list(rng.uniform(0.3, 0.99, size=m))  # some below 0.5: zero weight
-    got = vote(policy, probs, [f"m{i}" for i in range(m)], validation_accuracy=accuracy)
-    want = expected_vote(policy, probs, accuracy)
+    given = list(rng.uniform(0, 1, size=m))
+    got = vote(policy, probs, [f"m{i}" for i in range(m)], validation_accuracy=accuracy, member_weights=given)
+    want = expected_vote(policy, probs, accuracy, given)
     np.testing.assert_array_equal(got.label_index, want.label_index)
     np.testing.assert_allclose(got.probabilities, want.probabilities, atol=1e-12)
     np.testing.assert_allclose(got.member_weights, want.member_weights, atol=1e-12)

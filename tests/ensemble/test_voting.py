@@ -151,7 +151,7 @@ def test_vote_rejects_inconsistent_arguments():
 
 
 # -- vectorised == naive per-row reference -------------------------------------------------
-def naive(policy: str, members: list[np.ndarray], accuracy: list[float]) -> tuple:
+def naive(policy: str, members: list[np.ndarray], accuracy: list[float], given: list[float]) -> tuple:
     m, n, c = len(members), members[0].shape[0], members[0].shape[1]
     labels, probs, weights = [], [], []
     for i in range(n):
@@ -172,6 +172,8 @@ def naive(policy: str, members: list[np.ndarray], accuracy: list[float]) -> tupl
                 raw = [max(r) for r in rows]
             elif policy == "confidence_entropy":
                 raw = [1 - (-sum(x * math.log(x) for x in r if x > 0)) / math.log(c) for r in rows]
+            elif policy == "stacked":
+                raw = list(given)
             else:
                 raw = []
                 for acc in accuracy:
@@ -197,8 +199,9 @@ def test_vectorised_vote_matches_a_naive_per_row_reference(policy):
     members[3] = members[0].copy()
     accuracy = [0.95, 0.8, 0.55, 0.95, 0.4]
     names = [f"m{i}" for i in range(n_members)]
-    v = vote(policy, members, names, validation_accuracy=accuracy)
-    labels, probs, weights = naive(policy, members, accuracy)
+    given = [0.5, 0.0, 0.2, 0.3, 0.0]  # the stacked policy's fitted weights, some zero
+    v = vote(policy, members, names, validation_accuracy=accuracy, member_weights=given)
+    labels, probs, weights = naive(policy, members, accuracy, given)
     np.testing.assert_array_equal(v.label_index, labels)
     np.testing.assert_allclose(v.probabilities, probs, atol=1e-12)
     np.testing.assert_allclose(v.member_weights, weights, atol=1e-12)
