@@ -14,10 +14,9 @@ within a row, so the winner and every ranking stay the vote's; only confidences 
 Applying it is one vectorised op per batch.
 
 The `stacked` policy's member weights are fitted first, on the same replay: the weights
-(a softmax of free parameters, so non-negative and summing to 1) whose weighted mean of the
-members' probabilities gives the true labels the least NLL (a linear pool, or stacking).
-The NLL of a mixture is convex in its weights, so the optimum is the optimum; weak or
-redundant members get weights near 0.
+(non-negative, summing to 1) whose weighted mean of the members' probabilities gives the
+true labels the least NLL (a linear pool, or stacking). The NLL of a mixture is convex in
+its weights, so the optimum found is the optimum; weak or redundant members get weight 0.
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import minimize, minimize_scalar
+from scipy.optimize import minimize_scalar
 
 from service.ensemble.voting import Policy, Vote, vote
 from service.export.calibration import ece
@@ -90,20 +89,24 @@ def fit(policy: str, probabilities: np.ndarray, labels: np.ndarray) -> PolicyCal
         nll_before=_nll(np.asarray(probabilities, dtype=np.float64), labels), nll_after=_nll(after, labels))
 
 
-def fit_pool_weights(probabilities: Sequence[np.ndarray], labels: np.ndarray) -> np.ndarray:
-    """Member weights (summing to 1) of the linear pool with the least NLL of `labels`."""
+def fit_pool_weights(probabilities: Sequence[np.ndarray], labels: np.ndarray,
+                     tolerance: float = 1e-13, max_iterations: int = 200_000) -> np.ndarray:
+    """Member weights (summing to 1) of the linear pool with the least NLL of `labels`.
+
+    Expectation-maximisation for mixture weights: each step moves every weight to its
+    member's average share of the pooled probability of the truth, never raises the NLL,
+    and converges to the optimum, zero weights included (a gradient method in a softmax
+    parametrisation only approaches those). A few thousand steps on a few hundred rows:
+    milliseconds to a fraction of a second, once per load."""
     labels = np.asarray(labels, dtype=np.int64)
     truth = np.stack([np.asarray(p, dtype=np.float64)[np.arange(labels.size), labels] for p in probabilities])
-
-    def loss(theta: np.ndarray) -> tuple[float, np.ndarray]:
-        w = np.exp(theta - theta.max())
-        w /= w.sum()
-        pooled = np.maximum(w @ truth, 1e-300)  # (n,) the pool's probability of the truth
-        grad_w = -(truth / pooled).mean(axis=1)  # d loss / d w
-        return float(-np.mean(np.log(pooled))), w * (grad_w - w @ grad_w)  # through the softmax
-
-    result = minimize(loss, np.zeros(len(probabilities)), jac=True, method="L-BFGS-B")
-    w = np.exp(result.x - result.x.max())
+    truth = np.maximum(truth, 1e-300)
+    w = np.full(len(probabilities), 1.0 / len(probabilities))
+    for _ in range(max_iterations):
+        updated = (w[:, None] * truth / (w @ truth)).mean(axis=1)
+        if np.abs(updated - w).max() < tolerance:
+            return updated / updated.sum()
+        w = updated
     return w / w.sum()
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from tests.e2e.oracle import ExpectedVote, expected_vote, recalibrated
+from tests.e2e.oracle import ExpectedVote, expected_vote, recalibrated, stacked_weights
 from tests.helpers import MODELS
 from tests.server import RunningServer, running_server
 
@@ -112,8 +112,9 @@ class Reference:
             config = self.ensemble_config(name)
             members = [self.member(m) for m in config["members"]]
             policy = policy or config["policy"]
+            weights = stacked_weights([m.manifest["validation"] for m in members]) if policy == "stacked" else None
             result = expected_vote(policy, [m.probabilities(pixels) for m in members],
-                                   [m.accuracy for m in members])
+                                   [m.accuracy for m in members], weights)
             return recalibrated(result, self.vote_temperatures.get((name, policy), 1.0))
         member = self.member(name)
         return expected_vote(policy or "soft", [member.probabilities(pixels)], [member.accuracy])

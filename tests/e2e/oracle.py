@@ -79,6 +79,30 @@ def expected_vote(policy: str, member_probs: list[np.ndarray], accuracies: list[
                         (own == labels[None, :]).mean(axis=0), own, weights)
 
 
+def stacked_weights(validation: list[dict]) -> list[float]:
+    """The `stacked` policy's member weights, fitted here from the members' stored validation
+    replay (manifest `validation`: indices, labels, calibrated probabilities): the mixture
+    weights with the least NLL of the true labels, by the classic fixed-point iteration
+    w_m <- mean over rows of w_m p_m(y) / sum_k w_k p_k(y), run until it stops moving.
+    Members are assumed to share their label order (the bundled ones do)."""
+    common = set(validation[0]["indices"])
+    for v in validation[1:]:
+        common &= set(v["indices"])
+    rows = sorted(common)
+    truth = []
+    for v in validation:
+        where = {index: r for r, index in enumerate(v["indices"])}
+        truth.append([max(float(v["probabilities"][where[i]][v["labels"][where[i]]]), 1e-300) for i in rows])
+    p = np.array(truth)  # (M, n) each member's probability of the true label
+    w = np.ones(len(validation)) / len(validation)
+    while True:
+        pooled = (w[:, None] * p).sum(axis=0)
+        new = (w[:, None] * p / pooled).mean(axis=1)
+        if np.max(np.abs(new - w)) < 1e-14:
+            return list(new / new.sum())
+        w = new
+
+
 def recalibrated(vote: ExpectedVote, temperature: float) -> ExpectedVote:
     """The ensemble's own vote calibration: softmax(log(p + 1e-6) / T); the winner stays."""
     z = np.log(vote.probabilities + 1e-6) / temperature

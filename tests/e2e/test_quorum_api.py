@@ -40,7 +40,7 @@ def test_predict_with_member_votes(stub, reference, data):
     pixels, _ = data
     response = stub.Predict(_request(ENSEMBLE, pixels, return_member_votes=True, request_id="q-1"), timeout=30)
     assert response.request_id == "q-1" and response.model == ENSEMBLE
-    assert response.policy == pb.VOTING_POLICY_CONFIDENCE  # the ensemble.yaml policy
+    assert response.policy == pb.VOTING_POLICY_STACKED  # the ensemble.yaml policy
     assert not response.members_left_out
     expected = reference.vote(ENSEMBLE, pixels)
     labels = reference.labels(ENSEMBLE)
@@ -131,7 +131,7 @@ def test_get_status_all_models(stub, reference):
     ensemble = by_name[ENSEMBLE]
     assert ensemble.ensemble
     assert list(ensemble.members) == MEMBERS
-    assert ensemble.policy == pb.VOTING_POLICY_CONFIDENCE
+    assert ensemble.policy == pb.VOTING_POLICY_STACKED
     assert list(ensemble.class_labels) == [str(i) for i in range(10)]
     assert [s.member for s in ensemble.member_stats] == MEMBERS
     assert all(0.8 < s.validation_accuracy <= 1.0 and s.version == 1 for s in ensemble.member_stats)

@@ -118,5 +118,5 @@ def test_readme_tables_are_what_evaluate_digits_prints():
     rows += [line for line in out.splitlines() if line.startswith(tuple(f"| {p} |" for p in Policy))]
     assert len(rows) == 12
     for line in rows:
-        shown = line.replace("| confidence |", "| confidence (default) |")
+        shown = line.replace("| stacked |", "| stacked (bundled default) |")
         assert shown in readme, line
