@@ -288,6 +288,7 @@ class DataPlane:
             return
         rows = list(self.feedback.rows.get(name, ()))
         live = {m: self.feedback.live(f"{name}/{m}") for m in infos}
+        tracker.stacked_weights = ensemble.calibration.weights
         await asyncio.to_thread(tracker.evaluate, infos, rows, live)
 
     async def run_objectives(self, interval_s: float = 1.0) -> None:

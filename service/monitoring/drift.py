@@ -175,7 +175,8 @@ class ModelReference:
         that the reference confidences are those the ensemble answers with."""
         refs: list[DriftReference] = [m.drift_reference for m in manifests]
         frequencies = np.mean([r.predicted_class_frequencies for r in refs], axis=0)
-        replay = replay_validation(manifests, policy)
+        weights = calibration.weights_of([m.name for m in manifests]) if calibration is not None else None
+        replay = replay_validation(manifests, policy, weights)
         if replay is not None and calibration is not None:
             replay = calibration.apply(replay)
         if replay is None:
@@ -186,7 +187,8 @@ class ModelReference:
                    len(replay.confidence))
 
 
-def replay_validation(manifests: Sequence[VariantManifest], policy: str):
+def replay_validation(manifests: Sequence[VariantManifest], policy: str,
+                      member_weights: Sequence[float] | None = None):
     """The ensemble's vote on the validation rows every member stored (its members'
     calibrated validation probabilities replayed through `vote`); None when the members
     share no validation rows."""
@@ -204,7 +206,8 @@ def replay_validation(manifests: Sequence[VariantManifest], policy: str):
         table = np.asarray(m.validation.probabilities, dtype=np.float64)
         probs.append(table[[position[k] for k in keys]])
     accuracy = [m.validation.calibrated.accuracy for m in manifests]
-    return vote(policy, probs, [m.name for m in manifests], validation_accuracy=accuracy)
+    return vote(policy, probs, [m.name for m in manifests], validation_accuracy=accuracy,
+                member_weights=member_weights)
 
 
 @dataclass(frozen=True)

@@ -40,12 +40,15 @@ def subsets(members: Sequence[str]) -> list[tuple[str, ...]]:
 
 
 def replay_accuracy(policy: str, probabilities: Mapping[str, np.ndarray], labels: np.ndarray,
-                    subset: Sequence[str], accuracy_weights: Mapping[str, float]) -> float:
-    """Accuracy of the vote of `subset` on stored calibrated probabilities (each (n, C))."""
+                    subset: Sequence[str], accuracy_weights: Mapping[str, float],
+                    stacked_weights: Mapping[str, float] | None = None) -> float:
+    """Accuracy of the vote of `subset` on stored calibrated probabilities (each (n, C));
+    `stacked_weights`: the ensemble's fitted member weights, for the `stacked` policy."""
     if labels.size == 0:
         return float("nan")
+    given = None if stacked_weights is None else [stacked_weights.get(m, 1.0) for m in subset]
     result = vote(policy, [probabilities[m] for m in subset], list(subset),
-                  validation_accuracy=[accuracy_weights[m] for m in subset])
+                  validation_accuracy=[accuracy_weights[m] for m in subset], member_weights=given)
     return float((result.label_index == labels).mean())
 
 

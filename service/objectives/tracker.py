@@ -70,6 +70,8 @@ class ObjectiveTracker:
         requests with their own budget or accuracy floor pick a subset."""
         self.objective = objective or Objective()
         self.policy = policy
+        self.stacked_weights: Mapping[str, float] = {}
+        """The ensemble's fitted `stacked` member weights (set by the data plane)."""
         window, age = self.objective.latency_window, self.objective.latency_window_s
         self.member_latency = {m: LatencyWindow(window, age) for m in members}
         self.end_to_end = LatencyWindow(window, age)
@@ -172,7 +174,7 @@ class ObjectiveTracker:
             rows = np.logical_and.reduce([live_mask[m] for m in subset])
             n = int(rows.sum())
             live = (replay_accuracy(self.policy, {m: live_probs[m][rows] for m in subset}, live_truth[rows],
-                                    subset, weights) if n else None)
+                                    subset, weights, self.stacked_weights) if n else None)
             candidates.append(Candidate(
                 subset, blend(val, live, n, objective.prior_strength), val, live, n,
                 predicted_latency(subset, p99, device), predicted_memory(subset, memory, device)))
@@ -185,10 +187,11 @@ class ObjectiveTracker:
                            weights: Mapping[str, float]) -> dict[tuple[str, ...], float]:
         """Every subset's validation accuracy; it changes only with the members' versions,
         so it is replayed once per set of versions, not at every evaluation."""
-        key = tuple((m, members[m].version) for m in names)
+        key = (tuple((m, members[m].version) for m in names), tuple(sorted(self.stacked_weights.items())))
         if self._validation_key != key:
             probs, labels = _aligned_validation([members[m] for m in names])
-            self._validation = {s: replay_accuracy(self.policy, probs, labels, s, weights) for s in subsets(names)}
+            self._validation = {s: replay_accuracy(self.policy, probs, labels, s, weights, self.stacked_weights)
+                                for s in subsets(names)}
             self._validation_key = key
         return self._validation
 
