@@ -49,7 +49,18 @@ class ApiContext:
             self.monitor.on_inference(result, rows, seconds)
 
     def on_failure(self, model: str, seconds: float) -> None:
-        self.statistics.on_request(model, 0, 0, seconds, ok=False)
+        """A failed request, counted under the version its successes are counted at (an
+        ensemble's 1, a model's serving version); a name the server does not have is not
+        counted: clients must not grow the table with made-up names."""
+        if self.manager.ensemble(model) is not None:
+            version = 1
+        else:
+            variant = self.manager.variants.get(model)
+            served = variant.serving() if variant is not None else None
+            if served is None:
+                return
+            version = served.version
+        self.statistics.on_request(model, version, 0, seconds, ok=False)
 
     def repository_index(self) -> list[tuple[str, str, str, str]]:
         """(name, version, state, reason) for every model on disk or loaded."""

@@ -31,7 +31,7 @@ class ModelStats:
 
 
 class Statistics:
-    """Keyed by (model, version); version 0 stands for a whole ensemble."""
+    """Keyed by (model, version); an ensemble has one version, 1."""
 
     def __init__(self) -> None:
         self.models: dict[tuple[str, int], ModelStats] = defaultdict(ModelStats)

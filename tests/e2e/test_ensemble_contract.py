@@ -6,6 +6,7 @@ version that would break an ensemble refused while the serving one stays."""
 from __future__ import annotations
 
 import json
+import shutil
 import time
 import urllib.request
 
@@ -228,11 +229,16 @@ def test_new_member_version_that_breaks_the_contract_is_refused_and_the_old_one_
     manifest["version"] = 2
     (staged / "variant.json").write_text(json.dumps(manifest))
     staged.rename(repo / "digits_logreg" / "2")
-    client.load_model("digits_logreg")  # (re)load it as the repository now has it
-    [entry] = [m for m in client.get_model_repository_index(as_json=True)["models"]
-               if m["name"] == "digits_logreg" and m.get("version") == "2"]
-    assert entry["state"] == "UNAVAILABLE" and "refused: it would break ensemble '" in entry["reason"], entry
-    assert "member 'digits_logreg' predicts labels [c0, c1" in entry["reason"]
-    assert client.is_model_ready("digits_logreg", "1") and client.is_model_ready("aligned")
-    after = _infer(client, "aligned", test_split[0][:16])
-    np.testing.assert_array_equal(after["class_index"], before["class_index"])
+    try:
+        client.load_model("digits_logreg")  # (re)load it as the repository now has it: v1 serves on
+        [entry] = [m for m in client.get_model_repository_index(as_json=True)["models"]
+                   if m["name"] == "digits_logreg" and m.get("version") == "2"]
+        assert entry["state"] == "UNAVAILABLE" and "refused: it would break ensemble '" in entry["reason"], entry
+        assert "member 'digits_logreg' predicts labels [c0, c1" in entry["reason"]
+        assert client.is_model_ready("digits_logreg", "1") and client.is_model_ready("aligned")
+        after = _infer(client, "aligned", test_split[0][:16])
+        np.testing.assert_array_equal(after["class_index"], before["class_index"])
+    finally:  # the module's other tests, in whatever order, find the repository as it was
+        shutil.rmtree(repo / "digits_logreg" / "2")
+        client.load_model("digits_logreg")
+    assert client.is_model_ready("digits_logreg")
