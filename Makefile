@@ -37,7 +37,7 @@ test: venv prometheus
 	COVERAGE_FILE=$(CURDIR)/.coverage $(BIN)/python -m pytest -q --cov --cov-report=
 	@COVERAGE_FILE=$(CURDIR)/.coverage $(BIN)/coverage report > .coverage-report.txt; \
 	  echo "coverage of service/ (least covered first; full table: .coverage-report.txt)"; \
-	  head -n 22 .coverage-report.txt; echo "..."; tail -n 1 .coverage-report.txt
+	  head -n 22 .coverage-report.txt; echo "..."; grep -E '^TOTAL|files skipped' .coverage-report.txt
 
 models: venv
 	$(BIN)/python models/make_digits.py

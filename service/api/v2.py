@@ -18,6 +18,7 @@ from service.api.limits import short
 from service.codecs import v2 as codec
 from service.dataplane import output_names
 from service.errors import InvalidInput, ModelNotFound, QuorumError, Unimplemented
+from service.monitoring.statistics import ModelStats
 from service.repository.manager import State
 
 log = logging.getLogger(__name__)
@@ -230,9 +231,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         wanted = _version(request.version)
         if request.name and not (request.name in self.api.manager.variants or self.api.manager.ensemble(request.name)):
             self.api.data.info(request.name)  # raises NOT_FOUND with the usual message
-        for (name, version), stats in sorted(self.api.statistics.models.items()):
+        recorded = self.api.statistics.models
+        # Every serving model version and every ready ensemble is listed, at zero before its
+        # first request, as Triton lists them; and whatever has counts (retired versions too).
+        keys = set(recorded)
+        for name, model in self.api.manager.variants.items():
+            keys.update((name, version) for version, served in model.versions.items() if served.state == State.AVAILABLE)
+        keys.update((name, 1) for name in self.api.manager.ensembles if self.api.manager.is_ready(name))
+        for name, version in sorted(keys):
             if (request.name and name != request.name) or (wanted and version != wanted):
                 continue
+            stats = recorded.get((name, version)) or ModelStats()
             entry = response.model_stats.add(
                 name=name, version=str(version), last_inference=stats.last_inference_ms,
                 inference_count=stats.inference_count, execution_count=stats.execution_count)

@@ -138,6 +138,12 @@ def _stats(client, model):
     return int(entry.get("inference_count", 0)), int(stats.get("success", {}).get("count", 0))
 
 
+def test_every_ready_model_is_in_the_statistics_before_its_first_request(client):
+    ready = {m["name"] for m in client.get_model_repository_index(as_json=True)["models"] if m.get("state") == "READY"}
+    listed = {s["name"] for s in client.get_inference_statistics(as_json=True)["model_stats"]}
+    assert ready and ready <= listed, ready - listed
+
+
 @pytest.mark.parametrize("model", [MEMBER, ENSEMBLE])
 def test_inference_statistics_grow(client, pixels, model):
     before_rows, before_ok = _stats(client, model)
