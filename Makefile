@@ -30,11 +30,15 @@ prometheus:
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus; }
 
-# In a random order (pytest-randomly; the seed is printed), with coverage of service/ measured
+# In a random order (pytest-randomly; the seed is printed first), with coverage of service/ measured
 # in the test process and in every server it starts; the summary lists the least covered files.
+ifndef SEED
+SEED := $(shell od -An -N4 -tu4 /dev/urandom | tr -d ' ')
+endif
 test: venv prometheus
 	rm -f .coverage .coverage.*
-	COVERAGE_FILE=$(CURDIR)/.coverage $(BIN)/python -m pytest -q --cov --cov-report=
+	@echo "test order seed $(SEED) (make test SEED=$(SEED) runs the same order)"
+	COVERAGE_FILE=$(CURDIR)/.coverage $(BIN)/python -m pytest -q --randomly-seed=$(SEED) --cov --cov-report=
 	@COVERAGE_FILE=$(CURDIR)/.coverage $(BIN)/coverage report > .coverage-report.txt; \
 	  echo "coverage of service/ (least covered first; full table: .coverage-report.txt)"; \
 	  head -n 22 .coverage-report.txt; echo "..."; grep -E '^TOTAL|files skipped' .coverage-report.txt
