@@ -7,6 +7,7 @@ while the request was handled; no token or payload is ever logged."""
 from __future__ import annotations
 
 import json
+import secrets
 import threading
 import time
 from concurrent import futures
@@ -103,7 +104,8 @@ def test_a_traced_ensemble_request_shows_every_member_under_the_rpc_span(server,
     client = triton.InferenceServerClient(server.address)
     tensor = triton.InferInput("pixels", list(ROWS.shape), "FP32")
     tensor.set_data_from_numpy(ROWS)
-    unsampled, sampled = "0af7651916cd43dd8448eb211c80319c", "4bf92f3577b34da6a3ce929d0e0e4736"
+    # fresh ids: the receiver outlives this module's servers (one per engine), in any order
+    unsampled, sampled = secrets.token_hex(16), secrets.token_hex(16)
     client.infer("digits", [tensor], headers={"traceparent": _traceparent(unsampled, False), **dict(_auth())})
     client.infer("digits", [tensor], headers={"traceparent": _traceparent(sampled, True), **dict(_auth())},
                  request_id="req-traced-1")
@@ -133,7 +135,7 @@ def test_a_traced_ensemble_request_shows_every_member_under_the_rpc_span(server,
 
 
 def test_http_requests_continue_the_callers_trace_too(server, receiver):
-    trace_id = "5bf92f3577b34da6a3ce929d0e0e4737"
+    trace_id = secrets.token_hex(16)
     body = {"inputs": [{"name": "pixels", "shape": [1, 64], "datatype": "FP32", "data": ROWS[0].tolist()}]}
     answer = requests.post(f"http://127.0.0.1:{server.http_port}/v2/models/digits_mlp_a/infer", json=body,
                            headers={"traceparent": _traceparent(trace_id, True), "Authorization": f"Bearer {TOKEN}"},
@@ -171,6 +173,9 @@ def test_the_request_id_comes_back_and_stands_in_the_log(server):
         _, call = stub.RepositoryModelUnload.with_call(
             v2.RepositoryModelUnloadRequest(model_name="digits_logreg"), metadata=_auth(), timeout=60)
         unload_id = dict(call.trailing_metadata())["x-request-id"]
+        # loaded again: the module's other tests, in whatever order, vote with all five
+        stub.RepositoryModelLoad(v2.RepositoryModelLoadRequest(model_name="digits_logreg"), metadata=_auth(),
+                                 timeout=120)
 
     lines = [json.loads(line) for line in server.output().splitlines() if line.startswith("{")]
     assert lines and all({"time", "level", "logger", "message"} <= set(line) for line in lines)
