@@ -7,7 +7,6 @@ vote (label, calibrated probabilities, confidence, agreement) and each member's 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import time
@@ -16,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.ensemble.fanout import gather_with_deadline
+from service.ensemble.pipeline import EnsemblePipeline, FanOut, Plan
 from service.ensemble.voting import Vote, calibrate, vote
 from service.errors import DeadlineExceeded, FailedPrecondition, InvalidInput, ModelNotFound, ModelNotReady
 from service.monitoring.stages import COLLECTOR, Stage, record
@@ -88,6 +87,7 @@ class DataPlane:
         self.trackers: dict[str, ObjectiveTracker] = {}
         self._shadow_tasks: set[asyncio.Task] = set()
         self._info: dict[str, tuple] = {}  # model -> (what it was built from..., ModelInfo)
+        self._pipelines: dict[str, EnsemblePipeline] = {}
 
     # -- inference -------------------------------------------------------------------------
     async def infer(self, model: str, rows: np.ndarray, *, version: int | None = None,
@@ -111,8 +111,11 @@ class DataPlane:
             return await self._infer_single(model, rows, version, deadline, policy, min_accuracy)
         if version not in (None, 0, 1):
             raise ModelNotFound(f"ensemble '{model}' has no version {version} (only version 1)")
-        spec = self._ready_spec(model, ensemble)
-        config = ensemble.config
+        config, spec = ensemble.config, ensemble.spec
+        # every configured member resolved once per request (readiness, choice, left-out)
+        everyone, absent = ({}, {}) if config is None else self._resolve_members(config.members)
+        if spec is None or ensemble.unloaded_by_request or len(everyone) < config.min_members:
+            raise ModelNotReady(f"ensemble '{model}' is not ready: {self.manager.ensemble_problem(model)}")
         tracker = self.tracker(model)
         if tracker.selected is None and (min_accuracy is not None or latency_budget_s is not None):
             # An objective asked of an ensemble not yet evaluated (just loaded, or its
@@ -121,48 +124,57 @@ class DataPlane:
         explicit = latency_budget_s is not None and (deadline is None or now + latency_budget_s <= deadline)
         if latency_budget_s is not None:
             deadline = now + latency_budget_s if deadline is None else min(deadline, now + latency_budget_s)
-        chosen = members is None
-        if chosen:
+        if members is None:
             budget = None if deadline is None else deadline - now - config.deadline_margin_ms / 1000
             if budget is not None and budget <= 0:  # no subset can help: the deadline, not an objective
                 raise DeadlineExceeded(f"ensemble '{model}': the deadline leaves no time after its "
                                        f"{config.deadline_margin_ms:g} ms safety margin")
             members = tracker.choose(budget, min_accuracy, strict_budget=explicit)
-        served, missing = self._resolve_members(members)
-        quorum = min(config.min_members, len(members))
-        if chosen and len(served) < quorum and tuple(members) != config.members:
-            # the subset chose members that stopped serving since: the ensemble is ready
-            # (its quorum serves), so ask every member rather than fail
-            members = config.members
+            # A configured member that stopped serving is left out of the vote (and named)
+            # whether or not the selection, re-evaluated in the background, still names it:
+            # every protocol says so alike, with or without a deadline.
+            served, missing = {m: everyone[m] for m in members if m in everyone}, absent
+            if len(served) < min(config.min_members, len(members)):
+                # the subset chose members that stopped serving since: the ensemble is ready
+                # (its quorum serves), so ask every member rather than fail
+                members, served = config.members, everyone
+        else:
             served, missing = self._resolve_members(members)
-            quorum = min(config.min_members, len(members))
-        if chosen and tuple(members) != config.members:
-            # a member that stopped serving is left out of the vote whether or not the
-            # selection (re-evaluated in the background) still names it: every protocol
-            # says so alike, with or without a deadline
-            for m in config.members:
-                if m not in served and m not in missing:
-                    try:
-                        self.manager.resolve(m)
-                    except (ModelNotFound, ModelNotReady) as exc:
-                        missing[m] = exc
+        quorum = min(config.min_members, len(members))
         if len(served) < quorum:
             raise ModelNotReady(f"ensemble '{model}': only {len(served)} of {len(members)} members are "
                                 f"serving, fewer than its quorum {quorum} ({'; '.join(map(str, missing.values()))})")
-        with contextlib.ExitStack() as leases:
-            # Leases are taken now, before the member tasks start, so that a version swap
-            # cannot unload a resolved member in between.
-            for s in served.values():
-                leases.enter_context(s.lease())
-            outcomes = await gather_with_deadline(
-                {m: s.infer(rows, deadline) for m, s in served.items()},
-                deadline=deadline, safety_margin_s=config.deadline_margin_ms / 1000.0, quorum=quorum)
-        result = self._combine(model, ensemble, spec, policy or config.policy, served, outcomes, rows, missing)
-        tracker.observe({m.name: m.latency_s for m in result.members if m.in_time}, time.perf_counter() - start)
+        policy = policy or config.policy
+        key = (policy, quorum, tuple((m, id(s)) for m, s in served.items()), tuple(missing), id(ensemble), id(spec))
+        plan = Plan(served, missing, quorum, config.deadline_margin_ms / 1000.0,
+                    (model, ensemble, spec, policy, tracker), key)
+        result = await self._pipeline(model, spec, served).submit(plan, rows, deadline)
+        tracker.observe({}, time.perf_counter() - start)
         shadow = tracker.shadow(members)
         if shadow:
             result = dataclasses.replace(result, shadow=self._start_shadow(tracker, spec, shadow, rows))
         return result
+
+    def _pipeline(self, model: str, spec: EnsembleSpec, served: dict[str, ServedVersion]) -> EnsemblePipeline:
+        """The ensemble's queue (one per ensemble name, kept across reloads: a plan says
+        which members and versions a request asked)."""
+        pipeline = self._pipelines.get(model)
+        if pipeline is None:
+            queue = min(s.batching.max_queue_size for s in served.values())
+            pipeline = self._pipelines[model] = EnsemblePipeline(model, self._answer, spec.max_batch_size, queue)
+        else:
+            pipeline.max_batch_rows = spec.max_batch_size
+        return pipeline
+
+    def _answer(self, plan: Plan, outcomes: FanOut, rows: np.ndarray,
+                spans: Sequence[tuple[int, int]]) -> list[InferenceResult]:
+        """One batch's vote, over all its rows at once, then each request's slice of it."""
+        model, ensemble, spec, policy, tracker = plan.context
+        result = self._combine(model, ensemble, spec, policy, plan.members, outcomes, rows, plan.missing)
+        tracker.observe({m.name: m.latency_s for m in result.members if m.in_time}, None)
+        if len(spans) == 1 and spans[0] == (0, rows.shape[0]):
+            return [result]
+        return [result_rows(result, a, b) for a, b in spans]
 
     def _resolve_members(self, members: Sequence[str]) -> tuple[dict[str, ServedVersion], dict[str, Exception]]:
         served, missing = {}, {}
@@ -326,6 +338,18 @@ class DataPlane:
                          served.batching.max_batch_size, self.manager.settings.max_request_rows)
         self._info[model] = (served, versions, info)
         return info
+
+
+def result_rows(result: InferenceResult, start: int, stop: int) -> InferenceResult:
+    """Rows [start, stop) of a batch's result: one request's answer (views, no copies)."""
+    v = result.vote
+    vote_rows = Vote(v.policy, v.label_index[start:stop], v.probabilities[start:stop], v.confidence[start:stop],
+                     v.agreement[start:stop], v.member_labels[:, start:stop], v.member_weights[:, start:stop],
+                     v.members)
+    return dataclasses.replace(
+        result, vote=vote_rows, member_probabilities=result.member_probabilities[:, start:stop],
+        logits=None if result.logits is None else result.logits[start:stop],
+        inputs=None if result.inputs is None else result.inputs[start:stop])
 
 
 def _record_vote(seconds: float, policy: str, left_out: tuple[str, ...]) -> None:

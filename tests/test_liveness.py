@@ -41,8 +41,12 @@ def test_a_blocked_loop_is_seen_from_outside_with_where_it_is_stuck(caplog):
             assert not release.is_set()  # seen while the loop is still blocked
             assert not watchdog.alive()
             assert watchdog.heartbeat_age_s > 2.0
-        messages = [r.getMessage() for r in caplog.records if "has not answered" in r.getMessage()]
-        assert any("stuck_in_a_synchronous_call" in m for m in messages)  # the loop thread's stack
+
+            def logged_where() -> bool:  # the watchdog counts the stall, then logs it
+                messages = [r.getMessage() for r in caplog.records if "has not answered" in r.getMessage()]
+                return any("stuck_in_a_synchronous_call" in m for m in messages)  # the loop thread's stack
+
+            assert _until(logged_where), "the stall was logged without the loop thread's stack"
         release.set()
         assert _until(lambda: watchdog.heartbeat_age_s < 2.0), "the loop never ticked again"
     finally:

@@ -11,7 +11,7 @@ import numpy as np
 
 from service.api.common import model_rows
 from service.api.context import ApiContext
-from service.dataplane import InferenceResult, result_tensors
+from service.dataplane import InferenceResult, ModelInfo, result_tensors
 from service.errors import ModelNotFound, QuorumError
 
 
@@ -25,12 +25,13 @@ class Answer:
 async def infer(api: ApiContext, model: str, inputs: Mapping[str, np.ndarray], *,
                 version: int | None = None, deadline: float | None = None,
                 outputs: Sequence[str] = (), request_id: str = "",
-                rows: np.ndarray | None = None) -> Answer:
+                rows: np.ndarray | None = None, info: ModelInfo | None = None) -> Answer:
     """Validate `inputs` against the model (or take prepared `rows`), infer, and name the
-    outputs (all of them unless `outputs` asks for some). `deadline` is time.monotonic()."""
+    outputs (all of them unless `outputs` asks for some). `deadline` is time.monotonic();
+    `info`: the model's, when the caller already has it."""
     start = time.perf_counter()
     if rows is None:
-        rows = model_rows(api.data.info(model), inputs)
+        rows = model_rows(info or api.data.info(model), inputs)
     try:
         result = await api.data.infer(model, rows, version=version, deadline=deadline)
     except QuorumError:

@@ -55,7 +55,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         limit = self.api.manager.settings.max_message_bytes
         inputs = {k: tensorproto.decode(v, k, limit) for k, v in request.inputs.items()}
         answer = await inference.infer(self.api, spec.name, inputs, version=self._version(spec),
-                                       deadline=deadline_of(context), outputs=list(request.output_filter))
+                                       deadline=deadline_of(context), outputs=list(request.output_filter), info=info)
         response = predict_pb2.PredictResponse()
         response.model_spec.name = spec.name
         response.model_spec.version.value = answer.result.version

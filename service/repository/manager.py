@@ -148,8 +148,12 @@ class VariantModel:
     ensembles' contract (and so their metadata) until it is removed from the repository."""
 
     def serving(self) -> ServedVersion | None:
-        available = [v for v in self.versions.values() if v.state == State.AVAILABLE]
-        return max(available, key=lambda v: v.version) if available else None
+        """The newest available version (every request asks, for each member: a plain loop)."""
+        best = None
+        for v in self.versions.values():
+            if v.state is State.AVAILABLE and (best is None or v.version > best.version):
+                best = v
+        return best
 
 
 @dataclass(eq=False)

@@ -8,6 +8,7 @@ import shutil
 import signal
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -26,6 +27,14 @@ def _metric(port: int, name: str, **labels) -> float:
     wanted = [f'{k}="{v}"' for k, v in labels.items()]
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith(name + "{") and all(w in line for w in wanted))
+
+
+def _metric_if_up(port: int, name: str, **labels) -> float:
+    """The metric, or 0 while that worker's metrics server is not up yet (it starts on its own)."""
+    try:
+        return _metric(port, name, **labels)
+    except (ConnectionError, urllib.error.URLError):
+        return 0.0
 
 
 def _body(row: np.ndarray) -> dict:
@@ -71,8 +80,8 @@ def test_workers_share_the_http_port(tmp_path, test_split):
         answered = 0
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            per_worker = [_metric(server.metrics_port + i, "quorum_requests_total", api="kserve_v2_rest",
-                                  code="OK") for i in (0, 1)]
+            per_worker = [_metric_if_up(server.metrics_port + i, "quorum_requests_total", api="kserve_v2_rest",
+                                        code="OK") for i in (0, 1)]
             if min(per_worker) > 0:
                 break
             # A new connection each time: the kernel spreads connections over the workers.

@@ -111,8 +111,8 @@ def test_a_traced_ensemble_request_shows_every_member_under_the_rpc_span(server,
                  request_id="req-traced-1")
     client.close()
 
-    # RPC span + per member (member, queue, compute) + vote + encoding
-    spans = receiver.trace(sampled, want=1 + 3 * len(MEMBERS) + 2)
+    # RPC span + the ensemble's queue + per member (member, queue, compute) + vote + encoding
+    spans = receiver.trace(sampled, want=1 + 1 + 3 * len(MEMBERS) + 2)
     (rpc,) = [s for s in spans if s.name == "inference.GRPCInferenceService/ModelInfer"]
     assert rpc.parent_span_id.hex() == "00f067aa0ba902b7"  # the caller's span
     assert rpc.kind == rpc.SPAN_KIND_SERVER
@@ -121,7 +121,11 @@ def test_a_traced_ensemble_request_shows_every_member_under_the_rpc_span(server,
     assert attributes["quorum.request_id"] == "req-traced-1" and attributes["rpc.grpc.status_code"] == "OK"
     assert attributes["quorum.rows"] == 2
     children = _children(spans, rpc)
-    assert set(children) == {f"member {m}" for m in MEMBERS} | {"calibrate and vote", "encode and respond"}
+    assert set(children) == {f"member {m}" for m in MEMBERS} | {"ensemble queue", "calibrate and vote",
+                                                                 "encode and respond"}
+    (queued,) = children["ensemble queue"]
+    assert _attributes(queued)["quorum.batch_rows"] >= 2  # the batch this request was part of
+    assert queued.end_time_unix_nano <= min(children[f"member {m}"][0].start_time_unix_nano for m in MEMBERS)
     for member in MEMBERS:
         (span,) = children[f"member {member}"]
         assert _attributes(span)["quorum.member"] == member

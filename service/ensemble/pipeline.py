@@ -1,0 +1,408 @@
+"""One pipeline per batch for an ensemble: requests queue at the ensemble, and a batch of
+them asks each member once, with all their rows merged, and is voted once, vectorised.
+
+Per request, the data plane only decides its plan (which members, which policy, which
+quorum) and submits its rows here; the fan-out, the straggler cutoff and the vote are per
+batch. Each member's own DynamicBatcher still merges this work with other ensembles'.
+
+Rules:
+- A batch is the longest run, from the head of the queue, of requests with the same plan
+  (`Plan.key`: members and their serving versions, policy, quorum) and row signature, up to
+  `max_batch_rows` rows (a request with more rows goes alone; members split it).
+- Each request keeps its own deadline and straggler cutoff (deadline less the ensemble's
+  safety margin): at its cutoff it is answered with the members that had answered by then,
+  or DeadlineExceeded naming who was late when fewer than its quorum had. When errors put
+  the quorum out of reach, every request of the batch gets the first member's error.
+- Members are asked with the latest deadline of the batch (none if any request has none),
+  so a member's batcher never drops work a request of the batch still waits for.
+- A request whose deadline passes while queued fails at that instant and never reaches a
+  member; a caller cancelled while queued is dropped. Admission is aware of deadlines: a
+  request that cannot start before its cutoff, at the recently measured time per batch, is
+  refused at once with Overloaded (RESOURCE_EXHAUSTED).
+- The next batch starts when the running one's members have all answered, so that requests
+  queue and merge meanwhile; a straggler holds the queue up at most as long again as the
+  batch took to reach its quorum. The dispatcher task lives only while there is work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import numpy as np
+
+from service.batching.requests import merge
+from service.errors import DeadlineExceeded, Overloaded
+from service.monitoring.stages import COLLECTOR, Stage
+
+T = TypeVar("T")
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class MemberOutcome(Generic[T]):
+    name: str
+    in_time: bool
+    """Finished (answered or raised) before the cutoff."""
+    latency_s: float
+    """Seconds from the batch's fan-out to the member's finish; for a late member, the
+    time waited before leaving it out (a lower bound on its latency)."""
+    result: T | None = None
+    error: BaseException | None = None
+
+    @property
+    def answered(self) -> bool:
+        return self.in_time and self.error is None
+
+    def describe(self) -> str:
+        if self.answered:
+            return f"{self.name} ({self.latency_s:.4f} s)"
+        if not self.in_time:
+            return f"{self.name} (no answer after {self.latency_s:.4f} s)"
+        return f"{self.name} ({type(self.error).__name__}: {self.error})"
+
+
+class FanOut(dict[str, MemberOutcome[T]]):
+    """Every member's outcome by name, in the order of the calls."""
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """What one request asks of the ensemble; requests with equal keys share batches."""
+
+    members: Mapping[str, Any]
+    """member name -> its ServedVersion (anything with `infer(rows, deadline)` and `lease()`)."""
+    missing: Mapping[str, Exception]
+    """Configured members not serving (voted without, and reported as left out)."""
+    quorum: int
+    margin_s: float
+    context: Any = None
+    """What the answer callback needs (the ensemble, its policy...): same key, same context."""
+    key: Hashable = field(default=None)
+
+
+# answer(plan, outcomes, merged rows, [(start, stop) per request]) -> one result per request
+Answer = Callable[[Plan, FanOut, np.ndarray, Sequence[tuple[int, int]]], list]
+
+
+class _Entry:
+    __slots__ = ("rows", "n", "deadline", "cutoff", "plan", "signature", "future", "queued", "arrival", "stages")
+
+    def __init__(self, rows: np.ndarray, plan: Plan, deadline: float | None, arrival: float,
+                 future: asyncio.Future) -> None:
+        self.rows = rows
+        self.n = rows.shape[0]
+        self.plan = plan
+        self.signature = (plan.key, rows.shape[1:], rows.dtype)
+        self.deadline = deadline
+        self.cutoff = None if deadline is None else deadline - plan.margin_s
+        self.arrival = arrival
+        self.future = future
+        self.queued = True
+        self.stages = COLLECTOR.get()  # the caller's trace, when it is sampled
+
+
+class EnsemblePipeline:
+    def __init__(self, name: str, answer: Answer, max_batch_rows: int, max_queue: int) -> None:
+        self.name = name
+        self._answer = answer
+        self.max_batch_rows = max_batch_rows
+        self.max_queue = max_queue
+        self._queue: deque[_Entry] = deque()
+        self._depth = 0
+        self._queued_rows = 0
+        self._holding = 0                      # running batches the next one waits for
+        self._wake: asyncio.Event | None = None  # the dispatcher looks again: a batch let go, or a deadline
+        self._next_expiry = math.inf           # the dispatcher wakes then to fail expired requests
+        self._dispatcher: asyncio.Task | None = None
+        self._batches: set[asyncio.Task] = set()
+        self._batch_s: float | None = None     # recent seconds a batch held the queue (admission)
+
+    @property
+    def queue_depth(self) -> int:
+        return self._depth
+
+    async def submit(self, plan: Plan, rows: np.ndarray, deadline: float | None) -> Any:
+        """Queue `rows` for `plan` and return the answer callback's result for them.
+        `deadline` is an absolute time.monotonic() instant."""
+        if self._depth >= self.max_queue:
+            raise Overloaded(f"ensemble '{self.name}': queue full ({self._depth} requests waiting); retry later")
+        now = time.monotonic()
+        if deadline is not None and self._batch_s is not None:
+            self._admit(rows.shape[0], deadline - plan.margin_s - now)
+        loop = asyncio.get_running_loop()
+        entry = _Entry(rows, plan, deadline, now, loop.create_future())
+        self._queue.append(entry)
+        self._depth += 1
+        self._queued_rows += entry.n
+        self._ensure_dispatcher(loop)
+        if deadline is not None and deadline < self._next_expiry:
+            self._next_expiry = deadline
+            self._wake.set()  # type: ignore[union-attr]
+        try:
+            return await entry.future
+        except asyncio.CancelledError:
+            if entry.queued:
+                self._unqueue(entry)
+            raise
+
+    def _admit(self, rows: int, time_left_s: float) -> None:
+        """Refuse at once a request that cannot even start before its cutoff: the batch
+        holding the queue and the batches queued ahead take longer, at the recently measured
+        time per batch, than its deadline leaves. Its own batch is not counted: once it
+        runs, the straggler cutoff answers it in time with the members in by then."""
+        ahead = (1 if self._holding else 0) + -(-self._queued_rows // self.max_batch_rows)
+        needed_s = ahead * self._batch_s  # type: ignore[operator]
+        if needed_s > time_left_s:
+            raise Overloaded(
+                f"ensemble '{self.name}': {self._queued_rows} rows queued ahead, about {needed_s * 1000:.1f} ms "
+                f"of work ({ahead} batches of {self._batch_s * 1000:.2f} ms), more than the "  # type: ignore[operator]
+                f"{max(time_left_s, 0.0) * 1000:.1f} ms its deadline leaves; retry later or elsewhere")
+
+    def _unqueue(self, entry: _Entry) -> None:
+        entry.queued = False
+        self._depth -= 1
+        self._queued_rows -= entry.n
+        entry.rows = None  # type: ignore[assignment]
+
+    def _expire(self, entry: _Entry) -> None:
+        if entry.queued:
+            self._unqueue(entry)
+            if not entry.future.done():
+                entry.future.set_exception(DeadlineExceeded(
+                    f"ensemble '{self.name}': deadline passed after "
+                    f"{time.monotonic() - entry.arrival:.4f} s in the queue"))
+
+    # -- dispatch --------------------------------------------------------------------------
+    def _ensure_dispatcher(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._wake is None:
+            self._wake = asyncio.Event()
+        if self._dispatcher is None or self._dispatcher.done():
+            # its own context: neither it nor its batches belong to the request that woke it
+            self._dispatcher = loop.create_task(self._dispatch(), name=f"ensemble-{self.name}",
+                                                context=contextvars.Context())
+
+    async def _dispatch(self) -> None:
+        wake = self._wake
+        assert wake is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            if self._holding:
+                # One timer per wait, not one per request: woken when a batch lets go, or
+                # at the earliest deadline queued, to fail the requests that expired waiting.
+                wake.clear()
+                self._next_expiry = min((e.deadline for e in self._queue if e.queued and e.deadline is not None),
+                                        default=math.inf)
+                try:
+                    async with asyncio.timeout(None if self._next_expiry == math.inf
+                                               else max(0.0, self._next_expiry - time.monotonic())):
+                        await wake.wait()
+                except TimeoutError:
+                    pass
+                now = time.monotonic()
+                for entry in self._queue:
+                    if entry.queued and entry.deadline is not None and entry.deadline <= now:
+                        self._expire(entry)
+                continue
+            batch = self._take()
+            if not batch:
+                self._next_expiry = math.inf
+                return  # nothing queued: the next request starts a new dispatcher
+            self._holding += 1
+            context = contextvars.Context()
+            if any(e.stages is not None for e in batch):
+                context.run(COLLECTOR.set, [])  # the batch's stages, copied to each traced request
+            task = loop.create_task(self._run(batch), context=context)
+            self._batches.add(task)
+            task.add_done_callback(self._batches.discard)
+
+    def _take(self) -> list[_Entry]:
+        """Pop the longest run of live requests with one plan and row signature that fits
+        in a batch (a first request larger than a batch goes alone)."""
+        queue = self._queue
+        now = time.monotonic()
+        batch: list[_Entry] = []
+        rows = 0
+        signature = None
+        while queue:
+            entry = queue[0]
+            if not entry.queued:
+                queue.popleft()
+                continue
+            if entry.deadline is not None and entry.deadline <= now:
+                queue.popleft()
+                self._expire(entry)
+                continue
+            if batch and (rows + entry.n > self.max_batch_rows or entry.signature != signature):
+                break
+            signature = entry.signature
+            queue.popleft()
+            entry.queued = False
+            batch.append(entry)
+            rows += entry.n
+        self._depth -= len(batch)
+        self._queued_rows -= rows
+        return batch
+
+    async def _run(self, batch: list[_Entry]) -> None:
+        plan = batch[0].plan
+        loop = asyncio.get_running_loop()
+        start = time.monotonic()
+        tasks: dict[str, asyncio.Future] = {}
+        gone = loop.create_future()  # done once every caller is answered or went away
+        remaining = [len(batch)]
+        held = [True]
+        grace: asyncio.TimerHandle | None = None
+
+        def one_less(_: asyncio.Future) -> None:
+            remaining[0] -= 1
+            if not remaining[0] and not gone.done():
+                gone.set_result(None)
+
+        def let_go() -> None:
+            # The next batch waits for this one's members to finish (so that requests queue
+            # and merge meanwhile), but not for stragglers: at most as long again as the
+            # quorum took.
+            if held[0]:
+                held[0] = False
+                took = time.monotonic() - start
+                self._batch_s = took if self._batch_s is None else 0.8 * self._batch_s + 0.2 * took
+                self._holding -= 1
+                self._wake.set()  # type: ignore[union-attr]
+
+        try:
+            for e in batch:
+                e.future.add_done_callback(one_less)
+            merged, counts = merge([e.rows for e in batch])
+            for e in batch:
+                e.rows = None  # type: ignore[assignment]
+            spans, at = [], 0
+            for c in counts:
+                spans.append((at, at + c))
+                at += c
+            deadline = None if any(e.deadline is None for e in batch) else max(e.deadline for e in batch)
+            finished_at: dict[str, float] = {}
+            with contextlib.ExitStack() as leases:
+                # leased before the calls start: a version swap cannot unload a member in between
+                for served in plan.members.values():
+                    leases.enter_context(served.lease())
+                for name, served in plan.members.items():
+                    task = asyncio.ensure_future(served.infer(merged, deadline))
+                    task.add_done_callback(_finished(name, finished_at))
+                    tasks[name] = task
+                pending: set[asyncio.Future] = set(tasks.values())
+                open_ = list(range(len(batch)))  # requests not yet answered
+                failed = 0
+                while pending and not gone.done():
+                    cutoffs = [batch[i].cutoff for i in open_ if batch[i].cutoff is not None]
+                    timeout = None if not cutoffs else min(cutoffs) - time.monotonic()
+                    if timeout is None or timeout > 0:
+                        done, _ = await asyncio.wait(pending | {gone}, timeout=timeout,
+                                                     return_when=asyncio.FIRST_COMPLETED)
+                        done.discard(gone)
+                        pending -= done
+                        failed += sum(1 for t in done if t.cancelled() or t.exception() is not None)
+                        if not pending:
+                            let_go()
+                        elif grace is None and len(tasks) - len(pending) - failed >= plan.quorum:
+                            grace = loop.call_later(time.monotonic() - start, let_go)
+                        if len(tasks) - failed < plan.quorum:
+                            break  # out of reach: every open request gets the error below
+                        if done or gone.done():
+                            continue
+                    now = time.monotonic()
+                    due = [i for i in open_ if batch[i].cutoff is not None and batch[i].cutoff <= now]
+                    open_ = [i for i in open_ if not (batch[i].cutoff is not None and batch[i].cutoff <= now)]
+                    self._settle(batch, due, plan, tasks, finished_at, start, merged, spans, timed_out=True)
+                self._settle(batch, open_, plan, tasks, finished_at, start, merged, spans, timed_out=False)
+        except Exception as exc:  # noqa: BLE001 - a bug of ours: every open caller learns of it
+            log.exception("ensemble '%s': batch failed", self.name)
+            for e in batch:
+                if not e.future.done():
+                    e.future.set_exception(exc)
+        except BaseException:
+            for e in batch:
+                if not e.future.done():
+                    e.future.cancel()
+            raise
+        finally:
+            for task in tasks.values():
+                if not task.done():
+                    task.cancel()  # late members: a call still queued leaves its member's queue
+            if grace is not None:
+                grace.cancel()
+            let_go()
+
+    def _settle(self, batch: list[_Entry], indices: list[int], plan: Plan, tasks: Mapping[str, asyncio.Future],
+                finished_at: Mapping[str, float], start: float, merged: np.ndarray,
+                spans: Sequence[tuple[int, int]], *, timed_out: bool) -> None:
+        """Answer the requests at `indices` with the members' outcomes as they stand now
+        (callers that went away are skipped)."""
+        live = [i for i in indices if not batch[i].future.done()]
+        if not live:
+            return
+        now = time.monotonic()
+        outcomes = FanOut({name: _outcome(name, task, start, finished_at.get(name, now))
+                           for name, task in tasks.items()})
+        answered = [o for o in outcomes.values() if o.answered]
+        if len(answered) < plan.quorum:
+            error = shortfall(outcomes, plan.quorum, timed_out)
+            for i in live:
+                batch[i].future.set_exception(error)
+            return
+        results = self._answer(plan, outcomes, merged, [spans[i] for i in live])
+        stages = COLLECTOR.get()  # the batch's member calls and vote, when a request is traced
+        for i, result in zip(live, results):
+            entry = batch[i]
+            if entry.stages is not None:
+                entry.stages.append(Stage("ensemble queue", entry.arrival, start, {"quorum.batch_rows": len(merged)}))
+                entry.stages.extend(stages or ())
+            entry.future.set_result(result)
+
+
+def shortfall(outcomes: FanOut, quorum: int, timed_out: bool) -> BaseException:
+    """The error for fewer than `quorum` answers: at the cutoff (or with no error to show),
+    DeadlineExceeded naming who answered and who was left out and why; when errors alone
+    put the quorum out of reach, the first member's error unchanged, so Overloaded or
+    InvalidInput keeps its status code (shared by every request of the batch: not annotated)."""
+    answered = [o for o in outcomes.values() if o.answered]
+    summary = (f"{len(answered)} of {len(outcomes)} members answered (quorum {quorum}); "
+               f"answered: {', '.join(o.describe() for o in answered) or 'none'}; "
+               f"left out: {', '.join(o.describe() for o in outcomes.values() if not o.answered)}")
+    errors = [o.error for o in outcomes.values() if o.error is not None]
+    if timed_out or not errors:
+        return DeadlineExceeded(f"deadline reached: {summary}")
+    return errors[0]
+
+
+def _outcome(name: str, task: asyncio.Future, start: float, end: float) -> MemberOutcome:
+    if not task.done():
+        return MemberOutcome(name, in_time=False, latency_s=end - start)
+    if task.cancelled():
+        return MemberOutcome(name, in_time=True, latency_s=end - start,
+                             error=asyncio.CancelledError(f"member '{name}' was cancelled"))
+    error = task.exception()
+    if error is not None:
+        return MemberOutcome(name, in_time=True, latency_s=end - start, error=error)
+    return MemberOutcome(name, in_time=True, latency_s=end - start, result=task.result())
+
+
+def _finished(name: str, finished_at: dict[str, float]):
+    """Done callback: note the finish time and retrieve the outcome (no 'exception was
+    never retrieved' for a late member)."""
+
+    def done(task: asyncio.Future) -> None:
+        finished_at.setdefault(name, time.monotonic())
+        if not task.cancelled():
+            task.exception()
+
+    return done

@@ -1,0 +1,267 @@
+"""The ensemble's per-batch pipeline with stand-in members (the pipeline is what is under
+test: its batching, straggler cutoffs per request, quorum and admission)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from service.ensemble.pipeline import EnsemblePipeline, FanOut, MemberOutcome, Plan
+from service.errors import DeadlineExceeded, Overloaded
+from service.monitoring.stages import COLLECTOR
+
+# Real asyncio time, so every bound has a slack that a fully loaded machine cannot eat:
+# what the tests tell apart are waits of 0.5 s and more from waits of 5 s.
+SLACK_S = 0.5
+
+
+class Member:
+    """Answers each call with its rows times `value` after `delay` seconds (or raises)."""
+
+    def __init__(self, value: float, delay: float, error: BaseException | None = None, blocking=None) -> None:
+        self.value, self.delay, self.error, self.blocking = value, delay, error, blocking
+        self.calls: list[int] = []
+        self.cancelled = asyncio.Event()
+        self.leased = 0
+
+    @contextlib.contextmanager
+    def lease(self):
+        self.leased += 1
+        try:
+            yield self
+        finally:
+            self.leased -= 1
+
+    async def infer(self, rows: np.ndarray, deadline: float | None = None) -> np.ndarray:
+        self.calls.append(rows.shape[0])
+        if self.blocking is not None:
+            return await asyncio.get_running_loop().run_in_executor(*self.blocking)
+        try:
+            await asyncio.sleep(self.delay)
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+        if self.error is not None:
+            raise self.error
+        return rows * self.value
+
+
+def answer(plan: Plan, outcomes: FanOut, rows: np.ndarray, spans) -> list:
+    return [(dict(outcomes), {n: o.result[a:b] for n, o in outcomes.items() if o.answered}) for a, b in spans]
+
+
+def plan(members: dict[str, Member], quorum: int, margin_s: float = 0.0, key: str = "p") -> Plan:
+    return Plan(members, {}, quorum, margin_s, None, key)
+
+
+def pipeline(max_rows: int = 64, max_queue: int = 100) -> EnsemblePipeline:
+    return EnsemblePipeline("e", answer, max_rows, max_queue)
+
+
+def rows(n: int = 1, value: float = 1.0) -> np.ndarray:
+    return np.full((n, 2), value, dtype=np.float32)
+
+
+async def test_straggler_is_left_out_and_named_and_the_answer_arrives_in_time():
+    members = {"fast": Member(1, 0.1), "medium": Member(2, 0.3), "slow": Member(3, 30.0)}
+    start = time.monotonic()
+    outcomes, results = await pipeline().submit(plan(members, 2, margin_s=1.0), rows(), start + 2.0)
+    elapsed = time.monotonic() - start
+    assert 1.0 - 0.005 <= elapsed < 2.0  # waited for the straggler until the cutoff, not the deadline
+    assert set(results) == {"fast", "medium"} and results["medium"].tolist() == [[2.0, 2.0]]
+    assert isinstance(outcomes["slow"], MemberOutcome) and not outcomes["slow"].in_time
+    assert list(outcomes) == ["fast", "medium", "slow"]
+    assert 0.1 <= outcomes["fast"].latency_s < outcomes["medium"].latency_s < 0.3 + SLACK_S
+    assert outcomes["slow"].latency_s >= 1.0 - 0.005  # a lower bound: waited that long
+    await asyncio.wait_for(members["slow"].cancelled.wait(), 10.0)  # late member cancelled
+    assert all(m.leased == 0 for m in members.values())
+
+
+async def test_all_in_time_returns_as_soon_as_all_answer():
+    start = time.monotonic()
+    outcomes, results = await pipeline().submit(plan({"a": Member(1, 0.01), "b": Member(2, 0.02)}, 2),
+                                                rows(), start + 10.0)
+    assert time.monotonic() - start < 0.02 + SLACK_S
+    assert set(results) == {"a", "b"} and all(o.answered for o in outcomes.values())
+
+
+async def test_below_quorum_raises_deadline_exceeded_naming_members():
+    members = {"fast": Member(1, 0.0), "slow1": Member(2, 30.0), "slow2": Member(3, 30.0)}
+    start = time.monotonic()
+    with pytest.raises(DeadlineExceeded) as info:
+        await pipeline().submit(plan(members, 2), rows(), start + 0.05)
+    assert time.monotonic() - start < 0.05 + SLACK_S
+    message = str(info.value)
+    assert "1 of 3 members answered (quorum 2)" in message and "answered: fast" in message
+    assert "slow1 (no answer" in message and "slow2 (no answer" in message
+
+
+async def test_raising_member_is_left_out_and_its_error_kept():
+    outcomes, results = await pipeline().submit(
+        plan({"ok": Member(1, 0.0), "bad": Member(2, 0.0, RuntimeError("boom"))}, 1), rows(), time.monotonic() + 1.0)
+    assert set(results) == {"ok"}
+    assert isinstance(outcomes["bad"].error, RuntimeError) and outcomes["bad"].in_time
+
+
+async def test_errors_without_lateness_raise_the_member_error_at_once():
+    start = time.monotonic()
+    with pytest.raises(Overloaded):
+        await pipeline().submit(plan({"a": Member(1, 0.0, Overloaded("queue full")), "b": Member(2, 30.0)}, 2),
+                                rows(), start + 30.0)
+    assert time.monotonic() - start < SLACK_S  # quorum out of reach: no waiting for b
+
+
+async def test_deadline_with_errors_and_stragglers_is_deadline_exceeded():
+    members = {"ok": Member(1, 0.0), "bad": Member(2, 0.0, RuntimeError("boom")), "slow": Member(3, 5.0)}
+    with pytest.raises(DeadlineExceeded, match=r"bad \(RuntimeError: boom\)"):
+        await pipeline().submit(plan(members, 2), rows(), time.monotonic() + 0.05)
+
+
+async def test_no_deadline_waits_for_all_and_members_run_concurrently():
+    members = {f"m{i}": Member(i, 0.5) for i in range(10)}
+    start = time.monotonic()
+    _, results = await pipeline().submit(plan(members, 1, margin_s=0.02), rows(), None)
+    assert 0.5 - 0.005 <= time.monotonic() - start < 0.5 + SLACK_S * 2  # in turn they would take 5 s
+    assert len(results) == 10
+
+
+async def test_deadline_already_past_is_exceeded_at_once():
+    member = Member(1, 0.01)
+    start = time.monotonic()
+    with pytest.raises(DeadlineExceeded, match="0 of 1"):
+        await pipeline().submit(plan({"a": member}, 1, margin_s=0.01), rows(), start + 0.001)
+    assert time.monotonic() - start < SLACK_S
+
+
+async def test_late_executor_member_finishes_silently_in_the_background(caplog):
+    """Executor work cannot be interrupted: the batch stops waiting, and the late member's
+    later exception is retrieved, so nothing is logged as never retrieved."""
+    loop = asyncio.get_running_loop()
+    finished = asyncio.Event()
+
+    def blocking():
+        time.sleep(1.0)
+        loop.call_soon_threadsafe(finished.set)
+        raise RuntimeError("late failure")
+
+    with ThreadPoolExecutor(1) as executor:
+        members = {"a": Member(1, 0.0), "thread": Member(0, 0, blocking=(executor, blocking)),
+                   "coro": Member(0, 0.8, RuntimeError("late failure"))}
+        outcomes, _ = await pipeline().submit(plan(members, 1), rows(), time.monotonic() + 0.5)
+        assert [n for n, o in outcomes.items() if not o.answered] == ["thread", "coro"]
+        await asyncio.wait_for(finished.wait(), 10.0)
+    gc.collect()
+    await asyncio.sleep(0)
+    assert "never retrieved" not in caplog.text
+
+
+async def test_concurrent_requests_share_one_call_per_member_and_get_their_own_rows():
+    members = {"a": Member(1, 0.2), "b": Member(10, 0.0)}
+    p = pipeline()
+    first = asyncio.ensure_future(p.submit(plan(members, 2), rows(1, 1.0), None))  # runs alone
+    await asyncio.sleep(0.05)
+    later = [asyncio.ensure_future(p.submit(plan(members, 2), rows(k, float(k)), None)) for k in (1, 2, 3)]
+    answers = await asyncio.gather(first, *later)
+    assert members["a"].calls == [1, 6] and members["b"].calls == [1, 6]  # the three merged
+    for k, (_, results) in zip((1, 1, 2, 3), answers):
+        assert results["b"].tolist() == [[10.0 * k] * 2] * k
+
+
+async def test_requests_with_different_plans_or_row_shapes_are_not_merged():
+    members = {"a": Member(1, 0.2)}
+    p = pipeline()
+    first = asyncio.ensure_future(p.submit(plan(members, 1), rows(), None))
+    await asyncio.sleep(0.05)
+    others = [p.submit(plan(members, 1, key="other"), rows(), None), p.submit(plan(members, 1), rows(2), None),
+              p.submit(plan(members, 1), np.ones((1, 3), np.float32), None)]
+    await asyncio.gather(first, *others)
+    assert members["a"].calls == [1, 1, 2, 1]
+
+
+async def test_each_request_of_a_batch_keeps_its_own_cutoff():
+    """Two requests merged into one batch: the one with the earlier deadline is answered at
+    its cutoff by the members in by then; the other waits for the slower member."""
+    members = {"fast": Member(1, 0.0), "slow": Member(2, 2.0)}
+    p = pipeline()
+    blocker = asyncio.ensure_future(p.submit(plan(members, 1), rows(), None))  # batch 1
+    await asyncio.sleep(0)
+    start = time.monotonic()
+    early = asyncio.ensure_future(p.submit(plan(members, 1), rows(), start + 1.0))
+    late = asyncio.ensure_future(p.submit(plan(members, 1), rows(), start + 30.0))
+    early_outcomes, early_results = await early
+    assert time.monotonic() - start < 2.0  # before the slow member could answer
+    assert set(early_results) == {"fast"}
+    _, late_results = await late
+    assert set(late_results) == {"fast", "slow"}
+    await blocker
+    assert members["slow"].calls == [1, 2]  # early and late went out as one batch
+
+
+async def test_expired_or_cancelled_while_queued_never_reaches_a_member():
+    members = {"a": Member(1, 1.0)}
+    p = pipeline()
+    busy = asyncio.ensure_future(p.submit(plan(members, 1), rows(), None))
+    await asyncio.sleep(0.05)
+    with pytest.raises(DeadlineExceeded, match="in the queue"):
+        await p.submit(plan(members, 1), rows(5), time.monotonic() + 0.1)
+    cancelled = asyncio.ensure_future(p.submit(plan(members, 1), rows(7), None))
+    await asyncio.sleep(0.05)
+    cancelled.cancel()
+    await busy
+    await asyncio.sleep(0.1)
+    assert members["a"].calls == [1] and p.queue_depth == 0
+
+
+async def test_every_caller_gone_cancels_the_member_calls():
+    member = Member(1, 30.0)
+    task = asyncio.ensure_future(pipeline().submit(plan({"slow": member}, 1), rows(), None))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.wait_for(member.cancelled.wait(), 10.0)
+
+
+async def test_full_queue_and_hopeless_deadlines_are_refused_at_once():
+    members = {"a": Member(1, 0.3)}
+    p = pipeline(max_rows=1, max_queue=1)
+    await p.submit(plan(members, 1), rows(), None)  # measures a batch: 0.3 s
+    running = []
+    for _ in range(2):  # one runs, one waits: the queue is full
+        running.append(asyncio.ensure_future(p.submit(plan(members, 1), rows(), None)))
+        await asyncio.sleep(0.05)
+    with pytest.raises(Overloaded, match="queue full"):
+        await p.submit(plan(members, 1), rows(), None)
+    await asyncio.gather(*running)
+    p.max_queue = 10
+    blocker = asyncio.ensure_future(p.submit(plan(members, 1), rows(), None))
+    await asyncio.sleep(0.05)
+    queued = asyncio.ensure_future(p.submit(plan(members, 1), rows(), None))
+    await asyncio.sleep(0.05)
+    start = time.monotonic()
+    # the running batch and one queued ahead: about 0.9 s of work for a 0.2 s deadline
+    with pytest.raises(Overloaded, match="its deadline leaves"):
+        await p.submit(plan(members, 1), rows(), start + 0.2)
+    assert time.monotonic() - start < SLACK_S
+    await asyncio.gather(blocker, queued)
+    # with time to spare it is admitted and answered
+    _, results = await p.submit(plan(members, 1), rows(), time.monotonic() + 30.0)
+    assert set(results) == {"a"}
+
+
+async def test_a_traced_request_gets_the_batch_stages():
+    members = {"a": Member(1, 0.0)}
+    stages: list = []
+    token = COLLECTOR.set(stages)
+    try:
+        await pipeline().submit(plan(members, 1), rows(), None)
+    finally:
+        COLLECTOR.reset(token)
+    assert [s.name for s in stages] == ["ensemble queue"]
+    assert stages[0].attributes == {"quorum.batch_rows": 1}
