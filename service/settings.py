@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     """Per-variant placement, model name -> device, e.g. {"digits_cnn_a": "cpu"}."""
     intra_op_threads: int = Field(0, ge=0)
     """Threads per model for ONNX Runtime / TensorFlow intra-op parallelism (0: library default)."""
+    compute_threads: int = Field(0, ge=0)
+    """Threads that run batches, shared by every model on one device (0: one thread per model
+    version, so members compute side by side). On a small CPU a shared thread keeps members'
+    threads from queueing behind the event loop for the GIL (docs/performance.md)."""
     batch_invariance: Literal["strict", "tolerant"] = "tolerant"
     """strict: pad every batch to the model's max batch size, so outputs are bitwise
     identical whatever else is in the batch; tolerant: run batches at their own size."""

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
@@ -186,6 +187,7 @@ class ModelManager:
         self.ensembles: dict[str, EnsembleModel] = {}
         self._observer = observer
         self._slot = 0  # spreads variants over the visible GPUs
+        self._pools: dict[str, ThreadPoolExecutor] = {}  # device -> shared batch threads
         self._lock = asyncio.Lock()
         self._poller: asyncio.Task | None = None
         self._config_errors: dict[str, str] = {}  # model -> why its model.yaml does not load
@@ -209,6 +211,9 @@ class ModelManager:
                 v.drain_and_unload(self.settings.grace_period_s)
                 for m in self.variants.values() for v in m.versions.values()))
             self.variants.clear()
+            for pool in self._pools.values():
+                pool.shutdown(wait=False)  # every batch has finished: the versions are unloaded
+            self._pools.clear()
 
     async def _poll(self) -> None:
         while True:
@@ -400,12 +405,23 @@ class ModelManager:
         self._slot += 1
         options = RuntimeOptions(
             device=device, intra_op_threads=self.settings.intra_op_threads,
-            batch_invariance=self.settings.batch_invariance, max_batch_size=batching.max_batch_size)
+            batch_invariance=self.settings.batch_invariance, max_batch_size=batching.max_batch_size,
+            executor=self._compute_pool(device))
         runtime = create_runtime(folder, manifest, options)
         await runtime.load()
         batcher = DynamicBatcher(f"{manifest.name}:{manifest.version}", self._timed(runtime), batching,
                                  self._observer)
         return ServedVersion(manifest, folder, runtime, batcher, batching)
+
+    def _compute_pool(self, device: str) -> ThreadPoolExecutor | None:
+        """The device's shared batch threads (compute_threads), made on first use."""
+        if not self.settings.compute_threads:
+            return None
+        pool = self._pools.get(device)
+        if pool is None:
+            pool = self._pools[device] = ThreadPoolExecutor(
+                self.settings.compute_threads, thread_name_prefix=f"compute-{device.replace(':', '')}")
+        return pool
 
     def _timed(self, runtime: Runtime):
         """runtime.predict, reporting each batch's compute time to the observer."""

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from abc import ABC, abstractmethod
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -35,6 +35,9 @@ class RuntimeOptions:
     """strict: every batch is padded to `max_batch_size` rows, so each row's output is
     bitwise independent of the other rows; tolerant: batches run at their own size."""
     max_batch_size: int = 64
+    executor: Executor | None = None
+    """Where batches run, when shared with other models (compute_threads); None: the
+    runtime's own thread."""
 
 
 class Runtime(ABC):
@@ -100,7 +103,7 @@ class Runtime(ABC):
         if not self.ready:
             raise ModelNotReady(f"model '{self.name}' version {self.version} is not loaded")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.predict_sync, rows)
+        return await loop.run_in_executor(self.options.executor or self._executor, self.predict_sync, rows)
 
     def predict_sync(self, rows: np.ndarray) -> np.ndarray:
         return self._run_padded(self.normalize(self.check_input(rows)))

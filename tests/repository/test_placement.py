@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
+import numpy as np
 import pytest
 
 from service.repository.manager import ModelManager
@@ -45,3 +47,25 @@ def test_placement_on_hosts_with_and_without_gpus(spec, slot, gpus, device):
 def test_placement_that_cannot_be_met_fails_loudly(spec, gpus, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         place(spec, 0, gpus=gpus)
+
+
+async def test_compute_threads_share_one_thread_between_models_with_the_same_answers(test_split):
+    """compute_threads=1: every member's batches run on one shared thread, and the answers
+    are the ones each member's own thread gives (strict mode: bitwise)."""
+    from service.dataplane import DataPlane
+    from tests.helpers import MODELS
+
+    x, _ = test_split
+    answers = {}
+    for threads in (0, 1):
+        manager = ModelManager(Settings(model_repository=MODELS, poll_interval_s=0, device="cpu",
+                                        batch_invariance="strict", compute_threads=threads))
+        await manager.start()
+        data = DataPlane(manager)
+        results = await asyncio.gather(*(data.infer("digits", x[i:i + 3]) for i in range(0, 60, 3)))
+        answers[threads] = np.concatenate([r.vote.probabilities for r in results])
+        shared = [t for t in threading.enumerate() if t.name.startswith("compute-cpu")]
+        assert len(shared) == threads  # one thread for the five members, or none
+        assert all(len(r.vote.members) == 5 for r in results)
+        await manager.stop()
+    assert np.array_equal(answers[0], answers[1])
