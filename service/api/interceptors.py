@@ -59,28 +59,63 @@ class Admission:
     Open while serving and through the drain delay; once closed (shutdown), every new call
     is refused at once with UNAVAILABLE, so the calls already accepted finish on a quiet
     loop and the transport closes with nothing left half-received.
+
+    Under overload it fails fast: a call whose deadline is less than half the time the calls
+    already in flight will take to finish (Little's law: in flight / measured completions
+    per busy second) is refused at once with RESOURCE_EXHAUSTED, so the server spends its
+    time on calls that can still be answered in time and the client can retry elsewhere.
+    Half, not all: an ensemble answering at its straggler cutoff takes about its callers'
+    deadline by design, and a call like theirs must still be let in.
     """
 
-    def __init__(self) -> None:
+    RATE_WINDOW_S = 0.25  # busy seconds per completion-rate measurement
+    SLACK = 2.0  # refuse when the work ahead exceeds this many times the deadline left
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.open = True
         self.loading = True
         """Until the first load has finished: a model call would find no model yet."""
         self.inflight = 0
-        self.last_arrival = time.monotonic()
+        self._clock = clock
+        self.last_arrival = clock()
         self._idle = asyncio.Event()
         self._idle.set()
+        self.rate: float | None = None
+        """Completions per second while busy (EWMA), None until first measured."""
+        self._last_event = self.last_arrival
+        self._busy_s = 0.0
+        self._completed = 0
 
-    def enter(self) -> None:
-        self.last_arrival = time.monotonic()
+    def _account(self, now: float) -> None:
+        if self.inflight:
+            self._busy_s += now - self._last_event
+        self._last_event = now
+
+    def enter(self, time_left_s: float | None = None) -> None:
+        now = self.last_arrival = self._clock()
         if not self.open:
             raise errors.Unavailable("server is shutting down; retry on another replica")
         if self.loading:
             raise errors.Unavailable("server is still loading its models; retry shortly")
+        if time_left_s is not None and self.inflight and self.rate:
+            wait_s = self.inflight / self.rate
+            if wait_s > self.SLACK * time_left_s:
+                raise errors.Overloaded(
+                    f"server overloaded: {self.inflight} calls in flight, about {wait_s * 1000:.0f} ms of work "
+                    f"at {self.rate:.0f} calls/s, more than twice the {max(time_left_s, 0.0) * 1000:.0f} ms "
+                    f"this call's deadline leaves; retry later or elsewhere")
+        self._account(now)
         self.inflight += 1
         self._idle.clear()
 
     def leave(self) -> None:
+        self._account(self._clock())
         self.inflight -= 1
+        self._completed += 1
+        if self._busy_s >= self.RATE_WINDOW_S:
+            rate = self._completed / self._busy_s
+            self.rate = rate if self.rate is None else 0.7 * self.rate + 0.3 * rate
+            self._busy_s, self._completed = 0.0, 0
         if self.inflight == 0:
             self._idle.set()
 
@@ -207,7 +242,7 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, token: bytes | None,
             try:
                 authorize(context)
                 if gate is not None:
-                    gate.enter()
+                    gate.enter(context.time_remaining())
                     entered = True
                 if isinstance(request, _Unparsable):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
