@@ -134,7 +134,8 @@ async def test_no_deadline_waits_for_all_and_members_run_concurrently():
 async def test_deadline_already_past_is_exceeded_at_once():
     member = Member(1, 0.01)
     start = time.monotonic()
-    with pytest.raises(DeadlineExceeded, match="0 of 1"):
+    # at the cutoff (0 of 1 members answered) or, on a loaded machine, already in the queue
+    with pytest.raises(DeadlineExceeded, match="0 of 1|in the queue"):
         await pipeline().submit(plan({"a": member}, 1, margin_s=0.01), rows(), start + 0.001)
     assert time.monotonic() - start < SLACK_S
 
