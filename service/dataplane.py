@@ -120,7 +120,7 @@ class DataPlane:
         if tracker.selected is None and (min_accuracy is not None or latency_budget_s is not None):
             # An objective asked of an ensemble not yet evaluated (just loaded, or its
             # configuration just changed): evaluate it now, once, rather than ignore it.
-            await self._evaluate(model, ensemble)
+            await self.ensure_evaluated(model)
         explicit = latency_budget_s is not None and (deadline is None or now + latency_budget_s <= deadline)
         if latency_budget_s is not None:
             deadline = now + latency_budget_s if deadline is None else min(deadline, now + latency_budget_s)
@@ -284,6 +284,18 @@ class DataPlane:
         """Re-evaluate every ensemble's member selection (the replay runs in a thread)."""
         for name, ensemble in list(self.manager.ensembles.items()):
             await self._evaluate(name, ensemble)
+
+    async def ensure_evaluated(self, name: str) -> ObjectiveTracker | None:
+        """The ensemble's tracker, evaluated now if the background loop has not yet done it
+        (just loaded, or its configuration just changed): what it reports (selection,
+        constraints) is then never a placeholder. None for a name that is no ensemble."""
+        ensemble = self.manager.ensemble(name)
+        if ensemble is None or ensemble.config is None:
+            return None
+        tracker = self.tracker(name)
+        if tracker.selected is None:
+            await self._evaluate(name, ensemble)
+        return tracker
 
     async def _evaluate(self, name: str, ensemble) -> None:
         if ensemble.config is None or ensemble.spec is None:

@@ -109,6 +109,7 @@ class EnsembleServicer(pb_grpc.EnsembleServiceServicer):
             status = response.models.add(name=name)
             ensemble = manager.ensemble(name)
             if ensemble is not None:
+                await self.api.data.ensure_evaluated(name)
                 self._ensemble_status(status, name)
             else:
                 self._variant_status(status, name)

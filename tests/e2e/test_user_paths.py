@@ -4,7 +4,7 @@ clients: per-request objectives (min_accuracy, latency_budget_ms) and the bundle
 reloading an ensemble, a full queue answered RESOURCE_EXHAUSTED while the server goes on,
 requests larger than a batch answered as their chunks would be (up to max_request_rows),
 per-variant placement from QUORUM_DEVICE_OVERRIDES, `--batch-invariance strict`, and an
-edited ensemble.yaml picked up by the poller."""
+edited ensemble.yaml picked up by the poller (its new objective reported at once)."""
 
 from __future__ import annotations
 
@@ -205,6 +205,36 @@ def test_strict_batch_invariance_gives_bitwise_the_same_answer_alone_or_batched(
             client.close()
     np.testing.assert_array_equal(alone, together)  # bitwise, not within a tolerance
     np.testing.assert_array_equal(whole["probabilities"], chunks["probabilities"])  # split inside, or by the client
+
+
+def test_an_edited_objective_is_reported_at_once_not_at_the_next_evaluation(tmp_path, test_split):
+    """GetStatus never shows a placeholder: an objective just edited (so not yet evaluated,
+    with the background evaluation an hour away) is evaluated when asked about."""
+    repo = tmp_path / "repo"
+    for name in ("digits_mlp_a", "digits_cnn_a", "digits_logreg"):
+        copy_variant(name, repo)
+    (repo / "trio").mkdir()
+    config = repo / "trio" / "ensemble.yaml"
+    members = "members: [digits_mlp_a, digits_cnn_a, digits_logreg]\npolicy: confidence\n"
+    config.write_text(members + "objective: {optimize: accuracy, latency_p99_ms: 20}\n")
+    with running_server(tmp_path, repository=repo, args=["--model-control", "poll"],
+                        env={"QUORUM_OBJECTIVE_INTERVAL_S": "3600"}) as server, \
+            grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.EnsembleServiceStub(channel)
+        assert len(stub.Predict(_predict("trio", test_split[0][:4]), timeout=30).predictions) == 4
+        staged = repo / ".ensemble.yaml.new"
+        staged.write_text(members + "objective: {optimize: accuracy, latency_p99_ms: 35}\n")
+        staged.rename(config)
+        end = time.monotonic() + 60
+        while True:
+            [status] = stub.GetStatus(pb.GetStatusRequest(model="trio"), timeout=10).models
+            thresholds = {c.name: c.threshold for c in status.objective.constraints}
+            if thresholds.get("latency_p99_ms") == 35:
+                break
+            assert time.monotonic() < end, f"constraints {thresholds}:\n{server.output()[-3000:]}"
+            time.sleep(0.2)
+        assert set(status.objective.selected_members) <= set(status.members)
+        assert status.objective.reason and status.objective.reason != "not evaluated yet"
 
 
 def test_an_edited_ensemble_yaml_is_picked_up_by_the_poller(tmp_path, test_split):
