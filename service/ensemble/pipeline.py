@@ -403,6 +403,10 @@ def _finished(name: str, finished_at: dict[str, float]):
     def done(task: asyncio.Future) -> None:
         finished_at.setdefault(name, time.monotonic())
         if not task.cancelled():
-            task.exception()
+            error = task.exception()
+            if error is not None and not isinstance(error, (Overloaded, DeadlineExceeded)):
+                # the vote goes on without it: the log says why (the reply only names it)
+                log.warning("member '%s' failed and is left out of the vote: %s: %s",
+                            name, type(error).__name__, error)
 
     return done

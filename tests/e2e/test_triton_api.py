@@ -78,8 +78,15 @@ def test_model_metadata(client):
         "probabilities", "label", "class_index", "confidence", "logits"}
 
 
-def test_infer_ensemble_raw(client, reference, pixels):
+def _all_voted(result, server) -> None:
+    """Every member voted (else the server's log says why one was left out)."""
+    left_out = result.get_response().parameters.get("members_left_out")
+    assert left_out is None, f"left out: {left_out.string_param}\n{server.output()[-4000:]}"
+
+
+def test_infer_ensemble_raw(client, server, reference, pixels):
     result = client.infer(ENSEMBLE, [_input(pixels)], request_id="req-ensemble-1")
+    _all_voted(result, server)
     assert result.get_response().id == "req-ensemble-1"
     assert result.get_response().model_name == ENSEMBLE
     # The answer came back as raw bytes, as tritonclient asks by default.
@@ -110,7 +117,7 @@ def test_repository_index(client):
     assert all(m["version"] == "1" for m in index)
 
 
-def test_unload_then_load_member(client, reference, pixels):
+def test_unload_then_load_member(client, server, reference, pixels):
     try:
         client.unload_model(UNLOADED)
         assert not client.is_model_ready(UNLOADED)
@@ -129,7 +136,9 @@ def test_unload_then_load_member(client, reference, pixels):
     assert client.is_model_ready(UNLOADED)
     _check(client.infer(UNLOADED, [_input(pixels)]), reference, UNLOADED, pixels)
     assert client.is_model_ready(ENSEMBLE)
-    _check(client.infer(ENSEMBLE, [_input(pixels)]), reference, ENSEMBLE, pixels)
+    result = client.infer(ENSEMBLE, [_input(pixels)])
+    _all_voted(result, server)
+    _check(result, reference, ENSEMBLE, pixels)
 
 
 def _stats(client, model):
