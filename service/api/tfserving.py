@@ -7,13 +7,16 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from tensorflow.core.framework import tensor_shape_pb2, types_pb2
-from tensorflow.core.protobuf import meta_graph_pb2
-from tensorflow_serving.apis import (
+
+from service import tf_protos
+
+tf_protos.install()  # TF Serving's protos, not TensorFlow: an ONNX-only server never loads it
+from tensorflow.core.framework import tensor_shape_pb2, types_pb2  # noqa: E402
+from tensorflow.core.protobuf import meta_graph_pb2  # noqa: E402
+from tensorflow_serving.apis import (  # noqa: E402
     classification_pb2, get_model_metadata_pb2, get_model_status_pb2, inference_pb2,
     model_management_pb2, predict_pb2, prediction_service_pb2_grpc, regression_pb2, status_pb2)
-from tensorflow_serving.apis import model_service_pb2_grpc
-
+from tensorflow_serving.apis import model_service_pb2_grpc  # noqa: E402
 
 from service.api import inference
 from service.api.common import check_declared, deadline_of

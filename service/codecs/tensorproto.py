@@ -9,9 +9,8 @@ string_val. As in TF, fewer typed values than elements are padded with the last 
 Encoding fills the typed value fields by default, as TF Serving's own responses do
 (clients read `outputs[...].float_val`); `use_tensor_content=True` writes raw bytes.
 
-Only `encode` imports TensorFlow's protos, and importing `tensorflow.core.framework`
-runs `tensorflow/__init__` (seconds); `decode` and `encode_into` work on any TensorProto
-without importing it.
+Nothing here imports TensorFlow's protos: `decode` and `encode_into` work on any
+TensorProto (service.tf_protos imports them without TensorFlow where they are needed).
 """
 
 from __future__ import annotations

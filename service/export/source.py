@@ -64,7 +64,9 @@ def import_tensorflow() -> Any:
     (no CUDA drivers, absl's log preamble) would bury an export's one-line messages."""
     import sys
 
-    if "tensorflow" not in sys.modules:
+    from service.tf_protos import tensorflow_loaded
+
+    if not tensorflow_loaded():
         sys.stderr.flush()
         saved = os.dup(2)
         devnull = os.open(os.devnull, os.O_WRONLY)
