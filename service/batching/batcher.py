@@ -37,7 +37,7 @@ from typing import Protocol
 import numpy as np
 
 from service.batching.config import BatchingConfig
-from service.batching.requests import merge, split
+from service.batching.requests import merge, refuse_if_late, split, take_run
 from service.errors import DeadlineExceeded, InvalidInput, ModelNotReady, Overloaded
 from service.monitoring.stages import COLLECTOR, Stage, record
 
@@ -179,12 +179,7 @@ class DynamicBatcher:
         its deadline leaves. Failing fast frees the client to retry elsewhere, and the
         model never spends time on an answer nobody will read."""
         batches = self._batches_running + -(-(self._queued_rows + rows) // self._config.max_batch_size)
-        needed_s = batches * self._batch_s  # type: ignore[operator]
-        if needed_s > time_left_s:
-            raise Overloaded(
-                f"model '{self.name}': {self._queued_rows} rows queued ahead, about {needed_s * 1000:.1f} ms "
-                f"of work ({batches} batches of {self._batch_s * 1000:.2f} ms), more than the "  # type: ignore[operator]
-                f"{time_left_s * 1000:.1f} ms its deadline leaves; retry later or elsewhere")
+        refuse_if_late(f"model '{self.name}'", self._queued_rows, batches, self._batch_s, time_left_s)  # type: ignore[arg-type]
 
     def _unqueue(self, pending: _Pending) -> None:
         """Mark a live queued entry dead (it is popped later) and free its rows."""
@@ -268,33 +263,10 @@ class DynamicBatcher:
 
     def _take(self) -> tuple[list[_Pending], int]:
         """Pop the longest run of compatible live requests that fits in one batch."""
-        queue = self._queue
-        limit = self._config.max_batch_size
-        now = time.monotonic()
-        batch: list[_Pending] = []
-        rows = 0
-        signature = None
-        while queue:
-            pending = queue[0]
-            if not pending.queued:
-                queue.popleft()
-                continue
-            if pending.deadline is not None and pending.deadline <= now:
-                queue.popleft()
-                self._expire(pending)
-                continue
-            if rows + pending.n > limit:
-                break
-            if signature is None:
-                signature = (pending.rows.shape[1:], pending.rows.dtype)
-            elif (pending.rows.shape[1:], pending.rows.dtype) != signature:
-                break
-            queue.popleft()
-            pending.queued = False
+        batch, rows = take_run(self._queue, self._config.max_batch_size, time.monotonic(), self._expire, _signature)
+        for pending in batch:
             if pending.timer is not None:
                 pending.timer.cancel()
-            batch.append(pending)
-            rows += pending.n
         self._depth -= len(batch)
         self._queued_rows -= rows
         return batch, rows
@@ -345,3 +317,8 @@ class DynamicBatcher:
                 log.error("batcher '%s' dispatcher died", self.name, exc_info=task.exception())
             self._stopping = True
             self._fail_queued(ModelNotReady(f"model '{self.name}': batcher stopped"))
+
+
+def _signature(pending: _Pending) -> tuple:
+    """Requests batch together when their rows have one shape and dtype."""
+    return pending.rows.shape[1:], pending.rows.dtype

@@ -1,10 +1,67 @@
-"""Merge requests' row blocks into one batch, and split the batch's output back."""
+"""Take a batch of requests off a queue, merge their row blocks into one batch, and split
+the batch's output back."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
+from typing import Protocol, TypeVar
 
 import numpy as np
+
+from service.errors import Overloaded
+
+
+class Queued(Protocol):
+    n: int
+    """Rows."""
+    deadline: float | None
+    queued: bool
+    """Still waiting (False once taken, expired or cancelled: left in the deque, skipped)."""
+
+
+Q = TypeVar("Q", bound=Queued)
+
+
+def take_run(queue: deque[Q], limit: int, now: float, expire: Callable[[Q], None],
+             signature: Callable[[Q], Hashable]) -> tuple[list[Q], int]:
+    """Pop the longest run of live requests from the front of `queue` that share one
+    signature and fit in `limit` rows (a first request larger than that goes alone), and
+    their row count. Requests whose deadline is past are handed to `expire` on the way; the
+    ones taken are marked not queued (the caller keeps its own counts)."""
+    batch: list[Q] = []
+    rows = 0
+    first = None
+    while queue:
+        entry = queue[0]
+        if not entry.queued:
+            queue.popleft()
+            continue
+        if entry.deadline is not None and entry.deadline <= now:
+            queue.popleft()
+            expire(entry)
+            continue
+        if batch and (rows + entry.n > limit or signature(entry) != first):
+            break
+        if not batch:
+            first = signature(entry)
+        queue.popleft()
+        entry.queued = False
+        batch.append(entry)
+        rows += entry.n
+    return batch, rows
+
+
+def refuse_if_late(what: str, queued_rows: int, batches: int, batch_s: float, time_left_s: float) -> None:
+    """Overloaded (RESOURCE_EXHAUSTED) when `batches` at the measured `batch_s` each take
+    longer than the request's deadline leaves: failing at once frees the client to retry
+    elsewhere, and no model spends time on an answer nobody will read."""
+    needed_s = batches * batch_s
+    if needed_s > time_left_s:
+        raise Overloaded(
+            f"{what}: {queued_rows} rows queued ahead, about {needed_s * 1000:.1f} ms of work "
+            f"({batches} batches of {batch_s * 1000:.2f} ms), more than the "
+            f"{max(time_left_s, 0.0) * 1000:.1f} ms its deadline leaves; retry later or elsewhere")
 
 
 def merge(blocks: Sequence[np.ndarray]) -> tuple[np.ndarray, list[int]]:

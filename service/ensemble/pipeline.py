@@ -39,7 +39,7 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from service.batching.requests import merge
+from service.batching.requests import merge, refuse_if_late, take_run
 from service.errors import DeadlineExceeded, Overloaded
 from service.monitoring.stages import COLLECTOR, Stage
 
@@ -111,6 +111,10 @@ class _Entry:
         self.stages = COLLECTOR.get()  # the caller's trace, when it is sampled
 
 
+def _signature(entry: _Entry) -> tuple:
+    return entry.signature
+
+
 class EnsemblePipeline:
     def __init__(self, name: str, answer: Answer, max_batch_rows: int, max_queue: int) -> None:
         self.name = name
@@ -161,12 +165,7 @@ class EnsemblePipeline:
         time per batch, than its deadline leaves. Its own batch is not counted: once it
         runs, the straggler cutoff answers it in time with the members in by then."""
         ahead = (1 if self._holding else 0) + -(-self._queued_rows // self.max_batch_rows)
-        needed_s = ahead * self._batch_s  # type: ignore[operator]
-        if needed_s > time_left_s:
-            raise Overloaded(
-                f"ensemble '{self.name}': {self._queued_rows} rows queued ahead, about {needed_s * 1000:.1f} ms "
-                f"of work ({ahead} batches of {self._batch_s * 1000:.2f} ms), more than the "  # type: ignore[operator]
-                f"{max(time_left_s, 0.0) * 1000:.1f} ms its deadline leaves; retry later or elsewhere")
+        refuse_if_late(f"ensemble '{self.name}'", self._queued_rows, ahead, self._batch_s, time_left_s)  # type: ignore[arg-type]
 
     def _unqueue(self, entry: _Entry) -> None:
         entry.queued = False
@@ -228,27 +227,7 @@ class EnsemblePipeline:
     def _take(self) -> list[_Entry]:
         """Pop the longest run of live requests with one plan and row signature that fits
         in a batch (a first request larger than a batch goes alone)."""
-        queue = self._queue
-        now = time.monotonic()
-        batch: list[_Entry] = []
-        rows = 0
-        signature = None
-        while queue:
-            entry = queue[0]
-            if not entry.queued:
-                queue.popleft()
-                continue
-            if entry.deadline is not None and entry.deadline <= now:
-                queue.popleft()
-                self._expire(entry)
-                continue
-            if batch and (rows + entry.n > self.max_batch_rows or entry.signature != signature):
-                break
-            signature = entry.signature
-            queue.popleft()
-            entry.queued = False
-            batch.append(entry)
-            rows += entry.n
+        batch, rows = take_run(self._queue, self.max_batch_rows, time.monotonic(), self._expire, _signature)
         self._depth -= len(batch)
         self._queued_rows -= rows
         return batch
