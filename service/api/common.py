@@ -12,9 +12,20 @@ from service.dataplane import ModelInfo
 from service.errors import InvalidInput
 
 
-def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
-    """The call's gRPC deadline as an absolute time.monotonic() instant."""
+NO_DEADLINE_S = 1e9
+"""More time remaining than this (31 years) means the call has no deadline: grpcio says None,
+pygrpc-native 0.5 says 9.2e18 (INT64_MAX nanoseconds)."""
+
+
+def remaining_s(context: grpc.aio.ServicerContext) -> float | None:
+    """Seconds until the call's deadline; None when it has none (on either engine)."""
     remaining = context.time_remaining()
+    return None if remaining is None or not remaining < NO_DEADLINE_S else remaining
+
+
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's gRPC deadline as an absolute time.monotonic() instant (None: none set)."""
+    remaining = remaining_s(context)
     return None if remaining is None else time.monotonic() + remaining
 
 

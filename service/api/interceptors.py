@@ -14,6 +14,7 @@ from typing import Any, Awaitable, Callable, Protocol
 import grpc
 
 from service import errors
+from service.api.common import remaining_s
 from service.api.limits import check_request, short
 from service.api.request_scope import REQUEST_ID_KEY, RequestScope, client_request_id, new_request_id
 from service.monitoring.tracing import Tracing
@@ -194,7 +195,7 @@ def bearer_matches(metadata: Any, token: bytes) -> bool:
 
 
 def _cancelled_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
-    remaining = context.time_remaining()
+    remaining = remaining_s(context)
     return (grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0
             else grpc.StatusCode.CANCELLED)
 
@@ -242,7 +243,7 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, token: bytes | None,
             try:
                 authorize(context)
                 if gate is not None:
-                    gate.enter(context.time_remaining())
+                    gate.enter(remaining_s(context))
                     entered = True
                 if isinstance(request, _Unparsable):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)

@@ -123,7 +123,9 @@ class ObjectiveTracker:
             # without an objective every member is asked (the selection may predate a reload)
             return selected.members if self.configured is not None else self.members
         if _fits(selected, budget_s, min_accuracy):
-            return selected.members
+            # without an objective, every configured member: the selection was made of the
+            # members serving at the last evaluation, and one may have come back since
+            return selected.members if self.configured is not None else self.members
         choice = best(self.candidates, budget_s, None, min_accuracy)
         if choice is not None:
             return choice.members

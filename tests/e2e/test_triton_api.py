@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import queue
+import time
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from service._proto.quorum.v1 import ensemble_pb2 as pb
+from service._proto.quorum.v1 import ensemble_pb2_grpc as pb_grpc
 from tests.e2e.fixtures import ENSEMBLE, MEMBER, Reference, as_text, repository_models, vote_temperatures
 
 SERVER_ARGS = ["--model-control", "explicit"]  # the unload/load test below
@@ -131,14 +135,31 @@ def test_unload_then_load_member(client, server, reference, pixels):
         assert client.is_model_ready(ENSEMBLE)
         result = client.infer(ENSEMBLE, [_input(pixels)])
         assert UNLOADED in result.get_response().parameters["members_left_out"].string_param
+        _wait_selection_without(server, UNLOADED)  # the background re-selection saw it go
     finally:
         client.load_model(UNLOADED)
     assert client.is_model_ready(UNLOADED)
     _check(client.infer(UNLOADED, [_input(pixels)]), reference, UNLOADED, pixels)
     assert client.is_model_ready(ENSEMBLE)
-    result = client.infer(ENSEMBLE, [_input(pixels)])
-    _all_voted(result, server)
-    _check(result, reference, ENSEMBLE, pixels)
+    # At once, before the next re-selection: the member that came back votes again, with or
+    # without a deadline (pygrpc-native reports "no deadline" as 9.2e18 s remaining).
+    for timeout in (None, 30):
+        result = client.infer(ENSEMBLE, [_input(pixels)], client_timeout=timeout)
+        _all_voted(result, server)
+        _check(result, reference, ENSEMBLE, pixels)
+
+
+def _wait_selection_without(server, member: str, timeout: float = 60) -> None:
+    end = time.monotonic() + timeout
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.EnsembleServiceStub(channel)
+        while True:
+            [status] = stub.GetStatus(pb.GetStatusRequest(model=ENSEMBLE), timeout=10).models
+            selected = status.objective.selected_members
+            if selected and member not in selected:
+                return
+            assert time.monotonic() < end, f"'{ENSEMBLE}' still selects '{member}' {timeout} s after it unloaded"
+            time.sleep(0.05)
 
 
 def _stats(client, model):

@@ -39,8 +39,8 @@ def _repo(root: Path, members: list[str], objective: str | None) -> Path:
     return root
 
 
-async def _plane(repo: Path) -> DataPlane:
-    manager = ModelManager(Settings(model_repository=repo, poll_interval_s=0, device="cpu"))
+async def _plane(repo: Path, **settings) -> DataPlane:
+    manager = ModelManager(Settings(model_repository=repo, poll_interval_s=0, device="cpu", **settings))
     await manager.start()
     data = DataPlane(manager)
     await data.evaluate_objectives()
@@ -184,3 +184,18 @@ async def test_an_objective_asked_before_the_first_evaluation_is_not_ignored(scr
         assert data.tracker("slo").selected is not None
     finally:
         await manager.stop()
+
+
+async def test_without_an_objective_a_member_that_comes_back_votes_before_the_next_evaluation(
+        scratch_repo, test_split):
+    x, _ = test_split
+    members = ["digits_mlp_a", "digits_cnn_a", "digits_logreg"]
+    data = await _plane(_repo(scratch_repo, members, None), model_control="explicit")
+    await data.manager.unload_model("digits_logreg")
+    await data.evaluate_objectives()  # the selection now holds the two members serving
+    assert data.tracker("slo").selected.members == ("digits_mlp_a", "digits_cnn_a")
+    await data.manager.load_model("digits_logreg")
+    for deadline in (None, time.monotonic() + 60):
+        result = await data.infer("slo", x[:4], deadline=deadline)
+        assert result.vote.members == tuple(members) and not result.left_out, deadline
+    await data.manager.stop()
