@@ -88,6 +88,7 @@ class DataPlane:
         self._shadow_tasks: set[asyncio.Task] = set()
         self._info: dict[str, tuple] = {}  # model -> (what it was built from..., ModelInfo)
         self._pipelines: dict[str, EnsemblePipeline] = {}
+        self._evaluations: dict[str, asyncio.Task] = {}  # ensemble -> its evaluation running now
 
     # -- inference -------------------------------------------------------------------------
     async def infer(self, model: str, rows: np.ndarray, *, version: int | None = None,
@@ -121,6 +122,11 @@ class DataPlane:
             # An objective asked of an ensemble not yet evaluated (just loaded, or its
             # configuration just changed): evaluate it now, once, rather than ignore it.
             await self.ensure_evaluated(model)
+        elif tracker.evaluated is not None and tracker.evaluated != everyone.keys():
+            # A member stopped or started serving since the selection was made: choose
+            # again now (one evaluation shared by the requests that see it), not at the
+            # background loop's next turn.
+            await self._evaluate_once(model, ensemble)
         explicit = latency_budget_s is not None and (deadline is None or now + latency_budget_s <= deadline)
         if latency_budget_s is not None:
             deadline = now + latency_budget_s if deadline is None else min(deadline, now + latency_budget_s)
@@ -294,8 +300,17 @@ class DataPlane:
             return None
         tracker = self.tracker(name)
         if tracker.selected is None:
-            await self._evaluate(name, ensemble)
+            await self._evaluate_once(name, ensemble)
         return tracker
+
+    async def _evaluate_once(self, name: str, ensemble) -> None:
+        task = self._evaluations.get(name)
+        if task is None or task.done():
+            task = self._evaluations[name] = asyncio.ensure_future(self._evaluate(name, ensemble))
+        try:
+            await asyncio.shield(task)  # a caller that goes away does not cancel the others' wait
+        except Exception:  # the request goes on with the selection it has, as the loop would
+            log.exception("objective evaluation of %s failed", name)
 
     async def _evaluate(self, name: str, ensemble) -> None:
         if ensemble.config is None or ensemble.spec is None:

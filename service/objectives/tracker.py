@@ -77,6 +77,8 @@ class ObjectiveTracker:
         self.end_to_end = LatencyWindow(window, age)
         self.candidates: list[Candidate] = []
         self.selected: Candidate | None = None
+        self.evaluated: frozenset[str] | None = None
+        """The members that were serving at the last evaluation (None before the first)."""
         self.reason = "not evaluated yet"
         self.constraints: list[ConstraintStatus] = []
         self.member_status: list[MemberStatus] = []
@@ -182,6 +184,7 @@ class ObjectiveTracker:
                 predicted_latency(subset, p99, device), predicted_memory(subset, memory, device)))
         candidates.sort(key=lambda c: (-c.accuracy, c.latency_s))
         self.candidates = candidates
+        self.evaluated = frozenset(names)
         self._select(candidates)
         self._report(names, members, live_accuracy)
 

@@ -199,3 +199,23 @@ async def test_without_an_objective_a_member_that_comes_back_votes_before_the_ne
         result = await data.infer("slo", x[:4], deadline=deadline)
         assert result.vote.members == tuple(members) and not result.left_out, deadline
     await data.manager.stop()
+
+
+async def test_a_member_that_stops_or_starts_serving_is_chosen_anew_by_the_next_request(scratch_repo, test_split):
+    x, _ = test_split
+    members = ["digits_mlp_a", "digits_cnn_a", "digits_logreg"]
+    data = await _plane(_repo(scratch_repo, members, "  latency_p99_ms: 60000\n"), model_control="explicit")
+    tracker = data.tracker("slo")
+
+    def considered() -> set[str]:
+        return {m for c in tracker.candidates for m in c.members}
+
+    assert considered() == set(members)
+    await data.manager.unload_model("digits_logreg")
+    result = await data.infer("slo", x[:4])  # no background evaluation runs in this test
+    assert considered() == {"digits_mlp_a", "digits_cnn_a"} and "digits_logreg" not in result.vote.members
+    await data.manager.load_model("digits_logreg")
+    await asyncio.gather(*(data.infer("slo", x[i:i + 1]) for i in range(8)))  # one evaluation for all
+    assert considered() == set(members)
+    assert set(tracker.selected.members) <= set(members)
+    await data.manager.stop()
