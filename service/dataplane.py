@@ -7,6 +7,7 @@ vote (label, calibrated probabilities, confidence, agreement) and each member's 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -87,7 +88,7 @@ class DataPlane:
         self.trackers: dict[str, ObjectiveTracker] = {}
         self._shadow_tasks: set[asyncio.Task] = set()
         self._info: dict[str, tuple] = {}  # model -> (what it was built from..., ModelInfo)
-        self._pipelines: dict[str, EnsemblePipeline] = {}
+        self._pipelines: dict[tuple[str, str], EnsemblePipeline] = {}  # (kind, name) -> its queue
         self._evaluations: dict[str, asyncio.Task] = {}  # ensemble -> its evaluation running now
 
     # -- inference -------------------------------------------------------------------------
@@ -154,7 +155,10 @@ class DataPlane:
         key = (policy, quorum, tuple((m, id(s)) for m, s in served.items()), tuple(missing), id(ensemble), id(spec))
         plan = Plan(served, missing, quorum, config.deadline_margin_ms / 1000.0,
                     (model, ensemble, spec, policy, tracker), key)
-        result = await self._pipeline(model, spec, served).submit(plan, rows, deadline)
+        with contextlib.ExitStack() as leases:
+            for member in served.values():  # held while queued: a reload waits for the request
+                leases.enter_context(member.lease())
+            result = await self._pipeline(model, spec, served).submit(plan, rows, deadline)
         tracker.observe({}, time.perf_counter() - start)
         shadow = tracker.shadow(members)
         if shadow:
@@ -164,13 +168,18 @@ class DataPlane:
     def _pipeline(self, model: str, spec: EnsembleSpec, served: dict[str, ServedVersion]) -> EnsemblePipeline:
         """The ensemble's queue (one per ensemble name, kept across reloads: a plan says
         which members and versions a request asked)."""
-        pipeline = self._pipelines.get(model)
+        pipeline = self._pipelines.get(("ensemble", model))
         if pipeline is None:
             queue = min(s.batching.max_queue_size for s in served.values())
-            pipeline = self._pipelines[model] = EnsemblePipeline(model, self._answer, spec.max_batch_size, queue)
+            pipeline = self._pipelines["ensemble", model] = EnsemblePipeline(
+                model, self._answer, spec.max_batch_size, queue)
         else:
             pipeline.max_batch_rows = spec.max_batch_size
         return pipeline
+
+    def queued(self) -> dict[str, int]:
+        """Requests waiting in each model's and ensemble's queue (not yet in a batch)."""
+        return {name: p.queue_depth for (_, name), p in self._pipelines.items()}
 
     def _answer(self, plan: Plan, outcomes: FanOut, rows: np.ndarray,
                 spans: Sequence[tuple[int, int]]) -> list[InferenceResult]:
@@ -238,18 +247,38 @@ class DataPlane:
             if expected < min_accuracy:
                 raise FailedPrecondition(
                     f"model '{model}': min_accuracy {min_accuracy:.4f} exceeds its expected accuracy {expected:.4f}")
-        start = time.perf_counter()
-        logits = await served.infer(rows, deadline)
-        latency = time.perf_counter() - start
+        # An ensemble of one: requests queue at the model and a batch of them is calibrated,
+        # voted and sliced once (its member's batcher still merges, pads and splits).
+        plan = Plan({model: served}, {}, 1, 0.0, (model, served, policy or "soft"), (id(served), policy))
+        pipeline = self._pipelines.get(("model", model))
+        config = served.batching
+        if pipeline is None:
+            pipeline = self._pipelines["model", model] = EnsemblePipeline(
+                model, self._answer_single, config.max_batch_size, config.max_queue_size, kind="model")
+        else:
+            pipeline.max_batch_rows, pipeline.max_queue = config.max_batch_size, config.max_queue_size
+        with served.lease():  # held while queued: a reload waits for the request
+            return await pipeline.submit(plan, rows, deadline)
+
+    @staticmethod
+    def _answer_single(plan: Plan, outcomes: FanOut, rows: np.ndarray,
+                       spans: Sequence[tuple[int, int]]) -> list[InferenceResult]:
+        """One batch of a single model: calibrated and voted over all its rows at once, then
+        each request's slice of it."""
+        model, served, policy = plan.context
+        outcome = outcomes[model]
+        logits = outcome.result
         start = time.perf_counter()
         probs = calibrate(logits, served.manifest.calibration.temperature)
-        result = vote("soft", [probs], [model])
+        voted = vote("soft", [probs], [model])
         vote_s = time.perf_counter() - start
         _record_vote(vote_s, "soft", ())
-        member = MemberResult(model, served.version, served.device, latency, True)
-        return InferenceResult(model, served.version, policy or "soft", served.manifest.labels,
-                               result, (member,), (), probs[None].astype(np.float32), logits,
-                               inputs=rows, vote_s=vote_s)
+        member = MemberResult(model, served.version, served.device, outcome.latency_s, True)
+        result = InferenceResult(model, served.version, policy, served.manifest.labels, voted, (member,), (),
+                                 probs[None].astype(np.float32), logits, inputs=rows, vote_s=vote_s)
+        if len(spans) == 1 and spans[0] == (0, rows.shape[0]):
+            return [result]
+        return [result_rows(result, a, b) for a, b in spans]
 
     def _combine(self, model: str, ensemble, spec: EnsembleSpec, policy: Policy,
                  served: dict[str, ServedVersion], outcomes, rows: np.ndarray | None = None,

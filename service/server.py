@@ -89,7 +89,7 @@ class QuorumServer:
         data = DataPlane(self.manager)
         self.api = ApiContext(self.manager, data, self.statistics, monitor=self.monitor)
         if self.monitor:
-            self.monitor.attach(self.manager, self.api.feedback, data.trackers)
+            self.monitor.attach(self.manager, self.api.feedback, data.trackers, data.queued)
         self.metrics_port: int | None = None
         self.http: HttpServer | None = None  # the HTTP/REST front, unless http_port is 0
         self.tracing = Tracing.configure(settings.otlp_endpoint, settings.trace_sample_ratio)

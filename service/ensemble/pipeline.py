@@ -1,5 +1,7 @@
-"""One pipeline per batch for an ensemble: requests queue at the ensemble, and a batch of
-them asks each member once, with all their rows merged, and is voted once, vectorised.
+"""One pipeline per batch for a served model: requests queue at the model, and a batch of
+them asks each member once, with all their rows merged, and is voted once, vectorised. An
+ensemble has several members; a single model is served as an ensemble of one (its
+calibration and its output tensors are then made once per batch too).
 
 Per request, the data plane only decides its plan (which members, which policy, which
 quorum) and submits its rows here; the fan-out, the straggler cutoff and the vote are per
@@ -18,7 +20,8 @@ Rules:
 - A request whose deadline passes while queued fails at that instant and never reaches a
   member; a caller cancelled while queued is dropped. Admission is aware of deadlines: a
   request that cannot start before its cutoff, at the recently measured time per batch, is
-  refused at once with Overloaded (RESOURCE_EXHAUSTED).
+  refused at once with Overloaded (RESOURCE_EXHAUSTED). A single model has no partial
+  answer: its own batch counts too, and at its deadline it fails with DeadlineExceeded.
 - The next batch starts when the running one's members have all answered, so that requests
   queue and merge meanwhile; a straggler holds the queue up at most as long again as the
   batch took to reach its quorum. The dispatcher task lives only while there is work.
@@ -116,8 +119,13 @@ def _signature(entry: _Entry) -> tuple:
 
 
 class EnsemblePipeline:
-    def __init__(self, name: str, answer: Answer, max_batch_rows: int, max_queue: int) -> None:
+    def __init__(self, name: str, answer: Answer, max_batch_rows: int, max_queue: int,
+                 kind: str = "ensemble") -> None:
         self.name = name
+        self.what = f"{kind} '{name}'"  # how messages name it
+        self.partial = kind == "ensemble"
+        """An ensemble answers at a request's cutoff with the members in by then; a single
+        model (an ensemble of one) has nothing to answer with before its one member."""
         self._answer = answer
         self.max_batch_rows = max_batch_rows
         self.max_queue = max_queue
@@ -139,7 +147,7 @@ class EnsemblePipeline:
         """Queue `rows` for `plan` and return the answer callback's result for them.
         `deadline` is an absolute time.monotonic() instant."""
         if self._depth >= self.max_queue:
-            raise Overloaded(f"ensemble '{self.name}': queue full ({self._depth} requests waiting); retry later")
+            raise Overloaded(f"{self.what}: queue full ({self._depth} requests waiting); retry later")
         now = time.monotonic()
         if deadline is not None and self._batch_s is not None:
             self._admit(rows.shape[0], deadline - plan.margin_s - now)
@@ -162,10 +170,12 @@ class EnsemblePipeline:
     def _admit(self, rows: int, time_left_s: float) -> None:
         """Refuse at once a request that cannot even start before its cutoff: the batch
         holding the queue and the batches queued ahead take longer, at the recently measured
-        time per batch, than its deadline leaves. Its own batch is not counted: once it
-        runs, the straggler cutoff answers it in time with the members in by then."""
-        ahead = (1 if self._holding else 0) + -(-self._queued_rows // self.max_batch_rows)
-        refuse_if_late(f"ensemble '{self.name}'", self._queued_rows, ahead, self._batch_s, time_left_s)  # type: ignore[arg-type]
+        time per batch, than its deadline leaves. An ensemble's own batch is not counted:
+        once it runs, the straggler cutoff answers it in time with the members in by then;
+        a single model's is."""
+        queued = self._queued_rows + (0 if self.partial else rows)
+        ahead = (1 if self._holding else 0) + -(-queued // self.max_batch_rows)
+        refuse_if_late(self.what, self._queued_rows, ahead, self._batch_s, time_left_s)  # type: ignore[arg-type]
 
     def _unqueue(self, entry: _Entry) -> None:
         entry.queued = False
@@ -178,7 +188,7 @@ class EnsemblePipeline:
             self._unqueue(entry)
             if not entry.future.done():
                 entry.future.set_exception(DeadlineExceeded(
-                    f"ensemble '{self.name}': deadline passed after "
+                    f"{self.what}: deadline passed after "
                     f"{time.monotonic() - entry.arrival:.4f} s in the queue"))
 
     # -- dispatch --------------------------------------------------------------------------
@@ -187,7 +197,7 @@ class EnsemblePipeline:
             self._wake = asyncio.Event()
         if self._dispatcher is None or self._dispatcher.done():
             # its own context: neither it nor its batches belong to the request that woke it
-            self._dispatcher = loop.create_task(self._dispatch(), name=f"ensemble-{self.name}",
+            self._dispatcher = loop.create_task(self._dispatch(), name=f"pipeline-{self.name}",
                                                 context=contextvars.Context())
 
     async def _dispatch(self) -> None:
@@ -304,7 +314,7 @@ class EnsemblePipeline:
                     self._settle(batch, due, plan, tasks, finished_at, start, merged, spans, timed_out=True)
                 self._settle(batch, open_, plan, tasks, finished_at, start, merged, spans, timed_out=False)
         except Exception as exc:  # noqa: BLE001 - a bug of ours: every open caller learns of it
-            log.exception("ensemble '%s': batch failed", self.name)
+            log.exception("%s: batch failed", self.what)
             for e in batch:
                 if not e.future.done():
                     e.future.set_exception(exc)
@@ -334,7 +344,7 @@ class EnsemblePipeline:
                            for name, task in tasks.items()})
         answered = [o for o in outcomes.values() if o.answered]
         if len(answered) < plan.quorum:
-            error = shortfall(outcomes, plan.quorum, timed_out)
+            error = shortfall(outcomes, plan.quorum, timed_out, None if self.partial else self.what)
             for i in live:
                 batch[i].future.set_exception(error)
             return
@@ -343,21 +353,27 @@ class EnsemblePipeline:
         for i, result in zip(live, results):
             entry = batch[i]
             if entry.stages is not None:
-                entry.stages.append(Stage("ensemble queue", entry.arrival, start, {"quorum.batch_rows": len(merged)}))
+                entry.stages.append(Stage(f"{'ensemble' if self.partial else 'model'} queue", entry.arrival, start,
+                                          {"quorum.batch_rows": len(merged)}))
                 entry.stages.extend(stages or ())
             entry.future.set_result(result)
 
 
-def shortfall(outcomes: FanOut, quorum: int, timed_out: bool) -> BaseException:
+def shortfall(outcomes: FanOut, quorum: int, timed_out: bool, single: str | None = None) -> BaseException:
     """The error for fewer than `quorum` answers: at the cutoff (or with no error to show),
     DeadlineExceeded naming who answered and who was left out and why; when errors alone
     put the quorum out of reach, the first member's error unchanged, so Overloaded or
-    InvalidInput keeps its status code (shared by every request of the batch: not annotated)."""
+    InvalidInput keeps its status code (shared by every request of the batch: not annotated).
+    `single`: how to name a single model (an ensemble of one), whose message names no members."""
+    errors = [o.error for o in outcomes.values() if o.error is not None]
+    if single is not None and (timed_out or not errors):
+        (outcome,) = outcomes.values()
+        return DeadlineExceeded(f"{single}: deadline reached after {outcome.latency_s:.4f} s of compute, "
+                                f"before the model answered")
     answered = [o for o in outcomes.values() if o.answered]
     summary = (f"{len(answered)} of {len(outcomes)} members answered (quorum {quorum}); "
                f"answered: {', '.join(o.describe() for o in answered) or 'none'}; "
                f"left out: {', '.join(o.describe() for o in outcomes.values() if not o.answered)}")
-    errors = [o.error for o in outcomes.values() if o.error is not None]
     if timed_out or not errors:
         return DeadlineExceeded(f"deadline reached: {summary}")
     return errors[0]

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import CounterMetricFamily
@@ -66,6 +66,7 @@ class Monitor:
         self.metrics = Catalogue()
         self.registry = self.metrics.registry
         self.trackers: dict[str, "ObjectiveTracker"] = {}
+        self.queued: Callable[[], dict[str, int]] = dict
         self.gpus = GpuCollector()
         self.manager: ModelManager | None = None
         self.feedback: FeedbackStore | None = None
@@ -88,10 +89,13 @@ class Monitor:
 
     # -- lifecycle -------------------------------------------------------------------------
     def attach(self, manager: "ModelManager", feedback: "FeedbackStore",
-               trackers: dict[str, "ObjectiveTracker"] | None = None) -> None:
-        """The state exported at scrape time: models, feedback and satisficing trackers."""
+               trackers: dict[str, "ObjectiveTracker"] | None = None,
+               queued: Callable[[], dict[str, int]] | None = None) -> None:
+        """The state exported at scrape time: models, feedback and satisficing trackers, and
+        `queued`: requests waiting at each model's and ensemble's queue, before any batcher."""
         self.manager, self.feedback = manager, feedback
         self.trackers = trackers if trackers is not None else {}
+        self.queued = queued or dict
 
     def prime(self) -> None:
         """Create the counters docs/metrics.md says start at 0, for every model and ensemble
@@ -284,7 +288,8 @@ class Monitor:
         manager = self.manager
         if manager is None:
             return
-        depth: dict[str, float] = {}
+        depth: dict[str, float] = {name: n for name, n in self.queued().items()  # not yet in a batcher
+                                   if name in manager.variants or name in manager.ensembles}
         inflight_rows: dict[str, float] = {}
         info, ready = [], []
         self.prime()  # models that appeared since: their counters are exported from the next scrape
@@ -304,7 +309,8 @@ class Monitor:
             if ensemble.config is not None:
                 for member in ensemble.config.members:
                     self.metrics.members_dropped.labels(name, member)  # starts at 0
-        yield gauge("quorum_queue_depth", "Requests waiting in a model's batching queue (all loaded versions).",
+        yield gauge("quorum_queue_depth", "Requests waiting in a model's or an ensemble's queue and its batcher "
+                    "(all loaded versions).",
                     ["model"], ((([n]), v) for n, v in depth.items()))
         yield gauge("quorum_batch_inflight_rows", "Rows in batches running in a model's runtime.",
                     ["model"], (([n], v) for n, v in inflight_rows.items()))

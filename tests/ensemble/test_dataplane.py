@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 
 from service.dataplane import DataPlane
-from service.errors import DeadlineExceeded
+from service.errors import DeadlineExceeded, Overloaded
 from service.evaluation import member_scores, policy_accuracy
+from service.monitoring.monitor import Monitor
 from service.monitoring.statistics import Statistics
 from service.repository.manager import ModelManager
 from service.settings import Settings
-from tests.helpers import MODELS
+from tests.helpers import MODELS, copy_variant
 
 
 async def _data_plane(statistics: Statistics | None = None, **settings) -> DataPlane:
@@ -91,3 +92,145 @@ async def test_batched_live_traffic_equals_rows_run_alone(test_split, mode):
         assert deviation == 0.0
     else:
         assert deviation <= 1e-6
+
+
+def _two_version_repo(repo):
+    """Model `m`: version 1 is digits_mlp_a, version 2 digits_logreg (same input and labels,
+    different answers), both served."""
+    copy_variant("digits_mlp_a", repo, 1, as_name="m")
+    copy_variant("digits_logreg", repo, 2, as_name="m")
+    (repo / "m" / "model.yaml").write_text("version_policy: {all: {}}\n")
+
+
+@pytest.mark.parametrize("mode", ["strict", "tolerant"])
+async def test_a_single_model_merges_requests_and_each_answer_equals_its_rows_alone(scratch_repo, test_split, mode):
+    """A single model is an ensemble of one: concurrent requests of 1-3 rows, to two versions
+    at once, are merged into batches (never across versions) and calibrated once per batch;
+    every answer (vote, probabilities, logits, version) equals the same rows asked alone."""
+    x, _ = test_split
+    _two_version_repo(scratch_repo)
+    statistics = Statistics()
+    manager = ModelManager(Settings(model_repository=scratch_repo, poll_interval_s=0, device="cpu",
+                                    batch_invariance=mode), statistics)
+    await manager.start()
+    data = DataPlane(manager)
+    rng = np.random.default_rng(1)
+    sizes = rng.integers(1, 4, 160)
+    versions = rng.integers(1, 3, 160)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]) % (len(x) - 3)
+    requests = [(x[s:s + n], int(v)) for s, n, v in zip(starts, sizes, versions)]
+    try:
+        alone = [await data.infer("m", r, version=v) for r, v in requests]
+        statistics.models.clear()
+        together = await asyncio.gather(*(data.infer("m", r, version=v) for r, v in requests))
+    finally:
+        await manager.stop()
+    batches = [size for stats in statistics.models.values() for size in stats.batches]
+    assert max(batches) > 3, "requests were never merged"
+    assert sum(s.execution_count for s in statistics.models.values()) < len(requests)
+    tolerance = 0.0 if mode == "strict" else 1e-6
+    for (rows, version), a, t in zip(requests, alone, together):
+        assert t.version == a.version == version and t.model == "m"
+        assert t.vote.label_index.shape == (rows.shape[0],)
+        np.testing.assert_array_equal(t.vote.label_index, a.vote.label_index)
+        np.testing.assert_allclose(t.vote.probabilities, a.vote.probabilities, rtol=0, atol=tolerance)
+        np.testing.assert_allclose(t.logits, a.logits, rtol=0, atol=tolerance)
+        np.testing.assert_allclose(t.member_probabilities, a.member_probabilities, rtol=0, atol=tolerance)
+        assert t.inputs is not None and np.array_equal(t.inputs, rows)
+    # the two versions answer differently, so a batch mixing them could not have passed
+    assert any(not np.array_equal(a.logits, b.logits) for a, b in zip(
+        alone, [await _alone_at(scratch_repo, r, 3 - v) for r, v in requests[:8]]))
+
+
+async def _alone_at(repo, rows, version):
+    manager = ModelManager(Settings(model_repository=repo, poll_interval_s=0, device="cpu"))
+    await manager.start()
+    try:
+        return await DataPlane(manager).infer("m", rows, version=version)
+    finally:
+        await manager.stop()
+
+
+async def test_a_single_model_request_that_expires_queued_never_reaches_the_model(test_split):
+    """Behind a batch that takes long, a request whose deadline passes fails then, at once,
+    with DeadlineExceeded naming the model; its rows are never computed. Once a batch's time
+    is measured, a request whose deadline leaves less is refused at once (Overloaded). One
+    whose deadline passes while its own batch computes fails at its deadline, not when the
+    model answers."""
+    x, _ = test_split
+    data = await _data_plane()
+    served = data.manager.resolve("digits_mlp_a")
+    original = served.infer
+    release = asyncio.Event()
+    calls = []
+
+    async def held(rows, deadline=None):  # the first batch waits until the test releases it
+        calls.append(rows.shape[0])
+        if len(calls) == 1:
+            await release.wait()
+        return await original(rows, deadline)
+
+    served.infer = held
+    try:
+        first = asyncio.ensure_future(data.infer("digits_mlp_a", x[:2]))
+        while not calls:
+            await asyncio.sleep(0.01)
+        with pytest.raises(DeadlineExceeded, match=r"model 'digits_mlp_a': deadline passed after .* in the queue"):
+            await data.infer("digits_mlp_a", x[2:5], deadline=time.monotonic() + 0.2)
+        assert not first.done() and calls == [2]
+        release.set()
+        assert (await first).vote.label_index.shape == (2,)
+        assert calls == [2]  # the expired request's 3 rows never reached the model
+
+        # the first batch took about 0.2 s (it waited for the release): 10 ms cannot be enough
+        with pytest.raises(Overloaded, match=r"model 'digits_mlp_a': 0 rows queued ahead, .* more than the "):
+            await data.infer("digits_mlp_a", x[:4], deadline=time.monotonic() + 0.01)
+        assert calls == [2]
+
+        release.clear()
+        calls.clear()
+        with pytest.raises(DeadlineExceeded, match=r"model 'digits_mlp_a': deadline reached after .* before "
+                                                   r"the model answered"):
+            await data.infer("digits_mlp_a", x[:4], deadline=time.monotonic() + 3.0)
+        assert calls == [4]
+        release.set()
+    finally:
+        release.set()
+        await data.manager.stop()
+
+
+async def test_queue_depth_counts_requests_waiting_at_a_model_before_its_batcher(test_split):
+    """quorum_queue_depth (what the autoscaler reads) counts the requests waiting at the
+    model's own queue while a batch runs, not only those inside its batcher."""
+    x, _ = test_split
+    settings = Settings(model_repository=MODELS, poll_interval_s=0, device="cpu")
+    monitor = Monitor(settings, Statistics())
+    manager = ModelManager(settings, monitor)
+    await manager.start()
+    data = DataPlane(manager)
+    monitor.attach(manager, data.feedback, data.trackers, data.queued)
+    served = manager.resolve("digits_mlp_a")
+    original = served.infer
+    release = asyncio.Event()
+
+    async def held(rows, deadline=None):
+        await release.wait()
+        return await original(rows, deadline)
+
+    served.infer = held
+    get = monitor.registry.get_sample_value
+    try:
+        assert get("quorum_queue_depth", {"model": "digits_mlp_a"}) == 0
+        running = asyncio.ensure_future(data.infer("digits_mlp_a", x[:1]))
+        await asyncio.sleep(0.05)
+        waiting = [asyncio.ensure_future(data.infer("digits_mlp_a", x[i:i + 1])) for i in range(1, 4)]
+        while data.queued().get("digits_mlp_a") != 3:
+            await asyncio.sleep(0.01)
+        assert get("quorum_queue_depth", {"model": "digits_mlp_a"}) == 3
+        release.set()
+        answers = await asyncio.gather(running, *waiting)
+        assert [a.vote.label_index.shape for a in answers] == [(1,)] * 4
+        assert get("quorum_queue_depth", {"model": "digits_mlp_a"}) == 0
+    finally:
+        release.set()
+        await manager.stop()
