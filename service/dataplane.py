@@ -13,12 +13,13 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
 from service.ensemble.pipeline import EnsemblePipeline, FanOut, Plan
 from service.ensemble.voting import Vote, calibrate, vote
-from service.errors import DeadlineExceeded, FailedPrecondition, InvalidInput, ModelNotFound, ModelNotReady
+from service.errors import DeadlineExceeded, FailedPrecondition, ModelNotFound, ModelNotReady
 from service.monitoring.stages import COLLECTOR, Stage, record
 from service.objectives.feedback import FeedbackStore
 from service.objectives.selection import blend
@@ -81,9 +82,17 @@ class ModelInfo:
     """Most rows one request may carry (the max_request_rows setting)."""
 
 
+class AnswerObserver(Protocol):
+    def on_answers(self, result: InferenceResult, spans: Sequence[tuple[int, int]]) -> None:
+        """One batch's result (all its rows) and the rows [start, stop) of each request
+        answered from it: the per-request metrics and drift of the batch, recorded at once."""
+
+
 class DataPlane:
-    def __init__(self, manager: ModelManager, feedback: FeedbackStore | None = None) -> None:
+    def __init__(self, manager: ModelManager, feedback: FeedbackStore | None = None,
+                 observer: AnswerObserver | None = None) -> None:
         self.manager = manager
+        self.observer = observer
         self.feedback = feedback or FeedbackStore()
         self.trackers: dict[str, ObjectiveTracker] = {}
         self._shadow_tasks: set[asyncio.Task] = set()
@@ -187,7 +196,13 @@ class DataPlane:
         model, ensemble, spec, policy, tracker = plan.context
         result = self._combine(model, ensemble, spec, policy, plan.members, outcomes, rows, plan.missing)
         tracker.observe({m.name: m.latency_s for m in result.members if m.in_time}, None)
-        if len(spans) == 1 and spans[0] == (0, rows.shape[0]):
+        return self._slices(result, spans)
+
+    def _slices(self, result: InferenceResult, spans: Sequence[tuple[int, int]]) -> list[InferenceResult]:
+        """Each request's part of a batch's result, the batch recorded once by the observer."""
+        if self.observer is not None:
+            self.observer.on_answers(result, spans)
+        if len(spans) == 1 and spans[0] == (0, result.vote.label_index.shape[0]):
             return [result]
         return [result_rows(result, a, b) for a, b in spans]
 
@@ -260,8 +275,7 @@ class DataPlane:
         with served.lease():  # held while queued: a reload waits for the request
             return await pipeline.submit(plan, rows, deadline)
 
-    @staticmethod
-    def _answer_single(plan: Plan, outcomes: FanOut, rows: np.ndarray,
+    def _answer_single(self, plan: Plan, outcomes: FanOut, rows: np.ndarray,
                        spans: Sequence[tuple[int, int]]) -> list[InferenceResult]:
         """One batch of a single model: calibrated and voted over all its rows at once, then
         each request's slice of it."""
@@ -276,9 +290,7 @@ class DataPlane:
         member = MemberResult(model, served.version, served.device, outcome.latency_s, True)
         result = InferenceResult(model, served.version, policy, served.manifest.labels, voted, (member,), (),
                                  probs[None].astype(np.float32), logits, inputs=rows, vote_s=vote_s)
-        if len(spans) == 1 and spans[0] == (0, rows.shape[0]):
-            return [result]
-        return [result_rows(result, a, b) for a, b in spans]
+        return self._slices(result, spans)
 
     def _combine(self, model: str, ensemble, spec: EnsembleSpec, policy: Policy,
                  served: dict[str, ServedVersion], outcomes, rows: np.ndarray | None = None,
@@ -441,30 +453,3 @@ def member_info(served: ServedVersion, labels: tuple[str, ...] | None = None) ->
         warmup_latency_s=served.runtime.warmup_latency_s, memory_mb=served.runtime.artifact_mb,
         validation_accuracy=validation.calibrated.accuracy, validation_indices=validation.indices,
         validation_labels=truth, validation_probabilities=probabilities)
-
-
-OUTPUTS_ENSEMBLE = ("probabilities", "label", "class_index", "confidence", "agreement")
-OUTPUTS_SINGLE = OUTPUTS_ENSEMBLE[:-1] + ("logits",)
-
-
-def output_names(kind: str) -> tuple[str, ...]:
-    """The tensors a model answers with: the vote, and logits for a single model."""
-    return OUTPUTS_ENSEMBLE if kind == "ensemble" else OUTPUTS_SINGLE
-
-
-def result_tensors(result: InferenceResult, requested: Sequence[str] = ()) -> dict[str, np.ndarray]:
-    """The result as named tensors; all of them unless some are requested by name."""
-    names = OUTPUTS_SINGLE if result.logits is not None else OUTPUTS_ENSEMBLE
-    unknown = [n for n in requested if n not in names]
-    if unknown:
-        raise InvalidInput(f"model '{result.model}' has no output {unknown[0]!r}; outputs are {list(names)}")
-    vote = result.vote
-    make = {
-        "probabilities": lambda: vote.probabilities.astype(np.float32),
-        "label": lambda: np.asarray(result.labels, dtype=object)[vote.label_index],
-        "class_index": lambda: vote.label_index.astype(np.int64),
-        "confidence": lambda: vote.confidence.astype(np.float32),
-        "agreement": lambda: vote.agreement.astype(np.float32),
-        "logits": lambda: np.asarray(result.logits, dtype=np.float32),
-    }
-    return {n: make[n]() for n in (requested or names)}

@@ -86,8 +86,8 @@ class QuorumServer:
         # The monitor observes the manager and forwards to the statistics (ModelStatistics RPC).
         self.monitor = Monitor(settings, self.statistics) if settings.monitoring else None
         self.manager = ModelManager(settings, self.monitor or self.statistics)
-        data = DataPlane(self.manager)
-        self.api = ApiContext(self.manager, data, self.statistics, monitor=self.monitor)
+        data = DataPlane(self.manager, observer=self.monitor)
+        self.api = ApiContext(self.manager, data, self.statistics)
         if self.monitor:
             self.monitor.attach(self.manager, self.api.feedback, data.trackers, data.queued)
         self.metrics_port: int | None = None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
 
 from service.dataplane import DataPlane, InferenceResult
 from service.monitoring.stages import annotate
@@ -15,10 +14,6 @@ STATE_NAMES = {State.START: "LOADING", State.LOADING: "LOADING", State.AVAILABLE
                State.UNLOADING: "UNLOADING", State.END: "UNAVAILABLE", State.UNKNOWN: "UNAVAILABLE"}
 
 
-class InferenceObserver(Protocol):
-    def on_inference(self, result: InferenceResult, rows: int, seconds: float) -> None: ...
-
-
 @dataclass
 class ApiContext:
     manager: ModelManager
@@ -27,8 +22,6 @@ class ApiContext:
     draining: bool = False
     loaded: bool = False
     """The first load of the repository has finished."""
-    monitor: InferenceObserver | None = None
-    """Metrics and drift (service.monitoring.monitor.Monitor); None when monitoring is off."""
 
     @property
     def feedback(self) -> FeedbackStore:
@@ -44,9 +37,9 @@ class ApiContext:
     def on_inference(self, result: InferenceResult, rows: int, seconds: float) -> None:
         annotate({"quorum.model": result.model, "quorum.version": result.version, "quorum.rows": rows,
                   "quorum.policy": result.policy, "quorum.members_left_out": ",".join(result.left_out)})
+        # per request: its own latency; its metrics and drift are the data plane's
+        # observer's, per batch
         self.statistics.on_request(result.model, result.version, rows, seconds, ok=True)
-        if self.monitor is not None:
-            self.monitor.on_inference(result, rows, seconds)
 
     def on_failure(self, model: str, seconds: float) -> None:
         """A failed request, counted under the version its successes are counted at (an

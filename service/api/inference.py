@@ -11,8 +11,9 @@ import numpy as np
 
 from service.api.common import model_rows
 from service.api.context import ApiContext
-from service.dataplane import InferenceResult, ModelInfo, result_tensors
+from service.dataplane import InferenceResult, ModelInfo
 from service.errors import ModelNotFound, QuorumError
+from service.outputs import check_requested, tensors as named_tensors
 
 
 @dataclass(frozen=True)
@@ -30,14 +31,16 @@ async def infer(api: ApiContext, model: str, inputs: Mapping[str, np.ndarray], *
     outputs (all of them unless `outputs` asks for some). `deadline` is time.monotonic();
     `info`: the model's, when the caller already has it."""
     start = time.perf_counter()
+    info = info or api.data.info(model)
+    check_requested(model, info.kind, outputs)  # before any inference
     if rows is None:
-        rows = model_rows(info or api.data.info(model), inputs)
+        rows = model_rows(info, inputs)
     try:
         result = await api.data.infer(model, rows, version=version, deadline=deadline)
     except QuorumError:
         api.on_failure(model, time.perf_counter() - start)
         raise
-    tensors = result_tensors(result, outputs)
+    tensors = named_tensors(result, outputs)
     if request_id:
         api.feedback.record(request_id, result)
     api.on_inference(result, rows.shape[0], time.perf_counter() - start)

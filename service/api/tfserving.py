@@ -11,7 +11,7 @@ import numpy as np
 from service import tf_protos
 
 tf_protos.install()  # TF Serving's protos, not TensorFlow: an ONNX-only server never loads it
-from tensorflow.core.framework import tensor_shape_pb2, types_pb2  # noqa: E402
+from tensorflow.core.framework import tensor_shape_pb2  # noqa: E402
 from tensorflow.core.protobuf import meta_graph_pb2  # noqa: E402
 from tensorflow_serving.apis import (  # noqa: E402
     classification_pb2, get_model_metadata_pb2, get_model_status_pb2, inference_pb2,
@@ -24,15 +24,13 @@ from service.api.context import ApiContext
 from service.api.limits import short
 from service.codecs import tensorproto
 from service.codecs.dtypes import from_numpy
-from service.dataplane import ModelInfo, output_names
+from service.dataplane import ModelInfo
 from service.errors import InvalidInput, ModelNotFound
+from service.outputs import outputs_of
 from service.repository.manager import State
 
 SIGNATURES = ("", "serving_default", "predict")
 CLASSIFY, REGRESS = "tensorflow/serving/classify", "tensorflow/serving/regress"
-OUTPUT_DTYPES = {"probabilities": types_pb2.DT_FLOAT, "label": types_pb2.DT_STRING,
-                 "class_index": types_pb2.DT_INT64, "confidence": types_pb2.DT_FLOAT,
-                 "agreement": types_pb2.DT_FLOAT, "logits": types_pb2.DT_FLOAT}
 
 
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
@@ -159,10 +157,10 @@ def _signature_def(info: ModelInfo) -> meta_graph_pb2.SignatureDef:
     tensor.dtype = from_numpy(np.dtype(info.input.dtype)).tf
     tensor.tensor_shape.CopyFrom(_shape(info.input.shape))
     classes = len(info.labels)
-    for name in output_names(info.kind):
-        out = signature.outputs[name]
-        out.name, out.dtype = f"{name}:0", OUTPUT_DTYPES[name]
-        out.tensor_shape.CopyFrom(_shape((-1, classes) if name in ("probabilities", "logits") else (-1,)))
+    for output in outputs_of(info.kind):
+        out = signature.outputs[output.name]
+        out.name, out.dtype = f"{output.name}:0", from_numpy(output.dtype).tf
+        out.tensor_shape.CopyFrom(_shape(output.shape(classes)))
     return signature
 
 

@@ -16,7 +16,7 @@ from service.api.common import check_declared, deadline_of
 from service.api.context import ApiContext
 from service.api.limits import short
 from service.codecs import v2 as codec
-from service.dataplane import output_names
+from service.outputs import outputs_of
 from service.errors import InvalidInput, ModelNotFound, QuorumError, Unimplemented
 from service.monitoring.statistics import ModelStats
 from service.repository.manager import State
@@ -24,10 +24,6 @@ from service.repository.manager import State
 log = logging.getLogger(__name__)
 
 PLATFORM = {"ensemble": "quorum_ensemble", "onnx": "onnxruntime_onnx", "savedmodel": "tensorflow_savedmodel"}
-OUTPUT_META = {
-    "probabilities": ("FP32", (-1, None)), "label": ("BYTES", (-1,)), "class_index": ("INT64", (-1,)),
-    "confidence": ("FP32", (-1,)), "agreement": ("FP32", (-1,)), "logits": ("FP32", (-1, None)),
-}
 
 
 TRACING_REFUSAL = ("TraceSetting is not served: Quorum does not trace requests; it reports per-stage "
@@ -55,10 +51,8 @@ def model_config(api: ApiContext, name: str, version: int | None) -> mc.ModelCon
         max_batch_size=info.max_batch_size)
     config.input.add(name=info.input.name, data_type=_data_type(info.input.dtype), dims=list(info.input.shape[1:]))
     classes = len(info.labels)
-    for output in output_names(info.kind):
-        dtype, shape = OUTPUT_META[output]
-        config.output.add(name=output, data_type=DATA_TYPE.get(dtype) or mc.DataType.Value(f"TYPE_{dtype}"),
-                          dims=[classes if d is None else d for d in shape[1:]])
+    for output in outputs_of(info.kind):
+        config.output.add(name=output.name, data_type=_data_type(output.dtype), dims=output.shape(classes)[1:])
     config.parameters["labels"].string_value = ",".join(info.labels)
     config.parameters["voting_policy"].string_value = info.policy
     if ensemble:
@@ -152,10 +146,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             self.api.manager.resolve(request.name).runtime.framework]
         classes = len(info.labels)
         outputs = []
-        for name in output_names(info.kind):
-            dtype, shape = OUTPUT_META[name]
+        for output in outputs_of(info.kind):
             outputs.append(pb.ModelMetadataResponse.TensorMetadata(
-                name=name, datatype=dtype, shape=[classes if d is None else d for d in shape]))
+                name=output.name, datatype=codec.from_numpy(output.dtype).v2, shape=output.shape(classes)))
         return pb.ModelMetadataResponse(
             name=info.name, versions=[str(v) for v in info.versions], platform=platform,
             inputs=[pb.ModelMetadataResponse.TensorMetadata(

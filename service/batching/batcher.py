@@ -31,7 +31,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -52,15 +52,18 @@ class BatchObserver(Protocol):
 
 
 class _Pending:
-    __slots__ = ("rows", "n", "deadline", "arrival", "future", "timer", "queued", "started", "finished",
-                 "batch_rows")
+    __slots__ = ("rows", "n", "deadline", "arrival", "arrivals", "future", "timer", "queued", "started",
+                 "finished", "batch_rows")
 
     def __init__(self, rows: np.ndarray, deadline: float | None, arrival: float,
-                 future: asyncio.Future[np.ndarray]) -> None:
+                 future: asyncio.Future[np.ndarray], arrivals: Sequence[float] | None = None) -> None:
         self.rows = rows
         self.n = rows.shape[0]
         self.deadline = deadline
         self.arrival = arrival
+        self.arrivals = (arrival,) if arrivals is None else arrivals
+        """When the requests whose rows these are arrived (queued first at their model's or
+        ensemble's pipeline): each one's queue wait is reported, not one per submission."""
         self.future = future
         self.timer: asyncio.TimerHandle | None = None
         self.queued = True
@@ -125,10 +128,13 @@ class DynamicBatcher:
             self._wake()
 
     # -- requests --------------------------------------------------------------------------
-    async def submit(self, rows: np.ndarray, deadline: float | None = None) -> np.ndarray:
+    async def submit(self, rows: np.ndarray, deadline: float | None = None,
+                     arrivals: Sequence[float] | None = None) -> np.ndarray:
         """Queue `rows` (n, ...) and return their n output rows.
 
-        `deadline` is an absolute time.monotonic() instant.
+        `deadline` is an absolute time.monotonic() instant. `arrivals`: when the requests
+        these rows merge arrived, if they queued elsewhere first (time.monotonic(); by
+        default this call's own instant), for the queue waits reported per request.
         """
         if self._stopping:
             raise ModelNotReady(f"model '{self.name}' is stopping")
@@ -152,7 +158,7 @@ class DynamicBatcher:
                 self._admit(rows.shape[0], deadline - now)
         self._ensure_started()
         loop = asyncio.get_running_loop()
-        pending = _Pending(rows, deadline, now, loop.create_future())
+        pending = _Pending(rows, deadline, now, loop.create_future(), arrivals)
         if deadline is not None:
             pending.timer = loop.call_later(deadline - now, self._expire, pending)
         self._queue.append(pending)
@@ -307,7 +313,7 @@ class DynamicBatcher:
     def _observe(self, batch: list[_Pending], rows: int) -> None:
         now = time.monotonic()
         try:
-            self._observer.on_batch(self.name, rows, [now - p.arrival for p in batch])  # type: ignore[union-attr]
+            self._observer.on_batch(self.name, rows, [now - a for p in batch for a in p.arrivals])  # type: ignore[union-attr]
         except Exception:  # noqa: BLE001 - metrics must never fail a batch
             log.exception("batch observer failed for model '%s'", self.name)
 

@@ -284,8 +284,9 @@ class EnsemblePipeline:
                 # leased before the calls start: a version swap cannot unload a member in between
                 for served in plan.members.values():
                     leases.enter_context(served.lease())
+                arrivals = tuple(e.arrival for e in batch)  # each request's queue wait is reported
                 for name, served in plan.members.items():
-                    task = asyncio.ensure_future(served.infer(merged, deadline))
+                    task = asyncio.ensure_future(served.infer(merged, deadline, arrivals))
                     task.add_done_callback(_finished(name, finished_at))
                     tasks[name] = task
                 pending: set[asyncio.Future] = set(tasks.values())

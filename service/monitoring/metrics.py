@@ -54,7 +54,8 @@ class Catalogue:
             "quorum_compute_seconds", "Time one batch spent in the model runtime.",
             ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.vote = Histogram(
-            "quorum_vote_seconds", "Time spent calibrating and combining the members' outputs of one request.",
+            "quorum_vote_seconds", "Time spent calibrating and combining the members' outputs of one batch "
+            "(all the requests it answers at once).",
             ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram(
             "quorum_batch_size_rows", "Rows per batch the dynamic batcher dispatched.",
@@ -66,7 +67,7 @@ class Catalogue:
             "quorum_model_load_failures", "Model versions (or model configurations) that failed to load.",
             ["model"], registry=r)
         self.member_latency = Histogram(
-            "quorum_member_latency_seconds", "Latency of each ensemble member within an ensemble request.",
+            "quorum_member_latency_seconds", "Latency of each ensemble member within an ensemble batch (its requests' rows merged).",
             ["ensemble", "member"], buckets=LATENCY_BUCKETS, registry=r)
         self.members_dropped = Counter(
             "quorum_ensemble_members_dropped", "Members left out of an ensemble vote (missed the "

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import CounterMetricFamily
@@ -200,29 +200,35 @@ class Monitor:
         inflight.dec()
 
     # -- per inference (the API) -----------------------------------------------------------
-    def on_inference(self, result: "InferenceResult", rows: int, seconds: float) -> None:
+    def on_answers(self, result: "InferenceResult", spans: Sequence[tuple[int, int]]) -> None:
+        """A batch's answers, recorded at once: its rows answered, its vote's time, and per
+        request (the `spans` of the batch's rows answered to someone) what each saw: the
+        agreement of each row, the members left out, the rows and answers for drift."""
         children = self._model(result.model)
+        whole = len(spans) == 1 and spans[0] == (0, result.vote.label_index.shape[0])
+        rows = result.vote.label_index.shape[0] if whole else sum(b - a for a, b in spans)
         children[4].inc(rows)
-        vote_s = getattr(result, "vote_s", None)
-        if vote_s is not None:
-            children[3].observe(vote_s)
+        children[3].observe(result.vote_s)
         vote = result.vote
         ensemble = len(result.members) > 1 or result.members[0].name != result.model
         if ensemble:
             agreement, member_latency = self._ensemble_children(result.model)
-            for value in vote.agreement.tolist():
-                agreement.observe(value)
+            for a, b in spans:
+                for value in vote.agreement[a:b].tolist():
+                    agreement.observe(value)
             for member in result.members:
                 child = member_latency.get(member.name)
                 if child is None:
                     child = member_latency[member.name] = self.metrics.member_latency.labels(result.model, member.name)
-                child.observe(member.latency_s)
+                child.observe(member.latency_s)  # one call per batch: every request of it saw this
             for member in result.left_out:
-                self.metrics.members_dropped.labels(result.model, member).inc()
+                self.metrics.members_dropped.labels(result.model, member).inc(len(spans))
         window = self._drift_window(result)
         if window is not None:
-            window.observe(getattr(result, "inputs", None), vote.label_index, vote.confidence,
-                           vote.agreement if ensemble else None)
+            inputs = getattr(result, "inputs", None)
+            for a, b in ((0, rows),) if whole else spans:
+                window.observe(None if inputs is None else inputs[a:b], vote.label_index[a:b],
+                               vote.confidence[a:b], vote.agreement[a:b] if ensemble else None)
 
     def _ensemble_children(self, ensemble: str) -> tuple[Any, dict[str, Any]]:
         children = self._per_ensemble.get(ensemble)

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Iterator, Protocol
 
 import numpy as np
@@ -95,14 +96,18 @@ class ServedVersion:
             if self._leases == 0:
                 self._idle.set()
 
-    async def infer(self, rows: np.ndarray, deadline: float | None = None) -> np.ndarray:
+    async def infer(self, rows: np.ndarray, deadline: float | None = None,
+                    arrivals: Sequence[float] | None = None) -> np.ndarray:
         """Logits for `rows`, through the batcher; more rows than the max batch size go as
-        max-batch-size pieces (queued together, each a batch's worth) and come back as one."""
+        max-batch-size pieces (queued together, each a batch's worth) and come back as one.
+        `arrivals`: when the requests the rows merge arrived (see DynamicBatcher.submit);
+        a request split in pieces counts its wait once, with its first piece."""
         with self.lease():
             size = self.batching.max_batch_size
             if rows.shape[0] <= size:
-                return await self.batcher.submit(rows, deadline)
-            parts = [asyncio.ensure_future(self.batcher.submit(rows[i:i + size], deadline))
+                return await self.batcher.submit(rows, deadline, arrivals)
+            parts = [asyncio.ensure_future(self.batcher.submit(
+                         rows[i:i + size], deadline, arrivals if i == 0 or arrivals is None else ()))
                      for i in range(0, rows.shape[0], size)]
             try:
                 return np.concatenate(await asyncio.gather(*parts))

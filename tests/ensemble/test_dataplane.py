@@ -18,6 +18,8 @@ from service.repository.manager import ModelManager
 from service.settings import Settings
 from tests.helpers import MODELS, copy_variant
 
+MEMBERS = ["digits_mlp_a", "digits_mlp_b", "digits_cnn_a", "digits_cnn_b", "digits_logreg"]
+
 
 async def _data_plane(statistics: Statistics | None = None, **settings) -> DataPlane:
     manager = ModelManager(Settings(model_repository=MODELS, poll_interval_s=0, device="cpu", **settings),
@@ -46,9 +48,9 @@ async def test_member_past_the_deadline_is_left_out_and_named(test_split):
     slow = data.manager.resolve("digits_cnn_b")
     original = slow.infer
 
-    async def sleepy(rows, deadline=None):  # a test wrapper adding latency to one member
+    async def sleepy(rows, deadline=None, arrivals=None):  # a test wrapper adding latency to one member
         await asyncio.sleep(20.0)
-        return await original(rows, deadline)
+        return await original(rows, deadline, arrivals)
 
     slow.infer = sleepy
     start = time.monotonic()
@@ -164,11 +166,11 @@ async def test_a_single_model_request_that_expires_queued_never_reaches_the_mode
     release = asyncio.Event()
     calls = []
 
-    async def held(rows, deadline=None):  # the first batch waits until the test releases it
+    async def held(rows, deadline=None, arrivals=None):  # the first batch waits until the test releases it
         calls.append(rows.shape[0])
         if len(calls) == 1:
             await release.wait()
-        return await original(rows, deadline)
+        return await original(rows, deadline, arrivals)
 
     served.infer = held
     try:
@@ -213,9 +215,9 @@ async def test_queue_depth_counts_requests_waiting_at_a_model_before_its_batcher
     original = served.infer
     release = asyncio.Event()
 
-    async def held(rows, deadline=None):
+    async def held(rows, deadline=None, arrivals=None):
         await release.wait()
-        return await original(rows, deadline)
+        return await original(rows, deadline, arrivals)
 
     served.infer = held
     get = monitor.registry.get_sample_value
@@ -233,4 +235,38 @@ async def test_queue_depth_counts_requests_waiting_at_a_model_before_its_batcher
         assert get("quorum_queue_depth", {"model": "digits_mlp_a"}) == 0
     finally:
         release.set()
+        await manager.stop()
+
+
+async def test_per_request_metrics_and_drift_stay_exact_when_recorded_per_batch(test_split):
+    """Concurrent requests merged into batches are recorded once per batch, yet every
+    per-request and per-row figure counts each request: rows answered, queue waits (one
+    per request, at the model and at each member), agreement per row, drift rows."""
+    x, _ = test_split
+    settings = Settings(model_repository=MODELS, poll_interval_s=0, device="cpu")
+    monitor = Monitor(settings, Statistics())
+    manager = ModelManager(settings, monitor)
+    await manager.start()
+    data = DataPlane(manager, observer=monitor)
+    monitor.attach(manager, data.feedback, data.trackers, data.queued)
+    get = monitor.registry.get_sample_value
+    sizes = [1 + i % 3 for i in range(40)]
+    starts = np.cumsum([0] + sizes[:-1])
+    try:
+        before = {m: get("quorum_queue_wait_seconds_count", {"model": m}) or 0.0 for m in MEMBERS}
+        ensemble = [data.infer("digits", x[s:s + n]) for s, n in zip(starts, sizes)]
+        single = [data.infer("digits_mlp_a", x[s:s + n]) for s, n in zip(starts, sizes)]
+        answers = await asyncio.gather(*ensemble, *single)
+        assert [a.vote.label_index.shape[0] for a in answers] == sizes * 2
+        rows = sum(sizes)
+        assert get("quorum_inference_rows_total", {"model": "digits"}) == rows
+        assert get("quorum_inference_rows_total", {"model": "digits_mlp_a"}) == rows
+        assert get("quorum_ensemble_agreement_ratio_count", {"ensemble": "digits"}) == rows
+        assert get("quorum_vote_seconds_count", {"model": "digits"}) < len(sizes), "never merged"
+        for member in MEMBERS:  # each ensemble request waited once at each member
+            waits = get("quorum_queue_wait_seconds_count", {"model": member}) - before[member]
+            assert waits == len(sizes) * (2 if member == "digits_mlp_a" else 1), member
+        for name in ("digits", "digits_mlp_a"):
+            assert monitor.drift_windows[name].fill == pytest.approx(rows / monitor.window)
+    finally:
         await manager.stop()

@@ -38,7 +38,7 @@ class Member:
         finally:
             self.leased -= 1
 
-    async def infer(self, rows: np.ndarray, deadline: float | None = None) -> np.ndarray:
+    async def infer(self, rows: np.ndarray, deadline: float | None = None, arrivals=None) -> np.ndarray:
         self.calls.append(rows.shape[0])
         if self.blocking is not None:
             return await asyncio.get_running_loop().run_in_executor(*self.blocking)

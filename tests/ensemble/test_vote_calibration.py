@@ -91,14 +91,12 @@ async def test_an_ensembles_drift_window_survives_a_change_of_member_subset(test
     monitor = Monitor(settings, Statistics())
     manager = ModelManager(settings, monitor)
     await manager.start()
-    data = DataPlane(manager)
-    monitor.attach(manager, data.feedback, data.trackers)
+    data = DataPlane(manager, observer=monitor)
+    monitor.attach(manager, data.feedback, data.trackers, data.queued)
     try:
-        full = await data.infer("digits", x[:8])
-        monitor.on_inference(full, 8, 0.01)
+        await data.infer("digits", x[:8])  # recorded by the observer, once per batch
         window = monitor.drift_windows["digits"]
-        partial = await data.infer("digits", x[8:16], members=MEMBERS[:3])
-        monitor.on_inference(partial, 8, 0.01)
+        await data.infer("digits", x[8:16], members=MEMBERS[:3])
         assert monitor.drift_windows["digits"] is window
         assert window.fill == pytest.approx(16 / monitor.window)
     finally:

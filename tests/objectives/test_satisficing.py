@@ -51,7 +51,7 @@ def _slow(data: DataPlane, member: str, seconds: float) -> None:
     served = data.manager.resolve(member)
     original = served.infer
 
-    async def slow(rows, deadline=None):  # a test wrapper adding latency to one member
+    async def slow(rows, deadline=None, arrivals=None):  # a test wrapper adding latency to one member
         await asyncio.sleep(seconds)
         return await original(rows, deadline)
 

@@ -1,0 +1,96 @@
+"""The tensors every model answers with, defined once.
+
+Each protocol's metadata (KServe v2 ModelMetadata, Triton's ModelConfig, TF Serving's
+signature) is derived from these, and every front names an answer's tensors with
+`tensors`. An ensemble answers with the vote; a single model with the vote and its logits.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from service.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from service.dataplane import InferenceResult
+
+
+@dataclass(frozen=True)
+class Output:
+    name: str
+    dtype: np.dtype
+    """What the answer holds (object: label strings, BYTES / DT_STRING on the wire)."""
+    per_class: bool
+    """Shape (rows, classes); otherwise (rows,)."""
+    description: str
+
+    def shape(self, classes: int) -> tuple[int, ...]:
+        """The shape with -1 for the rows, as metadata gives it."""
+        return (-1, classes) if self.per_class else (-1,)
+
+
+_F32, _I64, _STR = np.dtype(np.float32), np.dtype(np.int64), np.dtype(object)
+ENSEMBLE_OUTPUTS = (
+    Output("probabilities", _F32, True, "calibrated probability of each class"),
+    Output("label", _STR, False, "the winning class's label"),
+    Output("class_index", _I64, False, "the winning class's index"),
+    Output("confidence", _F32, False, "the winning class's calibrated probability"),
+    Output("agreement", _F32, False, "share of answering members whose own vote is the winner"),
+)
+SINGLE_OUTPUTS = ENSEMBLE_OUTPUTS[:-1] + (Output("logits", _F32, True, "the model's raw scores"),)
+BY_NAME = {o.name: o for o in SINGLE_OUTPUTS + ENSEMBLE_OUTPUTS}
+
+
+def outputs_of(kind: str) -> tuple[Output, ...]:
+    """The outputs of a model of `kind` ("ensemble", or "model" for a single model)."""
+    return ENSEMBLE_OUTPUTS if kind == "ensemble" else SINGLE_OUTPUTS
+
+
+def output_names(kind: str) -> tuple[str, ...]:
+    return _NAMES[kind == "ensemble"]
+
+
+_NAMES = {True: tuple(o.name for o in ENSEMBLE_OUTPUTS), False: tuple(o.name for o in SINGLE_OUTPUTS)}
+
+
+def check_requested(model: str, kind: str, requested: Sequence[str]) -> None:
+    """InvalidInput naming the first requested output the model does not have: checked
+    before the request is queued, so a request that cannot be answered costs no inference."""
+    names = output_names(kind)
+    for name in requested:
+        if name not in names:
+            raise InvalidInput(f"model '{model}' has no output {name[:64]!r}; outputs are {list(names)}")
+
+
+@functools.lru_cache(maxsize=256)
+def _label_array(labels: tuple[str, ...]) -> np.ndarray:
+    """The labels as an object array, made once per label set (indexed per request)."""
+    return np.asarray(labels, dtype=object)
+
+
+def tensors(result: "InferenceResult", requested: Sequence[str] = ()) -> dict[str, np.ndarray]:
+    """The answer's tensors by name: all of the model's, or the `requested` ones (checked
+    by check_requested beforehand). Views of the vote where its dtype already fits."""
+    vote = result.vote
+    out: dict[str, np.ndarray] = {}
+    for name in requested or output_names("model" if result.logits is not None else "ensemble"):
+        if name == "probabilities":
+            out[name] = vote.probabilities.astype(np.float32, copy=False)
+        elif name == "label":
+            out[name] = _label_array(result.labels)[vote.label_index]
+        elif name == "class_index":
+            out[name] = vote.label_index.astype(np.int64, copy=False)
+        elif name == "confidence":
+            out[name] = vote.confidence.astype(np.float32, copy=False)
+        elif name == "agreement":
+            out[name] = vote.agreement.astype(np.float32, copy=False)
+        elif name == "logits" and result.logits is not None:
+            out[name] = np.asarray(result.logits, dtype=np.float32)
+        else:  # a bug of ours: the front checked the names first
+            raise ValueError(f"model '{result.model}' has no output {name!r}")
+    return out
