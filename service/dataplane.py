@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -80,6 +81,14 @@ class ModelInfo:
     """Rows the model computes in one batch (larger requests are split into such pieces)."""
     max_request_rows: int = 65536
     """Most rows one request may carry (the max_request_rows setting)."""
+    row_shape: tuple[int, ...] = dataclasses.field(init=False)
+    """One row's shape (the input's, less its batch dimension)."""
+    features: int = dataclasses.field(init=False)
+    """Values in one row (a request may also send rows flattened to this many)."""
+
+    def __post_init__(self) -> None:  # once per serving state, not per request
+        object.__setattr__(self, "row_shape", tuple(self.input.shape[1:]))
+        object.__setattr__(self, "features", math.prod(self.row_shape))
 
 
 class AnswerObserver(Protocol):

@@ -42,8 +42,7 @@ def check_declared(info: ModelInfo, declared: Mapping[str, tuple[np.dtype, tuple
     dtype, shape = declared[spec.name]
     if dtype != np.dtype(spec.dtype):
         raise InvalidInput(f"model '{info.name}' input '{spec.name}' must be {spec.dtype}, got {dtype}")
-    row_shape = tuple(spec.shape[1:])
-    features = int(np.prod(row_shape))
+    row_shape, features = info.row_shape, info.features
     if len(shape) == 0 or (tuple(shape[1:]) != row_shape and tuple(shape[1:]) != (features,)):
         raise InvalidInput(
             f"model '{info.name}' input '{spec.name}' must have shape {list(spec.shape)} "
@@ -56,14 +55,17 @@ def check_declared(info: ModelInfo, declared: Mapping[str, tuple[np.dtype, tuple
             f"max_request_rows {info.max_request_rows} (QUORUM_MAX_REQUEST_ROWS); split the request")
 
 
-def model_rows(info: ModelInfo, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
-    """The one input tensor the model takes, checked against its name, dtype and shape.
+def model_rows(info: ModelInfo, inputs: Mapping[str, np.ndarray], declared_checked: bool = False) -> np.ndarray:
+    """The one input tensor the model takes, checked against its name, dtype and shape
+    (unless `declared_checked`: the front checked what the request declared before decoding
+    it, and the decoded arrays are what it declared).
 
     The dtype must match exactly (no silent casts); the shape must be the model's with any
     batch size, or rows flattened to (batch, features). NaN and Inf are rejected: a NaN
     pixel would otherwise become some class with a confident-looking probability.
     """
-    check_declared(info, {name: (array.dtype, tuple(array.shape)) for name, array in inputs.items()})
+    if not declared_checked:
+        check_declared(info, {name: (array.dtype, tuple(array.shape)) for name, array in inputs.items()})
     rows = inputs[info.input.name]
     if rows.dtype.kind == "f" and not np.isfinite(rows).all():
         raise InvalidInput(f"model '{info.name}' input '{info.input.name}' holds NaN or Inf values")

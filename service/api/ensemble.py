@@ -42,7 +42,7 @@ class EnsembleServicer(pb_grpc.EnsembleServiceServicer):
         shape = codec.check_shape(what, request.inputs.shape)
         check_declared(info, {info.input.name: (dtype.numpy, shape)})  # before decoding anything
         rows = codec.decode_raw(what, dtype, shape, request.inputs.content)
-        rows = model_rows(info, {info.input.name: rows})
+        rows = model_rows(info, {info.input.name: rows}, declared_checked=True)
         min_accuracy = _min_accuracy(request)
         latency_budget_s = (_latency_budget_s(request.latency_budget_ms)
                             if request.HasField("latency_budget_ms") else None)

@@ -26,15 +26,17 @@ class Answer:
 async def infer(api: ApiContext, model: str, inputs: Mapping[str, np.ndarray], *,
                 version: int | None = None, deadline: float | None = None,
                 outputs: Sequence[str] = (), request_id: str = "",
-                rows: np.ndarray | None = None, info: ModelInfo | None = None) -> Answer:
+                rows: np.ndarray | None = None, info: ModelInfo | None = None,
+                declared_checked: bool = False) -> Answer:
     """Validate `inputs` against the model (or take prepared `rows`), infer, and name the
     outputs (all of them unless `outputs` asks for some). `deadline` is time.monotonic();
-    `info`: the model's, when the caller already has it."""
+    `info`: the model's, when the caller already has it; `declared_checked`: the caller
+    checked the inputs' declared names, dtypes and shapes (check_declared) before decoding."""
     start = time.perf_counter()
     info = info or api.data.info(model)
     check_requested(model, info.kind, outputs)  # before any inference
     if rows is None:
-        rows = model_rows(info, inputs)
+        rows = model_rows(info, inputs, declared_checked)
     try:
         result = await api.data.infer(model, rows, version=version, deadline=deadline)
     except QuorumError:

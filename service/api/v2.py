@@ -164,7 +164,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         check_declared(info, codec.declared_inputs(request))  # before decoding anything
         answer = await inference.infer(
             self.api, request.model_name, codec.decode_inputs(request), version=_version(request.model_version),
-            deadline=deadline, outputs=[o.name for o in request.outputs], request_id=request.id, info=info)
+            deadline=deadline, outputs=[o.name for o in request.outputs], request_id=request.id, info=info,
+            declared_checked=True)
         result = answer.result
         response = pb.ModelInferResponse(model_name=request.model_name, model_version=str(result.version), id=request.id)
         codec.encode_outputs(response, answer.tensors, raw=codec.wants_raw_outputs(request))
