@@ -7,7 +7,6 @@ vote (label, calibrated probabilities, confidence, agreement) and each member's 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import math
@@ -173,10 +172,14 @@ class DataPlane:
         key = (policy, quorum, tuple((m, id(s)) for m, s in served.items()), tuple(missing), id(ensemble), id(spec))
         plan = Plan(served, missing, quorum, config.deadline_margin_ms / 1000.0,
                     (model, ensemble, spec, policy, tracker), key)
-        with contextlib.ExitStack() as leases:
-            for member in served.values():  # held while queued: a reload waits for the request
-                leases.enter_context(member.lease())
+        held = tuple(served.values())
+        for member in held:  # held while queued: a reload waits for the request
+            member.acquire()
+        try:
             result = await self._pipeline(model, spec, served).submit(plan, rows, deadline)
+        finally:
+            for member in held:
+                member.release()
         tracker.observe({}, time.perf_counter() - start)
         shadow = tracker.shadow(members)
         if shadow:
@@ -281,8 +284,11 @@ class DataPlane:
                 model, self._answer_single, config.max_batch_size, config.max_queue_size, kind="model")
         else:
             pipeline.max_batch_rows, pipeline.max_queue = config.max_batch_size, config.max_queue_size
-        with served.lease():  # held while queued: a reload waits for the request
+        served.acquire()  # held while queued: a reload waits for the request
+        try:
             return await pipeline.submit(plan, rows, deadline)
+        finally:
+            served.release()
 
     def _answer_single(self, plan: Plan, outcomes: FanOut, rows: np.ndarray,
                        spans: Sequence[tuple[int, int]]) -> list[InferenceResult]:
@@ -423,10 +429,11 @@ def result_rows(result: InferenceResult, start: int, stop: int) -> InferenceResu
     vote_rows = Vote(v.policy, v.label_index[start:stop], v.probabilities[start:stop], v.confidence[start:stop],
                      v.agreement[start:stop], v.member_labels[:, start:stop], v.member_weights[:, start:stop],
                      v.members)
-    return dataclasses.replace(
-        result, vote=vote_rows, member_probabilities=result.member_probabilities[:, start:stop],
-        logits=None if result.logits is None else result.logits[start:stop],
-        inputs=None if result.inputs is None else result.inputs[start:stop])
+    # built directly: dataclasses.replace introspects the fields on every call (per request)
+    return InferenceResult(
+        result.model, result.version, result.policy, result.labels, vote_rows, result.members, result.left_out,
+        result.member_probabilities[:, start:stop], None if result.logits is None else result.logits[start:stop],
+        None if result.inputs is None else result.inputs[start:stop], result.vote_s, result.shadow)
 
 
 def _record_vote(seconds: float, policy: str, left_out: tuple[str, ...]) -> None:

@@ -15,10 +15,11 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from prometheus_client.core import CounterMetricFamily
 
 from service.monitoring import drift
-from service.monitoring.metrics import Catalogue, GpuCollector, MetricsServer, StateCollector, gauge
+from service.monitoring.metrics import Catalogue, GpuCollector, MetricsServer, StateCollector, gauge, observe_many
 from service.monitoring.statistics import Statistics
 
 if TYPE_CHECKING:  # no import cycles at run time; nothing here imports grpc
@@ -157,8 +158,7 @@ class Monitor:
             self.statistics.on_batch(model, batch_rows, queue_waits_s)
         batch, queue = self._model(model.rpartition(":")[0] or model)[:2]
         batch.observe(batch_rows)
-        for wait in queue_waits_s:
-            queue.observe(wait)
+        observe_many(queue, queue_waits_s)
 
     def on_compute(self, model: str, version: int, rows: int, seconds: float) -> None:
         if self.statistics:
@@ -213,9 +213,8 @@ class Monitor:
         ensemble = len(result.members) > 1 or result.members[0].name != result.model
         if ensemble:
             agreement, member_latency = self._ensemble_children(result.model)
-            for a, b in spans:
-                for value in vote.agreement[a:b].tolist():
-                    agreement.observe(value)
+            observe_many(agreement, vote.agreement if whole else np.concatenate(
+                [vote.agreement[a:b] for a, b in spans]))
             for member in result.members:
                 child = member_latency.get(member.name)
                 if child is None:

@@ -87,14 +87,22 @@ class ServedVersion:
     def lease(self) -> Iterator["ServedVersion"]:
         """Held by each request for its whole run, so unload waits for it. Synchronous, so a
         caller can take it in the same step as resolving the version (no swap in between)."""
-        self._leases += 1
-        self._idle.clear()
+        self.acquire()
         try:
             yield self
         finally:
-            self._leases -= 1
-            if self._leases == 0:
-                self._idle.set()
+            self.release()
+
+    def acquire(self) -> None:
+        """lease() without a context manager (a request's hot path holds several): every
+        acquire is paired with one release."""
+        self._leases += 1
+        self._idle.clear()
+
+    def release(self) -> None:
+        self._leases -= 1
+        if self._leases == 0:
+            self._idle.set()
 
     async def infer(self, rows: np.ndarray, deadline: float | None = None,
                     arrivals: Sequence[float] | None = None) -> np.ndarray:

@@ -7,7 +7,9 @@ import urllib.request
 from types import SimpleNamespace
 
 import grpc
+import numpy as np
 import prometheus_client
+import pytest
 
 from service.monitoring.monitor import Monitor, api_of, request_model
 from service.monitoring.statistics import Statistics
@@ -108,3 +110,31 @@ def test_api_and_model_of_requests():
     request.model_spec.name = "digits_logreg"
     assert request_model(request) == "digits_logreg"
     assert request_model(None) == ""
+
+
+@pytest.mark.parametrize("count", [0, 1, 3, 4, 50, 2000])
+def test_bulk_observations_expose_what_one_by_one_observations_do(count):
+    """observe_many (a batch's queue waits, its rows' agreement) against prometheus-client's
+    own observe() on a twin histogram: the same exposition, bucket by bucket, with values on
+    the bounds, below the first, above the last, negative and NaN."""
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from service.monitoring.metrics import observe_many
+
+    rng = np.random.default_rng(count)
+    bounds = (0.001, 0.01, 0.1, 0.5, 1.0, 10.0)
+    values = rng.choice(np.concatenate([rng.exponential(0.3, 64), bounds, [-1.0, 0.0, 100.0]]), count)
+    if count >= 50:
+        values[7] = np.nan
+    exposed = []
+    for bulk in (False, True):
+        registry = CollectorRegistry()
+        child = Histogram("h", "twin", ["model"], buckets=bounds, registry=registry).labels("m")
+        if bulk:
+            observe_many(child, values)
+        else:
+            for v in values.tolist():
+                child.observe(v)
+        exposed.append([line for line in generate_latest(registry).decode().splitlines()
+                        if not line.startswith("h_created")])
+    assert exposed[1] == exposed[0]
