@@ -12,11 +12,10 @@ import pytest
 from service.dataplane import DataPlane
 from service.errors import DeadlineExceeded, Overloaded
 from service.evaluation import member_scores, policy_accuracy
-from service.monitoring.monitor import Monitor
 from service.monitoring.statistics import Statistics
 from service.repository.manager import ModelManager
 from service.settings import Settings
-from tests.helpers import MODELS, copy_variant
+from tests.helpers import MODELS, copy_variant, monitored_data_plane
 
 MEMBERS = ["digits_mlp_a", "digits_mlp_b", "digits_cnn_a", "digits_cnn_b", "digits_logreg"]
 
@@ -205,12 +204,8 @@ async def test_queue_depth_counts_requests_waiting_at_a_model_before_its_batcher
     """quorum_queue_depth (what the autoscaler reads) counts the requests waiting at the
     model's own queue while a batch runs, not only those inside its batcher."""
     x, _ = test_split
-    settings = Settings(model_repository=MODELS, poll_interval_s=0, device="cpu")
-    monitor = Monitor(settings, Statistics())
-    manager = ModelManager(settings, monitor)
-    await manager.start()
-    data = DataPlane(manager)
-    monitor.attach(manager, data.feedback, data.trackers, data.queued)
+    data, monitor = await monitored_data_plane()
+    manager = data.manager
     served = manager.resolve("digits_mlp_a")
     original = served.infer
     release = asyncio.Event()
@@ -243,12 +238,8 @@ async def test_per_request_metrics_and_drift_stay_exact_when_recorded_per_batch(
     per-request and per-row figure counts each request: rows answered, queue waits (one
     per request, at the model and at each member), agreement per row, drift rows."""
     x, _ = test_split
-    settings = Settings(model_repository=MODELS, poll_interval_s=0, device="cpu")
-    monitor = Monitor(settings, Statistics())
-    manager = ModelManager(settings, monitor)
-    await manager.start()
-    data = DataPlane(manager, observer=monitor)
-    monitor.attach(manager, data.feedback, data.trackers, data.queued)
+    data, monitor = await monitored_data_plane()
+    manager = data.manager
     get = monitor.registry.get_sample_value
     sizes = [1 + i % 3 for i in range(40)]
     starts = np.cumsum([0] + sizes[:-1])

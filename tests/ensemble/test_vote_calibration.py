@@ -6,16 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.dataplane import DataPlane
 from service.ensemble.calibration import fit_vote_calibration
 from service.ensemble.voting import Policy, vote
-from service.monitoring.monitor import Monitor
-from service.monitoring.statistics import Statistics
 from service.repository.contract import check_ensemble
-from service.repository.manager import ModelManager
 from service.repository.manifest import load_manifest
-from service.settings import Settings
-from tests.helpers import MODELS
+from tests.helpers import MODELS, monitored_data_plane
 
 MEMBERS = ["digits_mlp_a", "digits_mlp_b", "digits_cnn_a", "digits_cnn_b", "digits_logreg"]
 
@@ -87,12 +82,8 @@ def test_calibration_keeps_the_winner_and_a_lone_member_as_it_is(manifests):
 
 async def test_an_ensembles_drift_window_survives_a_change_of_member_subset(test_split):
     x, _ = test_split
-    settings = Settings(model_repository=MODELS, poll_interval_s=0, device="cpu")
-    monitor = Monitor(settings, Statistics())
-    manager = ModelManager(settings, monitor)
-    await manager.start()
-    data = DataPlane(manager, observer=monitor)
-    monitor.attach(manager, data.feedback, data.trackers, data.queued)
+    data, monitor = await monitored_data_plane()
+    manager = data.manager
     try:
         await data.infer("digits", x[:8])  # recorded by the observer, once per batch
         window = monitor.drift_windows["digits"]
