@@ -183,7 +183,14 @@ class DynamicBatcher:
         time: the batches ahead of it (the running one, the queued rows and its own, at
         max_batch_size a batch) take longer, at the recently measured time per batch, than
         its deadline leaves. Failing fast frees the client to retry elsewhere, and the
-        model never spends time on an answer nobody will read."""
+        model never spends time on an answer nobody will read.
+
+        An idle model (nothing running, nothing queued) admits: with no work ahead the
+        request's own batch is the only way to measure the time per batch anew, and an
+        estimate inflated by a busy moment (a saturated event loop, a slow first batch)
+        would otherwise refuse every request from then on."""
+        if not self._batches_running and not self._queued_rows:
+            return
         batches = self._batches_running + -(-(self._queued_rows + rows) // self._config.max_batch_size)
         refuse_if_late(f"model '{self.name}'", self._queued_rows, batches, self._batch_s, time_left_s)  # type: ignore[arg-type]
 

@@ -172,7 +172,10 @@ class EnsemblePipeline:
         holding the queue and the batches queued ahead take longer, at the recently measured
         time per batch, than its deadline leaves. An ensemble's own batch is not counted:
         once it runs, the straggler cutoff answers it in time with the members in by then;
-        a single model's is."""
+        a single model's is. An idle queue admits (as a member's batcher does): only a
+        batch can measure the time per batch anew."""
+        if not self._holding and not self._queued_rows:
+            return
         queued = self._queued_rows + (0 if self.partial else rows)
         ahead = (1 if self._holding else 0) + -(-queued // self.max_batch_rows)
         refuse_if_late(self.what, self._queued_rows, ahead, self._batch_s, time_left_s)  # type: ignore[arg-type]

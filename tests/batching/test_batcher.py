@@ -284,6 +284,17 @@ async def test_a_request_that_cannot_finish_before_its_deadline_is_refused_at_on
     await batcher.stop()
 
 
+async def test_an_idle_model_admits_whatever_the_last_batch_took():
+    model = FakeModel(compute_s=0.3)
+    batcher = DynamicBatcher("m", model, BatchingConfig(max_batch_size=1))
+    await batcher.submit(row(0))  # measured: about 0.3 s per batch
+    model.compute_s = 0.0  # the slow moment is over, but only a batch can tell
+    answer = await asyncio.wait_for(batcher.submit(row(7), deadline=time.monotonic() + 0.2), timeout=60)
+    np.testing.assert_array_equal(answer, row(7) * 2 + 1)
+    assert model.saw(7)
+    await batcher.stop()
+
+
 async def test_no_deadline_or_no_measurement_yet_is_admitted():
     gate = asyncio.Event()
     model = FakeModel(gate=gate)

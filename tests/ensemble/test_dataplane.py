@@ -157,7 +157,8 @@ async def test_a_single_model_request_that_expires_queued_never_reaches_the_mode
     with DeadlineExceeded naming the model; its rows are never computed. Once a batch's time
     is measured, a request whose deadline leaves less is refused at once (Overloaded). One
     whose deadline passes while its own batch computes fails at its deadline, not when the
-    model answers."""
+    model answers. An idle model admits whatever its last batch took: only a batch measures
+    anew."""
     x, _ = test_split
     data = await _data_plane()
     served = data.manager.resolve("digits_mlp_a")
@@ -179,20 +180,28 @@ async def test_a_single_model_request_that_expires_queued_never_reaches_the_mode
         with pytest.raises(DeadlineExceeded, match=r"model 'digits_mlp_a': deadline passed after .* in the queue"):
             await data.infer("digits_mlp_a", x[2:5], deadline=time.monotonic() + 0.2)
         assert not first.done() and calls == [2]
+        await asyncio.sleep(1.0)
         release.set()
         assert (await first).vote.label_index.shape == (2,)
         assert calls == [2]  # the expired request's 3 rows never reached the model
 
-        # the first batch took about 0.2 s (it waited for the release): 10 ms cannot be enough
-        with pytest.raises(Overloaded, match=r"model 'digits_mlp_a': 0 rows queued ahead, .* more than the "):
-            await data.infer("digits_mlp_a", x[:4], deadline=time.monotonic() + 0.01)
-        assert calls == [2]
+        # the first batch took over 1.2 s (it waited for the release), but with nothing
+        # ahead a request whose deadline leaves less is let in, and answered
+        assert (await data.infer("digits_mlp_a", x[:3], deadline=time.monotonic() + 0.6)).vote.label_index.shape == (3,)
+        assert calls == [2, 3]
 
         release.clear()
         calls.clear()
+        held_batch = asyncio.ensure_future(data.infer("digits_mlp_a", x[:4], deadline=time.monotonic() + 3.0))
+        while not calls:
+            await asyncio.sleep(0.01)
+        # behind a batch measured at about a second, 50 ms cannot be enough: refused at once
+        with pytest.raises(Overloaded, match=r"model 'digits_mlp_a': 0 rows queued ahead, .* more than the "):
+            await data.infer("digits_mlp_a", x[:4], deadline=time.monotonic() + 0.05)
+        assert calls == [4]
         with pytest.raises(DeadlineExceeded, match=r"model 'digits_mlp_a': deadline reached after .* before "
                                                    r"the model answered"):
-            await data.infer("digits_mlp_a", x[:4], deadline=time.monotonic() + 3.0)
+            await held_batch
         assert calls == [4]
         release.set()
     finally:

@@ -256,6 +256,15 @@ async def test_full_queue_and_hopeless_deadlines_are_refused_at_once():
     assert set(results) == {"a"}
 
 
+async def test_an_idle_single_model_admits_whatever_its_last_batch_took():
+    member = Member(1, 0.3)
+    p = EnsemblePipeline("m", answer, 64, 100, kind="model")
+    await p.submit(plan({"m": member}, 1), rows(), None)  # measured: about 0.3 s per batch
+    member.delay = 0.0  # the slow moment is over, but only a batch can tell
+    _, results = await p.submit(plan({"m": member}, 1), rows(), time.monotonic() + 0.2)
+    assert set(results) == {"m"} and member.calls == [1, 1]
+
+
 async def test_a_traced_request_gets_the_batch_stages():
     members = {"a": Member(1, 0.0)}
     stages: list = []
