@@ -20,7 +20,15 @@ class ModelNotReady(QuorumError):
 
 
 class Overloaded(QuorumError):
-    """A queue is full; the client should back off and retry."""
+    """A queue is full; the client should back off and retry.
+
+    `retry_after_s`: about when the work ahead of it will have drained, where measured; the
+    gRPC front sends it as `grpc-retry-pushback-ms`, which gRPC clients with a retry
+    policy wait before they try again."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class DeadlineExceeded(QuorumError):

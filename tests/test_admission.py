@@ -3,10 +3,14 @@ flight ahead of it is refused at once (RESOURCE_EXHAUSTED); everything else is l
 
 from __future__ import annotations
 
+import grpc
 import pytest
 
 from service import errors
-from service.api.interceptors import Admission
+from service._proto.inference import grpc_service_pb2 as v2_pb
+from service.api.engine import build_server
+from service.api.interceptors import Admission, ServiceInterceptor
+from service.batching.requests import refuse_if_late
 
 
 class Clock:
@@ -73,3 +77,51 @@ def test_closing_and_loading_still_answer_unavailable_first():
     gate.close()
     with pytest.raises(errors.Unavailable, match="shutting down"):
         gate.enter(10.0)
+
+
+def test_a_refusal_on_work_ahead_says_when_that_work_will_have_drained():
+    clock = Clock()
+    gate = _serving(clock)
+    _measure(gate, clock, in_flight=10, per_second=100.0, calls=60)
+    with pytest.raises(errors.Overloaded) as refused:
+        gate.enter(0.04)
+    assert refused.value.retry_after_s == pytest.approx(0.1, rel=0.05)  # 10 calls at 100/s
+    with pytest.raises(errors.Overloaded) as late:
+        refuse_if_late("model 'm'", queued_rows=128, batches=3, batch_s=0.02, time_left_s=0.05)
+    assert late.value.retry_after_s == pytest.approx(0.06)  # three batches of 20 ms
+
+
+@pytest.mark.parametrize("engine", ["grpcio", "native"])
+async def test_resource_exhausted_carries_grpc_retry_pushback(engine):
+    """What a stock gRPC client reads: the status, the message, and in the trailers the
+    pushback (gRPC's retry design: clients with a retry policy wait that long) and the
+    request id; an overload with nothing measured sends no pushback."""
+    method = "/inference.GRPCInferenceService/ModelInfer"
+    refusals = iter([errors.Overloaded("busy for a while", retry_after_s=0.2504),
+                     errors.Overloaded("queue full")])
+
+    async def infer(request, context):
+        raise next(refusals)
+
+    handler = grpc.unary_unary_rpc_method_handler(
+        infer, request_deserializer=v2_pb.ModelInferRequest.FromString,
+        response_serializer=v2_pb.ModelInferResponse.SerializeToString)
+    server = build_server(engine, interceptors=[ServiceInterceptor()], options=[])
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        "inference.GRPCInferenceService", {"ModelInfer": handler})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.unary_unary(method, request_serializer=v2_pb.ModelInferRequest.SerializeToString,
+                                       response_deserializer=v2_pb.ModelInferResponse.FromString)
+            trailers = []
+            for _ in range(2):
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await call(v2_pb.ModelInferRequest(model_name="m", id="req-7"), timeout=30)
+                assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                trailers.append(dict(err.value.trailing_metadata()))
+    finally:
+        await server.stop(0)
+    assert trailers[0]["grpc-retry-pushback-ms"] == "250" and trailers[0]["x-request-id"] == "req-7"
+    assert "grpc-retry-pushback-ms" not in trailers[1] and trailers[1]["x-request-id"] == "req-7"

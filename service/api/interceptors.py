@@ -19,6 +19,8 @@ from service.api.limits import check_request, short
 from service.api.request_scope import REQUEST_ID_KEY, RequestScope, client_request_id, new_request_id
 from service.monitoring.tracing import Tracing
 
+PUSHBACK_KEY = "grpc-retry-pushback-ms"
+
 log = logging.getLogger(__name__)
 
 STATUS_OF: dict[type[errors.QuorumError], grpc.StatusCode] = {
@@ -104,7 +106,7 @@ class Admission:
                 raise errors.Overloaded(
                     f"server overloaded: {self.inflight} calls in flight, about {wait_s * 1000:.0f} ms of work "
                     f"at {self.rate:.0f} calls/s, more than twice the {max(time_left_s, 0.0) * 1000:.0f} ms "
-                    f"this call's deadline leaves; retry later or elsewhere")
+                    f"this call's deadline leaves; retry later or elsewhere", retry_after_s=wait_s)
         self._account(now)
         self.inflight += 1
         self._idle.clear()
@@ -213,10 +215,14 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, token: bytes | None,
         if check_auth and not bearer_matches(context.invocation_metadata(), token):
             raise errors.Unauthenticated(_DENIED)
 
-    async def fail(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    async def fail(context: grpc.aio.ServicerContext, exc: BaseException, request_id: str | None = None) -> None:
         code = status_of(exc)
         if code == grpc.StatusCode.INTERNAL:
             log.exception("internal error in %s", method, exc_info=exc)
+        retry_after_s = getattr(exc, "retry_after_s", None)
+        if retry_after_s is not None:  # gRPC's retry pushback: when to come back (A6)
+            trailer = ((PUSHBACK_KEY, str(max(1, round(retry_after_s * 1000)))),)
+            context.set_trailing_metadata(trailer + (((REQUEST_ID_KEY, request_id),) if request_id else ()))
         details = str(exc) or type(exc).__name__
         await context.abort(code, details if len(details) <= MAX_DETAILS else details[:MAX_DETAILS] + "...")
 
@@ -252,7 +258,7 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, token: bytes | None,
                 return await inner(_parsed(request, context) if handler.stream_unary else request, context)
             except errors.QuorumError as exc:
                 code = status_of(exc)
-                await fail(context, exc)
+                await fail(context, exc, scope.request_id if scope is not None else None)
             except grpc.aio.AbortError:
                 code = context.code() or grpc.StatusCode.UNKNOWN
                 raise

@@ -61,7 +61,8 @@ def refuse_if_late(what: str, queued_rows: int, batches: int, batch_s: float, ti
         raise Overloaded(
             f"{what}: {queued_rows} rows queued ahead, about {needed_s * 1000:.1f} ms of work "
             f"({batches} batches of {batch_s * 1000:.2f} ms), more than the "
-            f"{max(time_left_s, 0.0) * 1000:.1f} ms its deadline leaves; retry later or elsewhere")
+            f"{max(time_left_s, 0.0) * 1000:.1f} ms its deadline leaves; retry later or elsewhere",
+            retry_after_s=needed_s)
 
 
 def merge(blocks: Sequence[np.ndarray]) -> tuple[np.ndarray, list[int]]:
