@@ -11,6 +11,9 @@ clients whose requests carry --deadline-ms deadlines for --seconds, and reports:
 
     .venv/bin/python bench/overload.py [--clients 512 --deadline-ms 50 --seconds 30]
     .venv/bin/python bench/overload.py --root /path/to/older/checkout   # the same, before
+    .venv/bin/python bench/overload.py --grpc-engine native             # the server on pygrpc-native
+    .venv/bin/python bench/overload.py --backoff-ms 50   # refused clients wait the server's
+                                                         # pushback (else jittered backoff)
 
 Results in bench/results/overload.json (the last run).
 """
@@ -40,12 +43,14 @@ from tests.helpers import free_port  # noqa: E402
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
 
 
-def start(root: Path, port: int) -> subprocess.Popen:
+def start(root: Path, port: int, engine: str | None) -> subprocess.Popen:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(root)}
+    # An older checkout may predate --grpc-engine: name it only when asked.
+    engine_args = ["--grpc-engine", engine] if engine else []
     return subprocess.Popen(
         [sys.executable, "-m", "service.cli", "serve", "--model-repository", str(root / "models"),
          "--grpc-port", str(port), "--metrics-port", str(free_port()), "--http-port", "0",
-         "--device", "cpu", "--log-level", "WARNING"], cwd=root, env=env)
+         "--device", "cpu", "--log-level", "WARNING", *engine_args], cwd=root, env=env)
 
 
 async def wait_ready(address: str, payload: bytes) -> None:
@@ -60,23 +65,51 @@ async def wait_ready(address: str, payload: bytes) -> None:
     raise TimeoutError("server not ready")
 
 
-async def overload(address: str, payload: bytes, clients: int, deadline_s: float, seconds: float) -> dict:
+PUSHBACK_KEY = "grpc-retry-pushback-ms"
+MAX_BACKOFF_S = 1.0
+
+
+def pushback_s(exc: grpc.aio.AioRpcError) -> float:
+    """The server's `grpc-retry-pushback-ms` (gRPC's retry design, A6), 0 when absent."""
+    for key, value in exc.trailing_metadata() or ():
+        if key == PUSHBACK_KEY:
+            try:
+                return max(0.0, int(value) / 1000)
+            except ValueError:
+                return 0.0
+    return 0.0
+
+
+async def overload(address: str, payload: bytes, clients: int, deadline_s: float, seconds: float,
+                   backoff_s: float = 0.0, seed: int = 0) -> dict:
+    """Closed-loop clients. backoff_s = 0: a refused client sends its next request at once.
+    backoff_s > 0: after RESOURCE_EXHAUSTED it waits as a gRPC client with a retry policy
+    does: the server's pushback if it sent one, else a jittered exponential backoff from
+    backoff_s (doubling per refusal in a row, at most MAX_BACKOFF_S)."""
     outcomes: list[tuple[str, float]] = []
     options = [("grpc.max_receive_message_length", MAX_MESSAGE)]
     channels = [grpc.aio.insecure_channel(address, options=options + [("bench.channel", i)]) for i in range(4)]
     calls = [ch.unary_unary(METHOD) for ch in channels]
     stop_at = time.perf_counter() + seconds
+    rng = np.random.default_rng(seed)
 
     async def client(i: int) -> None:
         call = calls[i % len(calls)]
+        refused = 0
         while time.perf_counter() < stop_at:
             start = time.perf_counter()
+            wait = 0.0
             try:
                 await call(payload, timeout=deadline_s)
                 code = "OK"
             except grpc.aio.AioRpcError as exc:
                 code = exc.code().name
+                if backoff_s > 0 and exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    wait = pushback_s(exc) or min(MAX_BACKOFF_S, backoff_s * 2 ** refused) * rng.uniform(0.5, 1.5)
+            refused = refused + 1 if wait else 0
             outcomes.append((code, time.perf_counter() - start))
+            if wait:
+                await asyncio.sleep(min(wait, max(0.0, stop_at - time.perf_counter())))
 
     began = time.perf_counter()
     await asyncio.gather(*(client(i) for i in range(clients)))
@@ -87,7 +120,7 @@ async def overload(address: str, payload: bytes, clients: int, deadline_s: float
     failed = np.array([s for c, s in outcomes if c != "OK"]) * 1000
     in_time = int((ok <= deadline_s * 1000).sum())
     return {"clients": clients, "deadline_ms": deadline_s * 1000, "seconds": round(wall, 2),
-            "requests": len(outcomes), "goodput_rps": in_time / wall,
+            "requests": len(outcomes), "in_time": in_time, "goodput_rps": in_time / wall,
             "codes": dict(Counter(c for c, _ in outcomes)),
             "success_p99_ms": float(np.percentile(ok, 99)) if ok.size else None,
             "failure_p50_ms": float(np.percentile(failed, 50)) if failed.size else None,
@@ -102,23 +135,29 @@ async def main() -> None:
     p.add_argument("--deadline-ms", type=float, default=50.0)
     p.add_argument("--seconds", type=float, default=30.0)
     p.add_argument("--capacity-seconds", type=float, default=15.0)
+    p.add_argument("--out", type=Path, default=BENCH / "results" / "overload.json")
+    p.add_argument("--backoff-ms", type=float, default=0.0,
+                   help="after RESOURCE_EXHAUSTED wait the server's pushback, else a jittered exponential "
+                        "backoff from this (0: send the next request at once)")
+    p.add_argument("--grpc-engine", choices=["grpcio", "native"], help="the server's engine (default: its own)")
     args = p.parse_args()
     port = free_port()
     address = f"127.0.0.1:{port}"
     payload = make_request("v2", args.model, (1, 64), "pixels")
-    server = start(args.root.resolve(), port)
+    server = start(args.root.resolve(), port, args.grpc_engine)
     try:
         await wait_ready(address, payload)
         capacity = await run_load(target=address, protocol="v2", model=args.model, shape=(1, 64), concurrency=64,
                                   duration=args.capacity_seconds, warmup=2, channels=4, server_pid=server.pid)
-        result = await overload(address, payload, args.clients, args.deadline_ms / 1000, args.seconds)
+        result = await overload(address, payload, args.clients, args.deadline_ms / 1000, args.seconds,
+                                backoff_s=args.backoff_ms / 1000)
     finally:
         server.terminate()
         server.wait(timeout=60)
-    result.update(root=str(args.root), model=args.model, capacity_rps=capacity.throughput_rps,
+    result.update(root=str(args.root), model=args.model, grpc_engine=args.grpc_engine, backoff_ms=args.backoff_ms, capacity_rps=capacity.throughput_rps,
                   capacity_p99_ms=capacity.latency_ms["p99"])
     result["goodput_ratio"] = result["goodput_rps"] / capacity.throughput_rps
-    out = BENCH / "results" / "overload.json"
+    out = args.out
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"capacity (c=64): {capacity.throughput_rps:.0f} req/s, p99 {capacity.latency_ms['p99']:.1f} ms")

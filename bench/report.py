@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 NAMES = {"floor": "floor (bare grpc.aio)", "mlserver": "MLServer 1.7.1", "quorum": "Quorum",
-         "quorum-mobilenet": "Quorum"}
+         "quorum-native": "Quorum (native engine)", "quorum-mobilenet": "Quorum"}
 
 
 def _load(r: dict) -> str:

@@ -128,6 +128,11 @@ def configs(servers: set[str], quick: bool, image_input: str) -> list[Config]:
         cs += [Config("digits", "quorum", "digits", concurrency=c) for c in levels]
         cs += [Config("digits", "quorum", "digits_mlp_a", protocol="quorum", concurrency=64),
                Config("digits", "quorum", "digits", protocol="quorum", concurrency=64)]
+    if "quorum-native" in servers:
+        # The same server on pygrpc-native (--grpc-engine native): the issue's targets name
+        # both engines.
+        cs += [Config("digits", "quorum-native", model, concurrency=c)
+               for model in ("digits_mlp_a", "digits") for c in levels]
     if not quick:
         # Open loop: Poisson arrivals, latency charged from the scheduled arrival.
         for server, rates in (("floor", (1000, 3000)), ("mlserver", (500, 1000)),
@@ -213,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=BENCH / "results")
     p.add_argument("--quick", action="store_true", help="fewer configurations (smoke test)")
     p.add_argument("--skip", action="append", default=[],
-                   help="server to leave out: floor, mlserver, quorum, quorum-mobilenet")
+                   help="server to leave out: floor, mlserver, quorum, quorum-native, quorum-mobilenet")
     p.add_argument("--quorum-env", action="append", default=[],
                    help="KEY=VALUE for the Quorum servers, e.g. QUORUM_MONITORING=false")
     args = p.parse_args(argv)
@@ -245,6 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     port = free_port()
     add(Server("quorum", serve + ["--model-repository", str(ROOT / "models"), "--grpc-port", str(port),
                                   "--metrics-port", str(free_port()), "--http-port", "0"], port, env=quorum_env))
+    port = free_port()
+    add(Server("quorum-native", serve + ["--model-repository", str(ROOT / "models"), "--grpc-port", str(port),
+                                         "--metrics-port", str(free_port()), "--http-port", "0",
+                                         "--grpc-engine", "native"], port, env=quorum_env))
     port = free_port()
     image_input = mobilenet_input_name() if "quorum-mobilenet" not in args.skip else "input"
     add(Server("quorum-mobilenet", serve + ["--model-repository", str(MOBILENET_REPO), "--grpc-port", str(port),
@@ -302,23 +311,35 @@ def _find(results: list[dict], key: str) -> dict | None:
 
 
 def ratios(results: list[dict], ceiling: dict) -> list[dict]:
-    """The issue's targets, each as measured / reference."""
+    """The issue's targets, each as measured / reference (for a bound, reference / measured)."""
     out = []
-    floor64 = _find(results, "floor/v2/digits_mlp_a/c64")
-    single64 = _find(results, "quorum/v2/digits_mlp_a/c64")
-    ens64 = _find(results, "quorum/v2/digits/c64")
+    floor = {c: _find(results, f"floor/v2/digits_mlp_a/c{c}") for c in (1, 64)}
     mls64 = _find(results, "mlserver/v2/digits_mlp_a/c64")
-    if floor64 and single64:
-        out.append({"target": "Quorum single member (digits_mlp_a), c=64 / floor", "want": 0.8,
-                    "ratio": single64["throughput_rps"] / floor64["throughput_rps"]})
-    if floor64 and ens64:
-        out.append({"target": "Quorum 5-member digits ensemble, c=64 / floor", "want": 0.6,
-                    "ratio": ens64["throughput_rps"] / floor64["throughput_rps"]})
-    if mls64 and single64:
-        out.append({"target": "Quorum / MLServer throughput, c=64 (p99 must be <=)", "want": 3.0,
-                    "ratio": single64["throughput_rps"] / mls64["throughput_rps"],
-                    "note": f"p99 {single64['latency_ms']['p99']:.1f} ms vs {mls64['latency_ms']['p99']:.1f} ms",
-                    "p99_ok": single64["latency_ms"]["p99"] <= mls64["latency_ms"]["p99"]})
+    for server, engine, single_want in (("quorum", "grpcio", 0.8), ("quorum-native", "native", 1.0)):
+        single = {c: _find(results, f"{server}/v2/digits_mlp_a/c{c}") for c in (1, 64)}
+        ens64 = _find(results, f"{server}/v2/digits/c64")
+        if floor[64] and single[64]:
+            out.append({"target": f"single member (digits_mlp_a), {engine}, c=64 / floor", "want": single_want,
+                        "ratio": single[64]["throughput_rps"] / floor[64]["throughput_rps"]})
+        if floor[1] and single[1]:
+            out.append({"target": f"single member, {engine}, c=1 / floor", "want": 0.8,
+                        "ratio": single[1]["throughput_rps"] / floor[1]["throughput_rps"]})
+        if floor[64] and ens64:
+            out.append({"target": f"5-member digits ensemble, {engine}, c=64 / floor", "want": 0.6,
+                        "ratio": ens64["throughput_rps"] / floor[64]["throughput_rps"]})
+            out.append({"target": f"ensemble, {engine}, 3 x floor's p99 / its p99 (c=64)", "want": 1.0,
+                        "ratio": 3 * floor[64]["latency_ms"]["p99"] / ens64["latency_ms"]["p99"],
+                        "note": f"p99 {ens64['latency_ms']['p99']:.1f} ms vs floor {floor[64]['latency_ms']['p99']:.1f} ms"})
+        for what, r, budget in (("ensemble", ens64, 300), ("single member", single[64], 150)):
+            if r and r.get("server_cpu_us_per_req"):
+                out.append({"target": f"{what}, {engine}, {budget} µs / server CPU per request (c=64)", "want": 1.0,
+                            "ratio": budget / r["server_cpu_us_per_req"],
+                            "note": f"{r['server_cpu_us_per_req']:.0f} µs per request"})
+        if mls64 and single[64]:
+            out.append({"target": f"Quorum {engine} / MLServer throughput, c=64 (p99 must be <=)", "want": 3.0,
+                        "ratio": single[64]["throughput_rps"] / mls64["throughput_rps"],
+                        "note": f"p99 {single[64]['latency_ms']['p99']:.1f} ms vs {mls64['latency_ms']['p99']:.1f} ms",
+                        "p99_ok": single[64]["latency_ms"]["p99"] <= mls64["latency_ms"]["p99"]})
     mob = [r for r in results if r["key"].startswith("quorum-mobilenet/v2/mobilenets/")]
     if mob and ceiling.get("mobilenets"):
         best = max(mob, key=lambda r: r["rows_per_s"])

@@ -1,0 +1,31 @@
+"""bench/overload.py, briefly: on both engines it measures a capacity, drives more clients
+than that with short deadlines, and accounts for every request it sent (no goodput or
+timing asserted: figures are in docs/performance.md)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+EXPECTED = {"OK", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "CANCELLED"}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("engine", ["grpcio", "native"])
+def test_overload_bench_accounts_for_every_request(tmp_path, engine):
+    out = tmp_path / "overload.json"
+    subprocess.run([sys.executable, str(BENCH / "overload.py"), "--clients", "16", "--seconds", "1",
+                    "--capacity-seconds", "1", "--deadline-ms", "200", "--backoff-ms", "20",
+                    "--grpc-engine", engine, "--out", str(out)],
+                   check=True, capture_output=True, text=True, timeout=290)
+    report = json.loads(out.read_text())
+    assert report["grpc_engine"] == engine and report["backoff_ms"] == 20
+    assert report["capacity_rps"] > 0 and report["requests"] > 0
+    assert set(report["codes"]) <= EXPECTED, report["codes"]
+    assert sum(report["codes"].values()) == report["requests"]
+    assert 0 <= report["in_time"] <= report["codes"].get("OK", 0)  # goodput: answers within their deadline
