@@ -100,6 +100,19 @@ BULK_FROM = 4
 """Fewer values than this are observed one by one (numpy's fixed cost is higher)."""
 
 
+_bounds_arrays: dict[int, tuple[list[float], np.ndarray]] = {}
+
+
+def _bounds_array(bounds: list[float]) -> np.ndarray:
+    """A histogram's bucket bounds as an array, converted once: searchsorted on the list
+    converted it on every batch (6 % of the event loop in an ensemble profile). Keyed by the
+    list's id and checked by identity, so a reused id can never return another's bounds."""
+    cached = _bounds_arrays.get(id(bounds))
+    if cached is None or cached[0] is not bounds:
+        cached = _bounds_arrays[id(bounds)] = (bounds, np.asarray(bounds, dtype=np.float64))
+    return cached[1]
+
+
 def observe_many(histogram: Histogram, values: Sequence[float] | np.ndarray) -> None:
     """histogram.observe(v) for every v, in one pass: the batch's per-request and per-row
     observations (queue waits, agreement) bucketed by numpy, one increment per bucket hit.
@@ -111,7 +124,7 @@ def observe_many(histogram: Histogram, values: Sequence[float] | np.ndarray) -> 
             histogram.observe(value)
         return
     array = np.asarray(values, dtype=np.float64)
-    bounds = histogram._upper_bounds
+    bounds = _bounds_array(histogram._upper_bounds)
     # observe() counts a value in the first bucket whose bound is >= it (NaN in none)
     counts = np.bincount(np.searchsorted(bounds, array, side="left"), minlength=len(bounds) + 1)
     histogram._sum.inc(float(array.sum()))
