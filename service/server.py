@@ -28,7 +28,7 @@ from service._proto.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from service._proto.quorum.v1 import ensemble_pb2, ensemble_pb2_grpc
 from service.api import reflection
 from service.api.context import ApiContext
-from service.api.engine import EngineUnavailable, build_server, resolve_engine
+from service.api.engine import EngineUnavailable, build_server, resolve_engine, sends_grpc_trailers
 from service.api.ensemble import EnsembleServicer
 from service.api.health import LIVENESS, NOT_SERVING, SERVING, HealthServicer
 from service.api.http import HttpServer, start_http
@@ -119,7 +119,8 @@ class QuorumServer:
         self._server = build_server(
             self.engine,
             interceptors=[ServiceInterceptor(token=self.settings.token(), observer=self.monitor,
-                                             admission=self.admission, tracing=self.tracing)],
+                                             admission=self.admission, tracing=self.tracing,
+                                             pushback=sends_grpc_trailers(self.engine))],
             options=[("grpc.max_receive_message_length", limit),
                      ("grpc.max_send_message_length", limit),
                      ("grpc.so_reuseport", int(self.settings.reuse_port))])

@@ -23,6 +23,14 @@ DEFAULT_PLAINTEXT: Engine = "grpcio"
 """The engine of a plaintext server when none is asked for (see README, "gRPC engine")."""
 
 
+def sends_grpc_trailers(engine: Engine) -> bool:
+    """Whether a handler may set trailing metadata under a `grpc-` key (gRPC's retry pushback,
+    `grpc-retry-pushback-ms`). pygrpc-native 0.5 reserves every `grpc-` key for its methods:
+    its front raises when one is set and the call is then never answered, so the client waits
+    out its deadline (measured: every RESOURCE_EXHAUSTED of an overload run lost so)."""
+    return engine != "native"
+
+
 class EngineUnavailable(ValueError):
     """The requested engine cannot serve these settings."""
 

@@ -204,7 +204,7 @@ def _cancelled_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
 
 def _wrap(handler: grpc.RpcMethodHandler, method: str, token: bytes | None,
           observer: RpcObserver | None, admission: Admission | None,
-          tracing: Tracing = Tracing.disabled()) -> grpc.RpcMethodHandler:
+          tracing: Tracing = Tracing.disabled(), pushback: bool = True) -> grpc.RpcMethodHandler:
     """Rewrap the handler's behaviour, keeping its (de)serializers and streaming kind."""
     open_service = method.startswith(OPEN_SERVICES)
     span_name = method[1:]
@@ -219,7 +219,7 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, token: bytes | None,
         code = status_of(exc)
         if code == grpc.StatusCode.INTERNAL:
             log.exception("internal error in %s", method, exc_info=exc)
-        retry_after_s = getattr(exc, "retry_after_s", None)
+        retry_after_s = getattr(exc, "retry_after_s", None) if pushback else None
         if retry_after_s is not None:  # gRPC's retry pushback: when to come back (A6)
             trailer = ((PUSHBACK_KEY, str(max(1, round(retry_after_s * 1000)))),)
             context.set_trailing_metadata(trailer + (((REQUEST_ID_KEY, request_id),) if request_id else ()))
@@ -334,8 +334,11 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
     nothing behind (gRPC answers UNIMPLEMENTED)."""
 
     def __init__(self, token: str | None = None, observer: RpcObserver | None = None,
-                 admission: Admission | None = None, tracing: Tracing | None = None) -> None:
+                 admission: Admission | None = None, tracing: Tracing | None = None,
+                 pushback: bool = True) -> None:
+        """pushback: refusals carry `grpc-retry-pushback-ms` (see engine.sends_grpc_trailers)."""
         self._token = token.encode() if token else None
+        self._pushback = pushback
         self._observer = observer
         self._admission = admission
         self._tracing = tracing or Tracing.disabled()
@@ -350,5 +353,5 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         wrapped = self._cache[method] = _wrap(handler, method, self._token, self._observer, self._admission,
-                                                   self._tracing)
+                                                   self._tracing, self._pushback)
         return wrapped
