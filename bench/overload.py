@@ -14,6 +14,8 @@ clients whose requests carry --deadline-ms deadlines for --seconds, and reports:
     .venv/bin/python bench/overload.py --grpc-engine native             # the server on pygrpc-native
     .venv/bin/python bench/overload.py --backoff-ms 50   # refused clients wait the server's
                                                          # pushback (else jittered backoff)
+    .venv/bin/python bench/overload.py --server floor    # the same load on the bare grpc.aio
+                                                         # floor: what a server doing nothing gets
 
 Results in bench/results/overload.json (the last run).
 """
@@ -43,7 +45,10 @@ from tests.helpers import free_port  # noqa: E402
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
 
 
-def start(root: Path, port: int, engine: str | None) -> subprocess.Popen:
+def start(root: Path, port: int, engine: str | None, server: str = "quorum") -> subprocess.Popen:
+    if server == "floor":  # answers a precomputed response: gRPC's own cost and nothing else
+        return subprocess.Popen([sys.executable, str(BENCH / "floor_server.py"), "--port", str(port)],
+                                stdout=subprocess.DEVNULL)
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(root)}
     # An older checkout may predate --grpc-engine: name it only when asked.
     engine_args = ["--grpc-engine", engine] if engine else []
@@ -140,11 +145,16 @@ async def main() -> None:
                    help="after RESOURCE_EXHAUSTED wait the server's pushback, else a jittered exponential "
                         "backoff from this (0: send the next request at once)")
     p.add_argument("--grpc-engine", choices=["grpcio", "native"], help="the server's engine (default: its own)")
+    p.add_argument("--server", choices=["quorum", "floor"], default="quorum",
+                   help="floor: bench/floor_server.py (bare grpc.aio, precomputed answer, no admission), "
+                        "the reference for what this machine and client allow")
     args = p.parse_args()
     port = free_port()
     address = f"127.0.0.1:{port}"
     payload = make_request("v2", args.model, (1, 64), "pixels")
-    server = start(args.root.resolve(), port, args.grpc_engine)
+    if args.server == "floor" and args.grpc_engine:
+        p.error("--grpc-engine is Quorum's: the floor is grpc.aio")
+    server = start(args.root.resolve(), port, args.grpc_engine, args.server)
     try:
         await wait_ready(address, payload)
         capacity = await run_load(target=address, protocol="v2", model=args.model, shape=(1, 64), concurrency=64,
@@ -154,7 +164,7 @@ async def main() -> None:
     finally:
         server.terminate()
         server.wait(timeout=60)
-    result.update(root=str(args.root), model=args.model, grpc_engine=args.grpc_engine, backoff_ms=args.backoff_ms, capacity_rps=capacity.throughput_rps,
+    result.update(server=args.server, root=str(args.root), model=args.model, grpc_engine=args.grpc_engine, backoff_ms=args.backoff_ms, capacity_rps=capacity.throughput_rps,
                   capacity_p99_ms=capacity.latency_ms["p99"])
     result["goodput_ratio"] = result["goodput_rps"] / capacity.throughput_rps
     out = args.out

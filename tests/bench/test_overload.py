@@ -29,3 +29,23 @@ def test_overload_bench_accounts_for_every_request(tmp_path, engine):
     assert set(report["codes"]) <= EXPECTED, report["codes"]
     assert sum(report["codes"].values()) == report["requests"]
     assert 0 <= report["in_time"] <= report["codes"].get("OK", 0)  # goodput: answers within their deadline
+
+
+@pytest.mark.timeout(300)
+def test_overload_bench_runs_the_same_load_against_the_floor(tmp_path):
+    """--server floor: the reference, the bare grpc.aio server (it has no admission control,
+    so it never refuses)."""
+    out = tmp_path / "overload.json"
+    subprocess.run([sys.executable, str(BENCH / "overload.py"), "--server", "floor", "--clients", "16",
+                    "--seconds", "1", "--capacity-seconds", "1", "--deadline-ms", "200", "--out", str(out)],
+                   check=True, capture_output=True, text=True, timeout=290)
+    report = json.loads(out.read_text())
+    assert report["server"] == "floor" and report["grpc_engine"] is None
+    assert report["capacity_rps"] > 0 and sum(report["codes"].values()) == report["requests"] > 0
+    assert set(report["codes"]) <= EXPECTED - {"RESOURCE_EXHAUSTED"}, report["codes"]
+
+
+def test_the_floor_has_no_engine_to_choose():
+    done = subprocess.run([sys.executable, str(BENCH / "overload.py"), "--server", "floor", "--grpc-engine", "native"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "--grpc-engine is Quorum's" in done.stderr
