@@ -28,7 +28,7 @@ from service._proto.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from service._proto.quorum.v1 import ensemble_pb2, ensemble_pb2_grpc
 from service.api import reflection
 from service.api.context import ApiContext
-from service.api.engine import EngineUnavailable, build_server, resolve_engine, sends_grpc_trailers
+from service.api.engine import EngineUnavailable, add_servicer, build_server, resolve_engine, sends_grpc_trailers
 from service.api.ensemble import EnsembleServicer
 from service.api.health import LIVENESS, NOT_SERVING, SERVING, HealthServicer
 from service.api.http import HttpServer, start_http
@@ -124,10 +124,13 @@ class QuorumServer:
             options=[("grpc.max_receive_message_length", limit),
                      ("grpc.max_send_message_length", limit),
                      ("grpc.so_reuseport", int(self.settings.reuse_port))])
-        from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
+        from tensorflow_serving.apis import (model_service_pb2, model_service_pb2_grpc, prediction_service_pb2,
+                                             prediction_service_pb2_grpc)
 
-        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionServicer(self.api), self._server)
-        model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(self.api), self._server)
+        add_servicer(self._server, prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server,
+                     PredictionServicer(self.api), prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"])
+        add_servicer(self._server, model_service_pb2_grpc.add_ModelServiceServicer_to_server,
+                     ModelServicer(self.api), model_service_pb2.DESCRIPTOR.services_by_name["ModelService"])
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.api), self._server)
         ensemble_pb2_grpc.add_EnsembleServiceServicer_to_server(EnsembleServicer(self.api), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)

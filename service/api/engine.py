@@ -10,8 +10,8 @@ the native engine explicitly then refuses to start rather than serve something e
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, NamedTuple
 
 import grpc
 
@@ -53,3 +53,41 @@ def build_server(engine: Engine, *, interceptors: Sequence[Any],
 
         return pygrpc_native.aio.server(interceptors=list(interceptors), options=list(options))
     return grpc.aio.server(interceptors=list(interceptors), options=list(options))
+
+
+class _CallDetails(NamedTuple):
+    method: str
+    invocation_metadata: tuple = ()
+
+
+class _Collect:
+    """Stands in for the server while older generated code registers a servicer."""
+
+    def __init__(self) -> None:
+        self.generic: list[grpc.GenericRpcHandler] = []
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self.generic.extend(handlers)
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        pass  # newer generated code registers both ways; the generic handler has them all
+
+
+def add_servicer(server: grpc.aio.Server, add_to_server: Callable[[Any, Any], None], servicer: Any,
+                 service: Any) -> None:
+    """`add_to_server(servicer, server)`, with the methods also registered by name.
+    Older generated code (tensorflow-serving-api's) registers only a generic handler, which
+    pygrpc-native leaves to its grpcio fallback behind a Unix socket: TF Serving's Predict
+    would pay grpcio and a second hop. The method handlers are asked of that generic
+    handler (its public `service()`), one per method of the `service` descriptor."""
+    collected = _Collect()
+    add_to_server(servicer, collected)
+    handlers = {}
+    for method in service.methods:
+        for generic in collected.generic:
+            handler = generic.service(_CallDetails(f"/{service.full_name}/{method.name}"))
+            if handler is not None:
+                handlers[method.name] = handler
+                break
+    server.add_generic_rpc_handlers(tuple(collected.generic))
+    server.add_registered_method_handlers(service.full_name, handlers)
