@@ -1,7 +1,7 @@
 """Asyncio gRPC load generator for Quorum and its peers.
 
     python bench/loadgen.py --target localhost:8500 --model digits_mlp_a --shape 1,64 \
-        [--protocol v2|quorum] [--concurrency 64 | --rate 2000] [--duration 10] \
+        [--protocol v2|quorum|tfserving] [--concurrency 64 | --rate 2000] [--duration 10] \
         [--warmup 2] [--server-pid PID] [--json out.json]
 
 Closed loop (`--concurrency N`): N workers, each sending its next request as soon as the
@@ -43,10 +43,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from service._proto.inference import grpc_service_pb2 as v2_pb  # noqa: E402
 from service._proto.quorum.v1 import ensemble_pb2 as q_pb  # noqa: E402
+from service import tf_protos  # noqa: E402
+
+tf_protos.install()  # TF Serving's messages without importing TensorFlow
+from tensorflow_serving.apis import predict_pb2  # noqa: E402
 
 METHODS = {
     "v2": ("/inference.GRPCInferenceService/ModelInfer", v2_pb.ModelInferResponse),
     "quorum": ("/quorum.v1.EnsembleService/Predict", q_pb.PredictResponse),
+    "tfserving": ("/tensorflow.serving.PredictionService/Predict", predict_pb2.PredictResponse),
 }
 MAX_MESSAGE = 64 * 1024 * 1024
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -61,6 +66,14 @@ def make_request(protocol: str, model: str, shape: tuple[int, ...], input_name: 
         request = v2_pb.ModelInferRequest(model_name=model)
         request.inputs.add(name=input_name, datatype="FP32", shape=list(shape))
         request.raw_input_contents.append(array.tobytes())
+    elif protocol == "tfserving":  # a TensorProto with tensor_content, as tf.make_tensor_proto builds it
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = model
+        tensor = request.inputs[input_name]
+        tensor.dtype = 1  # DT_FLOAT
+        for size in shape:
+            tensor.tensor_shape.dim.add().size = size
+        tensor.tensor_content = array.tobytes()
     else:
         request = q_pb.PredictRequest(model=model)
         request.inputs.dtype = "FP32"
@@ -270,6 +283,8 @@ def _check(protocol: str, response) -> str:
     """A short description of the first response, kept in the JSON as a sanity check."""
     if protocol == "v2":
         return ",".join(f"{o.name}:{o.datatype}{list(o.shape)}" for o in response.outputs)
+    if protocol == "tfserving":
+        return ",".join(f"{name}:{[d.size for d in t.tensor_shape.dim]}" for name, t in sorted(response.outputs.items()))
     return f"{len(response.predictions)} predictions, first label {response.predictions[0].label!r}"
 
 

@@ -21,7 +21,8 @@ def _what(r: dict) -> str:
     name = NAMES.get(r["server"], r["server"])
     if r["server"] == "floor":
         return f"{name}, {'602 KB' if r['group'] == 'mobilenet' else 'digits-sized'} request"
-    return f"{name} {r['model']}" + (" (quorum.v1 Predict)" if r["protocol"] == "quorum" else "")
+    suffix = {"quorum": " (quorum.v1 Predict)", "tfserving": " (TF Serving Predict)"}.get(r["protocol"], "")
+    return f"{name} {r['model']}{suffix}"
 
 
 def markdown(report: dict) -> str:

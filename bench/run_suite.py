@@ -133,6 +133,9 @@ def configs(servers: set[str], quick: bool, image_input: str) -> list[Config]:
         # both engines.
         cs += [Config("digits", "quorum-native", model, concurrency=c)
                for model in ("digits_mlp_a", "digits") for c in levels]
+    for server in ("quorum", "quorum-native"):  # TF Serving's Predict, as its users send it
+        if server in servers:
+            cs.append(Config("digits", server, "digits_mlp_a", protocol="tfserving", concurrency=64))
     if not quick:
         # Open loop: Poisson arrivals, latency charged from the scheduled arrival.
         for server, rates in (("floor", (1000, 3000)), ("mlserver", (500, 1000)),

@@ -56,3 +56,23 @@ def test_loadgen_reports_sane_json(floor_port, tmp_path, load):
     assert r["client_cpu_cores"] >= 0
     assert r["request_bytes"] > 256 and r["response_bytes"] > 0
     assert r["extra"]["check"].startswith("probabilities:FP32[1, 10]")
+
+
+@pytest.fixture(scope="module")
+def quorum(tmp_path_factory):
+    from tests.server import running_server
+
+    with running_server(tmp_path_factory.mktemp("quorum"), args=["--http-port", "0"]) as server:
+        yield server
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("protocol, check", [
+    ("v2", "probabilities:FP32[1, 10]"),
+    ("quorum", "1 predictions"),
+    ("tfserving", "class_index:[1],confidence:[1],label:[1],logits:[1, 10],probabilities:[1, 10]")])
+def test_loadgen_speaks_each_protocol_to_quorum(quorum, tmp_path, protocol, check):
+    r = _loadgen(quorum.grpc_port, quorum.process.pid, tmp_path, "--concurrency", "2",
+                 protocol_args=("--protocol", protocol, "--model", "digits_mlp_a", "--input-name", "pixels"))
+    assert r["protocol"] == protocol and r["requests"] > 0 and r["errors"] == {}
+    assert r["extra"]["check"].startswith(check), r["extra"]["check"]
