@@ -149,11 +149,11 @@ async def main() -> None:
                    help="floor: bench/floor_server.py (bare grpc.aio, precomputed answer, no admission), "
                         "the reference for what this machine and client allow")
     args = p.parse_args()
+    if args.server == "floor" and args.grpc_engine:
+        p.error("--grpc-engine is Quorum's: the floor is grpc.aio")
     port = free_port()
     address = f"127.0.0.1:{port}"
     payload = make_request("v2", args.model, (1, 64), "pixels")
-    if args.server == "floor" and args.grpc_engine:
-        p.error("--grpc-engine is Quorum's: the floor is grpc.aio")
     server = start(args.root.resolve(), port, args.grpc_engine, args.server)
     try:
         await wait_ready(address, payload)

@@ -105,10 +105,10 @@ _bounds_arrays: dict[int, tuple[list[float], np.ndarray]] = {}
 
 def _bounds_array(bounds: list[float]) -> np.ndarray:
     """A histogram's bucket bounds as an array, converted once: searchsorted on the list
-    converted it on every batch (6 % of the event loop in an ensemble profile). Keyed by the
-    list's id and checked by identity, so a reused id can never return another's bounds."""
+    converted it on every batch (6 % of the event loop in an ensemble profile). The entry
+    holds the list itself, so its id cannot pass to another list while it is cached."""
     cached = _bounds_arrays.get(id(bounds))
-    if cached is None or cached[0] is not bounds:
+    if cached is None:
         cached = _bounds_arrays[id(bounds)] = (bounds, np.asarray(bounds, dtype=np.float64))
     return cached[1]
 
