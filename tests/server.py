@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.helpers import MODELS, ROOT, free_port
+from tests.helpers import MODELS, ROOT, free_ports
 
 
 @dataclass
@@ -80,9 +80,9 @@ def running_server(tmp_path: Path, repository: Path = MODELS, *, wait: bool = Tr
 
     The gRPC engine is QUORUM_TEST_GRPC_ENGINE's, when set (tests/e2e/conftest.py sets it).
     An `--http-port` in `args` wins over the free one picked here (0 turns HTTP off)."""
-    grpc_port, metrics_port = free_port(), free_port()
+    grpc_port, metrics_port, free_http_port = free_ports(3)
     args = list(args)
-    http_port = int(args[args.index("--http-port") + 1]) if "--http-port" in args else free_port()
+    http_port = int(args[args.index("--http-port") + 1]) if "--http-port" in args else free_http_port
     log = tmp_path / f"server-{grpc_port}.log"
     engine = os.environ.get("QUORUM_TEST_GRPC_ENGINE")
     command = [sys.executable, "-m", "service.cli", "serve", "--model-repository", str(repository),
