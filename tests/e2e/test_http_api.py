@@ -109,7 +109,10 @@ def test_tritonclient_http_metadata_and_health(http, client):
         http.get_model_metadata(MEMBER, "9")
 
 
-def test_tritonclient_http_statistics_and_repository(http):
+def test_tritonclient_http_statistics_and_repository(http, pixels):
+    tensor = httpclient.InferInput("pixels", list(pixels.shape), "FP32")
+    tensor.set_data_from_numpy(pixels)
+    http.infer(ENSEMBLE, [tensor])  # its own inference: in random order it may run first
     stats = http.get_inference_statistics(ENSEMBLE)["model_stats"]
     assert stats and stats[0]["name"] == ENSEMBLE and stats[0]["inference_count"] > 0
     index = {m["name"]: m["state"] for m in http.get_model_repository_index()}
