@@ -1,4 +1,5 @@
-"""Domain errors raised below the API layer; one interceptor maps them to gRPC status codes."""
+"""Domain errors raised below the API layer; one handler wrapper (api/interceptors.py) maps
+them to gRPC status codes."""
 
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ from service.api.engine import EngineUnavailable, add_servicer, build_server, re
 from service.api.ensemble import EnsembleServicer
 from service.api.health import LIVENESS, NOT_SERVING, SERVING, HealthServicer
 from service.api.http import HttpServer, start_http
-from service.api.interceptors import Admission, ServiceInterceptor
+from service.api.interceptors import Admission, HandlerWrapper
 from service.api.tfserving import ModelServicer, PredictionServicer
 from service.api.v2 import InferenceServicer
 from service.dataplane import DataPlane
@@ -118,24 +118,24 @@ class QuorumServer:
         self.engine = resolve_engine(self.settings.grpc_engine, tls=credentials is not None)
         self._server = build_server(
             self.engine,
-            interceptors=[ServiceInterceptor(token=self.settings.token(), observer=self.monitor,
-                                             admission=self.admission, tracing=self.tracing,
-                                             pushback=sends_grpc_trailers(self.engine))],
             options=[("grpc.max_receive_message_length", limit),
                      ("grpc.max_send_message_length", limit),
                      ("grpc.so_reuseport", int(self.settings.reuse_port))])
+        # Every handler is wrapped as it is registered (auth, admission, errors, metrics).
+        server = HandlerWrapper(token=self.settings.token(), observer=self.monitor, admission=self.admission,
+                                tracing=self.tracing, pushback=sends_grpc_trailers(self.engine)).registrar(self._server)
         from tensorflow_serving.apis import (model_service_pb2, model_service_pb2_grpc, prediction_service_pb2,
                                              prediction_service_pb2_grpc)
 
-        add_servicer(self._server, prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server,
+        add_servicer(server, prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server,
                      PredictionServicer(self.api), prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"])
-        add_servicer(self._server, model_service_pb2_grpc.add_ModelServiceServicer_to_server,
+        add_servicer(server, model_service_pb2_grpc.add_ModelServiceServicer_to_server,
                      ModelServicer(self.api), model_service_pb2.DESCRIPTOR.services_by_name["ModelService"])
-        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.api), self._server)
-        ensemble_pb2_grpc.add_EnsembleServiceServicer_to_server(EnsembleServicer(self.api), self._server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.api), server)
+        ensemble_pb2_grpc.add_EnsembleServiceServicer_to_server(EnsembleServicer(self.api), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         services = _service_names()
-        reflection.enable(self._server, services + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name],
+        reflection.enable(server, services + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name],
                           _reflection_pool())
         address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
         self.port = (self._server.add_secure_port(address, credentials) if credentials

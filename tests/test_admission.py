@@ -9,7 +9,7 @@ import pytest
 from service import errors
 from service._proto.inference import grpc_service_pb2 as v2_pb
 from service.api.engine import build_server, sends_grpc_trailers
-from service.api.interceptors import Admission, ServiceInterceptor
+from service.api.interceptors import Admission, HandlerWrapper
 from service.batching.requests import refuse_if_late
 
 
@@ -110,9 +110,9 @@ async def test_resource_exhausted_carries_grpc_retry_pushback(engine):
     handler = grpc.unary_unary_rpc_method_handler(
         infer, request_deserializer=v2_pb.ModelInferRequest.FromString,
         response_serializer=v2_pb.ModelInferResponse.SerializeToString)
-    server = build_server(engine, interceptors=[ServiceInterceptor(pushback=sends_grpc_trailers(engine))],
-                          options=[])
-    server.add_registered_method_handlers("inference.GRPCInferenceService", {"ModelInfer": handler})
+    server = build_server(engine, options=[])
+    HandlerWrapper(pushback=sends_grpc_trailers(engine)).registrar(server).add_registered_method_handlers(
+        "inference.GRPCInferenceService", {"ModelInfer": handler})
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:

@@ -1,6 +1,6 @@
 """Which gRPC server the API runs on: grpcio's `grpc.aio.server`, or pygrpc-native's drop-in
 (`pygrpc_native.aio.server`: HTTP/2 and gRPC framing in Rust, outside the GIL; the same
-servicers and interceptors; client-/bidi-streaming methods such as reflection go to a grpcio
+servicers; client-/bidi-streaming methods such as reflection go to a grpcio
 server behind it on a Unix socket).
 
 pygrpc-native has no TLS: with TLS configured the server is always grpcio, and asking for
@@ -46,13 +46,13 @@ def resolve_engine(requested: Engine | None, tls: bool) -> Engine:
     return requested or DEFAULT_PLAINTEXT
 
 
-def build_server(engine: Engine, *, interceptors: Sequence[Any],
-                 options: Sequence[tuple[str, Any]]) -> grpc.aio.Server:
+def build_server(engine: Engine, *, options: Sequence[tuple[str, Any]]) -> grpc.aio.Server:
+    """A server with no interceptors: handlers come wrapped (interceptors.HandlerWrapper)."""
     if engine == "native":
         import pygrpc_native.aio
 
-        return pygrpc_native.aio.server(interceptors=list(interceptors), options=list(options))
-    return grpc.aio.server(interceptors=list(interceptors), options=list(options))
+        return pygrpc_native.aio.server(options=list(options))
+    return grpc.aio.server(options=list(options))
 
 
 class _CallDetails(NamedTuple):

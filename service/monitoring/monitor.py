@@ -1,5 +1,5 @@
 """The server's one observer: manager hooks (batches, compute, load failures), RPC hooks
-from the interceptor, per-inference hooks from the API, drift windows, and the scrape-time
+from the gRPC handler wrapper, per-inference hooks from the API, drift windows, and the scrape-time
 collectors. It forwards the manager's hooks to `Statistics` (the v2 ModelStatistics RPC).
 
 Per-request work is a dict lookup for pre-bound labelled children, a few observe()/inc()
@@ -168,7 +168,7 @@ class Monitor:
     def on_load_failure(self, model: str, version: int) -> None:
         self.metrics.load_failures.labels(model).inc()
 
-    # -- RPC observer (the interceptor) ----------------------------------------------------
+    # -- RPC observer (the handler wrapper) -----------------------------------------------
     def _bounded(self, model: str) -> str:
         if not model:
             return ""

@@ -1,7 +1,7 @@
 """The HTTP/REST front: one aiohttp server on the gRPC server's asyncio loop, serving TF
 Serving's REST API (/v1) and KServe v2 REST (/v2) over the same data plane.
 
-Per request, as the gRPC interceptor does: bearer-token auth (health stays open), domain
+Per request, as the gRPC handler wrapper does: bearer-token auth (health stays open), domain
 errors mapped once to a status and a JSON `{"error": ...}` body, outcome metrics. Bodies
 beyond max_message_bytes get 413 before they are read (from Content-Length) or as soon as
 the read passes the limit (chunked). Deadlines: the `grpc-timeout` header (gRPC's syntax,

@@ -1,4 +1,4 @@
-"""Domain errors -> HTTP: the gRPC code the interceptor's table gives (one table for both
+"""Domain errors -> HTTP: the gRPC code the gRPC handler wrapper's table gives (one table for both
 fronts), then the HTTP status for that code as Google's API mapping, grpc-gateway and TF
 Serving's REST front translate it. The body is TF Serving's and Triton's `{"error": ...}`,
 plus the gRPC code name."""
