@@ -38,6 +38,9 @@ class Catalogue:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry(auto_describe=True)
+        self.before_collect: list[Callable[[], None]] = []
+        """Run before every collection (registered first: collectors are read in order)."""
+        r.register(_BeforeCollect(self.before_collect))
         ProcessCollector(registry=r)
         self.inflight = Gauge(
             "quorum_inflight_requests", "RPCs being handled right now, by API.", ["api"], registry=r)
@@ -78,6 +81,25 @@ class Catalogue:
             "is the ensemble's winner.", ["ensemble"], buckets=AGREEMENT_BUCKETS, registry=r)
         self.drift_evaluations = Counter(
             "quorum_drift_evaluations", "Drift evaluations of a model's live window.", ["model"], registry=r)
+
+
+class _BeforeCollect(Collector):
+    """Exports nothing: runs its callbacks (pending observations flushed) before the
+    collectors registered after it are read."""
+
+    def __init__(self, callbacks: list[Callable[[], None]]) -> None:
+        self._callbacks = callbacks
+
+    def collect(self) -> Iterable[Metric]:
+        for callback in self._callbacks:
+            try:
+                callback()
+            except Exception:  # a scrape must never take the endpoint down
+                log.exception("metrics flush failed")
+        return []
+
+    def describe(self) -> Iterable[Metric]:
+        return []
 
 
 class StateCollector(Collector):

@@ -2,15 +2,18 @@
 from the gRPC handler wrapper, per-inference hooks from the API, drift windows, and the scrape-time
 collectors. It forwards the manager's hooks to `Statistics` (the v2 ModelStatistics RPC).
 
-Per-request work is a dict lookup for pre-bound labelled children, a few observe()/inc()
-calls and, for drift, one append to preallocated ring buffers.
+Per-request work is an in-flight count, one append of the RPC's outcome (flushed into the
+counters and histograms in bulk: before each scrape, and every Monitor.FLUSH_EVERY RPCs)
+and, for drift, one append to preallocated ring buffers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -61,6 +64,9 @@ def request_model(request: Any) -> str:
 
 
 class Monitor:
+    FLUSH_EVERY = 1024
+    """Finished RPCs held before the loop flushes them itself (between scrapes)."""
+
     def __init__(self, settings: "Settings", statistics: Statistics | None = None) -> None:
         self.settings = settings
         self.statistics = statistics
@@ -76,8 +82,12 @@ class Monitor:
         self.drift_windows: dict[str, drift.DriftWindow] = {}
         self.drift_results: dict[str, list[drift.SignalValue]] = {}
         self._no_reference: set[str] = set()
-        self._rpc: dict[tuple[str, str, str], tuple[Any, Any]] = {}
-        self._inflight: dict[str, Any] = {}
+        self._rpc: dict[tuple[str, str, str], Any] = {}
+        self._api: dict[str, str] = {}  # method -> api label
+        self._inflight: dict[str, int] = {}  # api -> RPCs being answered
+        self._finished: collections.deque[tuple[str, str, str, float]] = collections.deque()
+        self._flush_lock = threading.Lock()
+        self.metrics.before_collect.append(self.flush_rpcs)
         self._per_model: dict[str, tuple[Any, ...]] = {}
         self._per_ensemble: dict[str, tuple[Any, dict[str, Any]]] = {}
         self._known: frozenset[str] = frozenset()
@@ -179,25 +189,53 @@ class Monitor:
         return model if model in self._known else "unknown"
 
     def on_rpc_start(self, method: str) -> None:
-        gauge_ = self._inflight.get(method)
-        if gauge_ is None:
-            gauge_ = self._inflight[method] = self.metrics.inflight.labels(api_of(method))
-        gauge_.inc()
+        api = self._api.get(method)
+        if api is None:
+            api = self._api[method] = api_of(method)
+            if api not in self._inflight:  # the gauge reads the count at scrape time
+                self._inflight[api] = 0
+                self.metrics.inflight.labels(api).set_function(lambda api=api: self._inflight[api])
+        self._inflight[api] += 1
 
     def on_rpc(self, method: str, code: Any, seconds: float, request: Any = None) -> None:
-        model = self._bounded(request_model(request))
-        code_name = getattr(code, "name", None) or str(code)
-        key = (method, model, code_name)
-        children = self._rpc.get(key)
-        if children is None:
-            api = api_of(method)
-            children = self._rpc[key] = (
-                self.metrics.requests.labels(api, method.rpartition("/")[2], model, code_name),
-                self.metrics.request_duration.labels(api, model), self.metrics.inflight.labels(api))
-        counter, duration, inflight = children
-        counter.inc()
-        duration.observe(seconds)
-        inflight.dec()
+        """One finished RPC, queued for the next flush: per request a tuple and an append
+        (prometheus-client's inc() and observe() take a lock each, three per RPC, and bucket
+        the duration one value at a time: 6.6 % of the loop in a native ensemble profile)."""
+        api = self._api.get(method)
+        if api is None:  # an outcome without its start (none in the server): count it in, then out
+            self.on_rpc_start(method)
+            api = self._api[method]
+        self._inflight[api] -= 1
+        self._finished.append((method, self._bounded(request_model(request)),
+                               getattr(code, "name", None) or str(code), seconds))
+        if len(self._finished) >= self.FLUSH_EVERY:
+            self.flush_rpcs()
+
+    def flush_rpcs(self) -> None:
+        """The RPCs finished since the last flush into the request counters and latency
+        histograms, in bulk. Runs before every collection of the registry (a scrape, from the
+        metrics thread) and on the loop every FLUSH_EVERY RPCs; the deque's append and
+        popleft are thread-safe, and the lock keeps two flushes from splitting one batch."""
+        with self._flush_lock:
+            finished = self._finished
+            done = [finished.popleft() for _ in range(len(finished))]
+        if not done:
+            return
+        counts: dict[tuple[str, str, str], int] = {}
+        durations: dict[tuple[str, str], list[float]] = {}
+        for method, model, code_name, seconds in done:
+            key = (method, model, code_name)
+            counts[key] = counts.get(key, 0) + 1
+            durations.setdefault((self._api[method], model), []).append(seconds)
+        metrics = self.metrics
+        for (method, model, code_name), count in counts.items():
+            child = self._rpc.get((method, model, code_name))
+            if child is None:
+                child = self._rpc[(method, model, code_name)] = metrics.requests.labels(
+                    api_of(method), method.rpartition("/")[2], model, code_name)
+            child.inc(count)
+        for (api, model), values in durations.items():
+            observe_many(metrics.request_duration.labels(api, model), values)
 
     # -- per inference (the API) -----------------------------------------------------------
     def on_answers(self, result: "InferenceResult", spans: Sequence[tuple[int, int]]) -> None:

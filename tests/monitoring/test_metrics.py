@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import grpc
 import numpy as np
 import prometheus_client
+import prometheus_client.parser
 import pytest
 
 from service.monitoring.monitor import Monitor, api_of, request_model
@@ -138,3 +139,42 @@ def test_bulk_observations_expose_what_one_by_one_observations_do(count):
         exposed.append([line for line in generate_latest(registry).decode().splitlines()
                         if not line.startswith("h_created")])
     assert exposed[1] == exposed[0]
+
+
+def test_rpc_outcomes_are_exact_at_each_scrape_and_held_in_bounded_memory():
+    """Outcomes are recorded in bulk, yet every scrape sees every RPC finished before it,
+    with durations bucketed as Prometheus defines (le: value <= bound), and no more than
+    FLUSH_EVERY outcomes wait between scrapes."""
+    monitor = _monitor()
+    monitor._known_at = 1e18
+    monitor._known = frozenset({"digits"})
+    method = "/inference.GRPCInferenceService/ModelInfer"
+    rng = np.random.default_rng(7)
+    durations = rng.uniform(0.0005, 0.03, size=2 * Monitor.FLUSH_EVERY + 37)
+    codes = [grpc.StatusCode.OK if i % 5 else grpc.StatusCode.RESOURCE_EXHAUSTED for i in range(len(durations))]
+    port = monitor.start_http("127.0.0.1", 0)
+    try:
+        for seconds, code in zip(durations, codes):
+            monitor.on_rpc_start(method)
+            monitor.on_rpc(method, code, float(seconds), SimpleNamespace(model_name="digits"))
+            assert len(monitor._finished) < Monitor.FLUSH_EVERY
+        for _ in range(3):  # still being answered
+            monitor.on_rpc_start(method)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    finally:
+        monitor._server.stop()
+    samples = {}
+    for family in prometheus_client.parser.text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    labels = (("api", "kserve_v2"), ("method", "ModelInfer"), ("model", "digits"))
+    ok = sum(code == grpc.StatusCode.OK for code in codes)
+    assert samples[("quorum_requests_total", tuple(sorted(labels + (("code", "OK"),))))] == ok
+    assert samples[("quorum_requests_total", tuple(sorted(labels + (("code", "RESOURCE_EXHAUSTED"),))))] \
+        == len(codes) - ok
+    assert samples[("quorum_inflight_requests", (("api", "kserve_v2"),))] == 3
+    for bound in ("0.001", "0.005", "0.01", "0.02", "+Inf"):
+        key = ("quorum_request_duration_seconds_bucket", (("api", "kserve_v2"), ("le", bound), ("model", "digits")))
+        assert samples[key] == int((durations <= float(bound)).sum()), bound
+    assert samples[("quorum_request_duration_seconds_sum", (("api", "kserve_v2"), ("model", "digits")))] \
+        == pytest.approx(durations.sum())
