@@ -82,10 +82,10 @@ class Monitor:
         self.drift_windows: dict[str, drift.DriftWindow] = {}
         self.drift_results: dict[str, list[drift.SignalValue]] = {}
         self._no_reference: set[str] = set()
-        self._rpc: dict[tuple[str, str, str], Any] = {}
+        self._rpc: dict[tuple[str, str, Any], Any] = {}  # (method, model, status code) -> counter
         self._api: dict[str, str] = {}  # method -> api label
         self._inflight: dict[str, int] = {}  # api -> RPCs being answered
-        self._finished: collections.deque[tuple[str, str, str, float]] = collections.deque()
+        self._finished: collections.deque[tuple[str, str, Any, float]] = collections.deque()
         self._flush_lock = threading.Lock()
         self.metrics.before_collect.append(self.flush_rpcs)
         self._per_model: dict[str, tuple[Any, ...]] = {}
@@ -206,8 +206,7 @@ class Monitor:
             self.on_rpc_start(method)
             api = self._api[method]
         self._inflight[api] -= 1
-        self._finished.append((method, self._bounded(request_model(request)),
-                               getattr(code, "name", None) or str(code), seconds))
+        self._finished.append((method, self._bounded(request_model(request)), code, seconds))
         if len(self._finished) >= self.FLUSH_EVERY:
             self.flush_rpcs()
 
@@ -221,18 +220,19 @@ class Monitor:
             done = [finished.popleft() for _ in range(len(finished))]
         if not done:
             return
-        counts: dict[tuple[str, str, str], int] = {}
+        counts: dict[tuple[str, str, Any], int] = {}
         durations: dict[tuple[str, str], list[float]] = {}
-        for method, model, code_name, seconds in done:
-            key = (method, model, code_name)
+        for method, model, code, seconds in done:
+            key = (method, model, code)
             counts[key] = counts.get(key, 0) + 1
             durations.setdefault((self._api[method], model), []).append(seconds)
         metrics = self.metrics
-        for (method, model, code_name), count in counts.items():
-            child = self._rpc.get((method, model, code_name))
+        for key, count in counts.items():
+            child = self._rpc.get(key)
             if child is None:
-                child = self._rpc[(method, model, code_name)] = metrics.requests.labels(
-                    api_of(method), method.rpartition("/")[2], model, code_name)
+                method, model, code = key
+                child = self._rpc[key] = metrics.requests.labels(
+                    self._api[method], method.rpartition("/")[2], model, getattr(code, "name", None) or str(code))
             child.inc(count)
         for (api, model), values in durations.items():
             observe_many(metrics.request_duration.labels(api, model), values)
