@@ -175,6 +175,18 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
     return parse
 
 
+def _passing_bytes(serializer: Callable[[Any], bytes] | None) -> Callable[[Any], bytes] | None:
+    """The serializer, letting through a response its handler already wrote as bytes (the
+    v2 ModelInfer answer, codecs.v2_response)."""
+    if serializer is None:
+        return None
+
+    def serialize(response: Any) -> bytes:
+        return response if response.__class__ is bytes else serializer(response)
+
+    return serialize
+
+
 async def _parsed(requests: Any, context: grpc.aio.ServicerContext) -> Any:
     """A client stream's requests, ending the call with INVALID_ARGUMENT at one that did not
     parse or is out of bounds."""
@@ -280,7 +292,7 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, token: bytes | None,
         factory = (grpc.unary_unary_rpc_method_handler if handler.unary_unary
                    else grpc.stream_unary_rpc_method_handler)
         return factory(unary, request_deserializer=_tolerant(handler.request_deserializer),
-                       response_serializer=handler.response_serializer)
+                       response_serializer=_passing_bytes(handler.response_serializer))
 
     inner_stream = handler.unary_stream or handler.stream_stream
 

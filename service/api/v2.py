@@ -16,6 +16,7 @@ from service.api.common import check_declared, deadline_of
 from service.api.context import ApiContext
 from service.api.limits import short
 from service.codecs import v2 as codec
+from service.codecs.v2_response import encode_raw_response
 from service.outputs import outputs_of
 from service.errors import InvalidInput, ModelNotFound, QuorumError, Unimplemented
 from service.monitoring.statistics import ModelStats
@@ -116,6 +117,20 @@ def _version(text: str) -> int | None:
     return int(text)
 
 
+def _parameters(answer: inference.Answer) -> dict[str, str]:
+    left_out = answer.result.left_out
+    return {"members_left_out": ",".join(left_out)} if left_out else {}
+
+
+def _response(request: pb.ModelInferRequest, answer: inference.Answer, *, raw: bool) -> pb.ModelInferResponse:
+    response = pb.ModelInferResponse(model_name=request.model_name, model_version=str(answer.result.version),
+                                     id=request.id)
+    codec.encode_outputs(response, answer.tensors, raw=raw)
+    for key, value in _parameters(answer).items():
+        response.parameters[key].string_param = value
+    return response
+
+
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, api: ApiContext) -> None:
         self.api = api
@@ -156,22 +171,21 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 shape=list(info.input.shape))],
             outputs=outputs)
 
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
-        return await self._infer(request, deadline_of(context))
+    async def ModelInfer(self, request: pb.ModelInferRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ModelInferResponse | bytes:
+        answer = await self._answer(request, deadline_of(context))
+        if codec.wants_raw_outputs(request):  # the common case, written as bytes (the wrapper passes them on)
+            return encode_raw_response(request.model_name, str(answer.result.version), request.id,
+                                       answer.tensors, _parameters(answer))
+        return _response(request, answer, raw=False)
 
-    async def _infer(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
+    async def _answer(self, request: pb.ModelInferRequest, deadline: float | None) -> inference.Answer:
         info = self.api.data.info(request.model_name)  # NOT_FOUND before the inputs are decoded
         check_declared(info, codec.declared_inputs(request))  # before decoding anything
-        answer = await inference.infer(
+        return await inference.infer(
             self.api, request.model_name, codec.decode_inputs(request), version=_version(request.model_version),
             deadline=deadline, outputs=[o.name for o in request.outputs], request_id=request.id, info=info,
             declared_checked=True)
-        result = answer.result
-        response = pb.ModelInferResponse(model_name=request.model_name, model_version=str(result.version), id=request.id)
-        codec.encode_outputs(response, answer.tensors, raw=codec.wants_raw_outputs(request))
-        if result.left_out:
-            response.parameters["members_left_out"].string_param = ",".join(result.left_out)
-        return response
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest],
                                context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ModelStreamInferResponse]:
@@ -179,8 +193,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         # stream and the stream goes on, as Triton does.
         async for request in request_iterator:
             try:
-                response = await self._infer(request, deadline_of(context))
-                yield pb.ModelStreamInferResponse(infer_response=response)
+                answer = await self._answer(request, deadline_of(context))
+                yield pb.ModelStreamInferResponse(
+                    infer_response=_response(request, answer, raw=codec.wants_raw_outputs(request)))
             except QuorumError as exc:
                 yield pb.ModelStreamInferResponse(
                     error_message=str(exc),
