@@ -155,6 +155,61 @@ def observe_many(histogram: Histogram, values: Sequence[float] | np.ndarray) -> 
         buckets[index].inc(int(counts[index]))
 
 
+class HeldObservations:
+    """Histogram observations made per batch (batch sizes, queue waits, compute and vote
+    times, agreement), held and bucketed in bulk: before every collection of the registry
+    (Catalogue.before_collect) and whenever LIMIT values are waiting. prometheus-client's
+    observe() takes a lock and bisects per value, and observe_many pays numpy's fixed cost
+    per call: per batch, those were 6 % of the event loop in a native ensemble profile.
+    Thread-safe: batches are observed on the loop, compute times from runtime threads, and
+    collections come from the metrics thread."""
+
+    LIMIT = 8192
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: dict[Histogram, list[float]] = {}
+        self._arrays: list[tuple[Histogram, np.ndarray]] = []
+        self._count = 0
+
+    def observe(self, histogram: Histogram, value: float) -> None:
+        with self._lock:
+            held = self._held.get(histogram)
+            if held is None:
+                held = self._held[histogram] = []
+            held.append(value)
+            self._count += 1
+        if self._count >= self.LIMIT:
+            self.flush()
+
+    def observe_many(self, histogram: Histogram, values: Sequence[float] | np.ndarray) -> None:
+        """Every value of `values`, kept as given (an array is not copied: the caller
+        leaves it unchanged, as a vote's arrays are)."""
+        with self._lock:
+            if isinstance(values, np.ndarray):
+                self._arrays.append((histogram, values))
+            else:
+                held = self._held.get(histogram)
+                if held is None:
+                    held = self._held[histogram] = []
+                held.extend(values)
+            self._count += len(values)
+        if self._count >= self.LIMIT:
+            self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            held, arrays = self._held, self._arrays
+            self._held, self._arrays, self._count = {}, [], 0
+        chunks: dict[Histogram, list[np.ndarray]] = {}
+        for histogram, array in arrays:
+            chunks.setdefault(histogram, []).append(array)
+        for histogram, values in held.items():
+            chunks.setdefault(histogram, []).append(np.asarray(values, dtype=np.float64))
+        for histogram, parts in chunks.items():
+            observe_many(histogram, parts[0] if len(parts) == 1 else np.concatenate(parts, axis=None))
+
+
 def gauge(name: str, documentation: str, labels: list[str],
           samples: Iterable[tuple[list[str], float]]) -> GaugeMetricFamily:
     family = GaugeMetricFamily(name, documentation, labels=labels)

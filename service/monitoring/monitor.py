@@ -22,7 +22,8 @@ import numpy as np
 from prometheus_client.core import CounterMetricFamily
 
 from service.monitoring import drift
-from service.monitoring.metrics import Catalogue, GpuCollector, MetricsServer, StateCollector, gauge, observe_many
+from service.monitoring.metrics import (Catalogue, GpuCollector, HeldObservations, MetricsServer, StateCollector, gauge,
+                                        observe_many)
 from service.monitoring.statistics import Statistics
 
 if TYPE_CHECKING:  # no import cycles at run time; nothing here imports grpc
@@ -88,6 +89,8 @@ class Monitor:
         self._finished: collections.deque[tuple[str, str, Any, float]] = collections.deque()
         self._flush_lock = threading.Lock()
         self.metrics.before_collect.append(self.flush_rpcs)
+        self._held = HeldObservations()  # per-batch observations, bucketed in bulk
+        self.metrics.before_collect.append(self._held.flush)
         self._per_model: dict[str, tuple[Any, ...]] = {}
         self._per_ensemble: dict[str, tuple[Any, dict[str, Any]]] = {}
         self._known: frozenset[str] = frozenset()
@@ -167,13 +170,13 @@ class Monitor:
         if self.statistics:
             self.statistics.on_batch(model, batch_rows, queue_waits_s)
         batch, queue = self._model(model.rpartition(":")[0] or model)[:2]
-        batch.observe(batch_rows)
-        observe_many(queue, queue_waits_s)
+        self._held.observe(batch, batch_rows)
+        self._held.observe_many(queue, queue_waits_s)
 
     def on_compute(self, model: str, version: int, rows: int, seconds: float) -> None:
         if self.statistics:
             self.statistics.on_compute(model, version, rows, seconds)
-        self._model(model)[2].observe(seconds)
+        self._held.observe(self._model(model)[2], seconds)
 
     def on_load_failure(self, model: str, version: int) -> None:
         self.metrics.load_failures.labels(model).inc()
@@ -246,18 +249,18 @@ class Monitor:
         whole = len(spans) == 1 and spans[0] == (0, result.vote.label_index.shape[0])
         rows = result.vote.label_index.shape[0] if whole else sum(b - a for a, b in spans)
         children[4].inc(rows)
-        children[3].observe(result.vote_s)
+        self._held.observe(children[3], result.vote_s)
         vote = result.vote
         ensemble = len(result.members) > 1 or result.members[0].name != result.model
         if ensemble:
             agreement, member_latency = self._ensemble_children(result.model)
-            observe_many(agreement, vote.agreement if whole else np.concatenate(
+            self._held.observe_many(agreement, vote.agreement if whole else np.concatenate(
                 [vote.agreement[a:b] for a, b in spans]))
             for member in result.members:
                 child = member_latency.get(member.name)
                 if child is None:
                     child = member_latency[member.name] = self.metrics.member_latency.labels(result.model, member.name)
-                child.observe(member.latency_s)  # one call per batch: every request of it saw this
+                self._held.observe(child, member.latency_s)  # once per batch: every request of it saw this
             for member in result.left_out:
                 self.metrics.members_dropped.labels(result.model, member).inc(len(spans))
         window = self._drift_window(result)

@@ -178,3 +178,66 @@ def test_rpc_outcomes_are_exact_at_each_scrape_and_held_in_bounded_memory():
         assert samples[key] == int((durations <= float(bound)).sum()), bound
     assert samples[("quorum_request_duration_seconds_sum", (("api", "kserve_v2"), ("model", "digits")))] \
         == pytest.approx(durations.sum())
+
+
+def test_held_observations_expose_exactly_what_observe_would_at_each_collection():
+    """Per-batch observations are held and bucketed in bulk, yet a collection of the registry
+    sees every one made before it, exactly as prometheus-client's own observe() would have
+    counted them; observations from several threads at once are all kept, and no more than
+    LIMIT values wait between collections."""
+    import threading
+
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from service.monitoring.metrics import Catalogue, HeldObservations
+
+    bounds = (0.001, 0.01, 0.1, 1.0)
+    catalogue = Catalogue()
+    held = HeldObservations()
+    catalogue.before_collect.append(held.flush)
+    twin_registry = CollectorRegistry()
+    histogram = Histogram("h", "held", ["model"], buckets=bounds, registry=catalogue.registry)
+    twin = Histogram("h", "twin", ["model"], buckets=bounds, registry=twin_registry)
+    rng = np.random.default_rng(11)
+
+    def exposed(registry) -> tuple[dict, dict]:
+        """Bucket and count samples (exact), and sums (to float rounding: summed in another order)."""
+        counts, sums = {}, {}
+        text = generate_latest(registry).decode()
+        for family in prometheus_client.parser.text_string_to_metric_families(text):
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                if sample.name.endswith(("_bucket", "_count")):
+                    counts[key] = sample.value
+                elif sample.name.endswith("_sum"):
+                    sums[key] = sample.value
+        return counts, sums
+
+    for round_ in range(3):
+        chunks = [rng.exponential(0.05, int(n)) for n in rng.integers(1, 40, size=300)]
+        chunks[5] = np.concatenate([chunks[5], bounds, [np.nan, -1.0]])  # on the bounds, NaN, negative
+
+        def observe(part: list[np.ndarray], thread: int) -> None:
+            for i, values in enumerate(part):
+                model = f"m{(thread + i) % 2}"
+                if i % 3 == 0:
+                    held.observe_many(histogram.labels(model), values)  # an array, as a vote's agreement
+                elif i % 3 == 1:
+                    held.observe_many(histogram.labels(model), values.tolist())  # a list, as queue waits
+                else:
+                    for value in values.tolist():
+                        held.observe(histogram.labels(model), value)
+                assert held._count < HeldObservations.LIMIT + 64
+        threads = [threading.Thread(target=observe, args=(chunks[t::4], t)) for t in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for t in range(4):
+            for i, values in enumerate(chunks[t::4]):
+                for value in values.tolist():
+                    twin.labels(f"m{(t + i) % 2}").observe(value)
+        (counts, sums), (twin_counts, twin_sums) = exposed(catalogue.registry), exposed(twin_registry)
+        assert counts == twin_counts and len(counts) == 2 * (len(bounds) + 2), round_
+        assert sums.keys() == twin_sums.keys()
+        assert all(sums[k] == pytest.approx(twin_sums[k], rel=1e-12, nan_ok=True) for k in sums), round_
