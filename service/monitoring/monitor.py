@@ -4,7 +4,8 @@ collectors. It forwards the manager's hooks to `Statistics` (the v2 ModelStatist
 
 Per-request work is an in-flight count, one append of the RPC's outcome (flushed into the
 counters and histograms in bulk: before each scrape, and every Monitor.FLUSH_EVERY RPCs)
-and, for drift, one append to preallocated ring buffers.
+and, for drift, one append to preallocated ring buffers. Per batch, its histogram values
+(sizes, waits, compute, vote, agreement, member latency) are held the same way (HeldObservations).
 """
 
 from __future__ import annotations
