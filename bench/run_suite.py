@@ -171,8 +171,9 @@ def run_load(cfg: Config, server: Server, duration: float, warmup: float, out: P
     return json.loads(path.read_text())
 
 
-def run_ceiling(models: list[Path], batches: str, duration: float) -> list[dict]:
-    argv = [PY, str(BENCH / "ceiling.py"), "--batch", batches, "--duration", str(duration)]
+def run_ceiling(models: list[Path], batches: str, duration: float, provider: str = "cpu") -> list[dict]:
+    argv = [PY, str(BENCH / "ceiling.py"), "--batch", batches, "--duration", str(duration),
+            "--provider", provider]
     for m in models:
         argv += ["--model", str(m)]
     done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, check=True)
