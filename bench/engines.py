@@ -25,7 +25,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-from run_suite import PY, ROOT, Config, Server, free_port, machine, run_load  # noqa: E402
+from run_suite import PY, ROOT, Config, Server, free_port, machine, run_load, start_all  # noqa: E402
 
 VARIANTS = [("grpcio", "asyncio"), ("grpcio", "uvloop"), ("native", "asyncio"), ("native", "uvloop")]
 
@@ -62,11 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     configs = [replace(base, server=name) for name in servers]
     runs: dict[str, list[dict]] = {c.server: [] for c in configs}
     try:
-        for s in servers.values():
-            s.start(out)
-        for s in servers.values():
-            s.wait_ready()
-            print(f"{s.name} ready on port {s.port} (pid {s.proc.pid})", flush=True)
+        start_all(servers, out)
         for round_no in range(args.rounds):
             print(f"round {round_no + 1}/{args.rounds}", flush=True)
             for cfg in configs:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -30,9 +29,9 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-import run_suite  # noqa: E402
-from run_suite import (DIGITS_SHAPE, IMAGE_SHAPE, MOBILENET_REPO, MOBILENETS, PY, ROOT,  # noqa: E402
-                       Config, Server, free_port, machine, median_result, run_ceiling, run_load)
+from run_suite import (IMAGE_SHAPE, MOBILENET_REPO, MOBILENETS, PY, ROOT, Config, Server,  # noqa: E402
+                       free_port, machine, median_ceiling, median_result, mobilenet_input_name, run_ceiling,
+                       run_load, start_all)
 
 ONNX_MEMBERS = ["digits_mlp_a", "digits_cnn_a", "digits_logreg"]
 ENSEMBLE = "digits_onnx"
@@ -90,14 +89,10 @@ def markdown(report: dict) -> str:
             lines.append(f"| {r['server']} | {r['model']} | {r['key'].rsplit('/', 1)[1]} | failed: "
                          f"{r['failed'][:80]} | | | | | |")
             continue
-        lat = r["latency_ms"]
-        cpu = r.get("server_cpu_us_per_req")
+        lat, cpu = r["latency_ms"], r.get("server_cpu_us_per_req")
         lines.append(f"| {r['server']} | {r['model']} | c={r['concurrency']} | {r['throughput_rps']:.0f} "
                      f"| {r['rows_per_s']:.0f} | {lat['p50']:.2f} | {lat['p99']:.2f} | "
-                     f"{sum(r['errors'].values())} | {cpu:.0f} |" if cpu is not None else
-                     f"| {r['server']} | {r['model']} | c={r['concurrency']} | {r['throughput_rps']:.0f} "
-                     f"| {r['rows_per_s']:.0f} | {lat['p50']:.2f} | {lat['p99']:.2f} | "
-                     f"{sum(r['errors'].values())} | |")
+                     f"{sum(r['errors'].values())} | {'' if cpu is None else f'{cpu:.0f}'} |")
     lines += ["", "| in-process ceiling | batch | rows/s | ms per call | provider |", "|---|---|---|---|---|"]
     for name, rows in report["ceiling"].items():
         for c in rows:
@@ -149,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     add("quorum", digits_repo, ["--grpc-engine", "grpcio"])
     image_input = "input"
     if with_mobilenet:
-        image_input = run_suite.mobilenet_input_name()
+        image_input = mobilenet_input_name()
         add("quorum-mobilenet", MOBILENET_REPO, ["--grpc-engine", "native"], ready_model="mobilenets",
             ready_shape=IMAGE_SHAPE, ready_input=image_input)
 
@@ -164,11 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     ceilings: dict[str, list[list[dict]]] = {"digits_mlp_a": [], ENSEMBLE: [], "mobilenets": []}
     found: dict[str, dict[str, str]] = {}
     try:
-        for s in servers.values():
-            s.start(out)
-        for s in servers.values():
-            s.wait_ready()
-            print(f"{s.name} ready on port {s.port} (pid {s.proc.pid})", flush=True)
+        start_all(servers, out)
         found = {name: devices(port) for name, port in metrics.items()}
         for name, variants in found.items():
             print(f"{name}: {variants}", flush=True)
@@ -187,8 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             s.stop()
 
     results = [dict(median_result(runs[c.key]), server=c.server, key=c.key) for c in cfgs]
-    ceiling = {name: [dict(rounds[0][i], rows_per_s=statistics.median(r[i]["rows_per_s"] for r in rounds))
-                      for i in range(len(rounds[0]))] for name, rounds in ceilings.items() if rounds}
+    ceiling = {name: median_ceiling(rounds) for name, rounds in ceilings.items() if rounds}
     by = {r["key"]: r for r in results}
 
     def get(server: str, model: str, c: int) -> dict | None:

@@ -95,6 +95,15 @@ class Server:
                 os.killpg(self.proc.pid, signal.SIGKILL)
 
 
+def start_all(servers: dict[str, Server], out: Path) -> None:
+    """Start every server first, then wait for each: their warm-ups overlap."""
+    for s in servers.values():
+        s.start(out)
+    for s in servers.values():
+        s.wait_ready()
+        print(f"{s.name} ready on port {s.port} (pid {s.proc.pid})", flush=True)
+
+
 def mobilenet_input_name() -> str:
     manifest = json.loads((MOBILENET_REPO / MOBILENETS[0] / "1" / "variant.json").read_text())
     return manifest["inputs"][0]["name"]
@@ -204,6 +213,13 @@ def median_result(runs: list[dict]) -> dict:
     return med
 
 
+def median_ceiling(rounds: list[list[dict]]) -> list[dict]:
+    """Per batch size, the median rows/s over the rounds (and each round's figure)."""
+    return [dict(rounds[0][i], rows_per_s=statistics.median(r[i]["rows_per_s"] for r in rounds),
+                 each=[round(r[i]["rows_per_s"], 1) for r in rounds])
+            for i in range(len(rounds[0]))] if rounds else []
+
+
 def machine() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
@@ -271,11 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, list[dict]] = {c.key: [] for c in cfgs}
     ceilings: dict[str, list[list[dict]]] = {"digits_mlp_a": [], "mobilenets": []}
     try:
-        for s in servers.values():
-            s.start(out)
-        for s in servers.values():
-            s.wait_ready()
-            print(f"{s.name} ready on port {s.port} (pid {s.proc.pid})", flush=True)
+        start_all(servers, out)
         for round_no in range(args.runs):
             print(f"round {round_no + 1}/{args.runs}", flush=True)
             for cfg in cfgs:
@@ -291,11 +303,7 @@ def main(argv: list[str] | None = None) -> int:
             s.stop()
 
     results = [dict(median_result(runs[c.key]), group=c.group, server=c.server, key=c.key) for c in cfgs]
-    ceiling: dict[str, list[dict]] = {}
-    for name, rounds in ceilings.items():
-        ceiling[name] = [dict(rounds[0][i], rows_per_s=statistics.median(r[i]["rows_per_s"] for r in rounds),
-                              each=[round(r[i]["rows_per_s"], 1) for r in rounds])
-                         for i in range(len(rounds[0]))] if rounds else []
+    ceiling = {name: median_ceiling(rounds) for name, rounds in ceilings.items()}
     report = {"machine": machine(), "command": " ".join(["python", "bench/run_suite.py", *(argv or sys.argv[1:])]),
               "duration_s": args.duration, "rounds": args.runs, "quorum_env": quorum_env,
               "results": results, "ceiling": ceiling, "ratios": ratios(results, ceiling),
