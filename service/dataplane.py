@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import math
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -107,6 +108,9 @@ class DataPlane:
         self._info: dict[str, tuple] = {}  # model -> (what it was built from..., ModelInfo)
         self._pipelines: dict[tuple[str, str], EnsemblePipeline] = {}  # (kind, name) -> its queue
         self._evaluations: dict[str, asyncio.Task] = {}  # ensemble -> its evaluation running now
+        # served version -> {ensemble labels: MemberInfo}: its validation replay is parsed
+        # into arrays once per loaded version, not at every (periodic) evaluation
+        self._member_infos: weakref.WeakKeyDictionary[ServedVersion, dict] = weakref.WeakKeyDictionary()
 
     # -- inference -------------------------------------------------------------------------
     async def infer(self, model: str, rows: np.ndarray, *, version: int | None = None,
@@ -378,13 +382,20 @@ class DataPlane:
             model = self.manager.variants.get(member)
             served = model.serving() if model else None
             if served is not None:
-                infos[member] = member_info(served, spec.labels)
+                infos[member] = self._member_info(served, spec.labels)
         if not infos:
             return
         rows = list(self.feedback.rows.get(name, ()))
         live = {m: self.feedback.live(f"{name}/{m}") for m in infos}
         tracker.stacked_weights = ensemble.calibration.weights
         await asyncio.to_thread(tracker.evaluate, infos, rows, live)
+
+    def _member_info(self, served: ServedVersion, labels: tuple[str, ...]) -> MemberInfo:
+        by_labels = self._member_infos.setdefault(served, {})
+        info = by_labels.get(labels)
+        if info is None:
+            info = by_labels[labels] = member_info(served, labels)
+        return info
 
     async def run_objectives(self, interval_s: float = 1.0) -> None:
         """Re-evaluate periodically: feedback and latency move the choice over time."""

@@ -44,6 +44,7 @@ from service.monitoring.stages import COLLECTOR, Stage, record
 log = logging.getLogger(__name__)
 
 RunBatch = Callable[[np.ndarray], Awaitable[np.ndarray]]
+RunHere = Callable[[np.ndarray], np.ndarray]
 
 
 class BatchObserver(Protocol):
@@ -72,12 +73,21 @@ class _Pending:
 
 
 class DynamicBatcher:
+    requests_everywhere = 0
+    """Requests in any batcher of this process, queued or computing (a submission counts
+    the requests whose rows it merges; an ensemble's request is in each of its members'):
+    one means a lone request, whose batch the event loop would only sit and wait for."""
+
     def __init__(self, name: str, run_batch: RunBatch, config: BatchingConfig,
-                 observer: BatchObserver | None = None) -> None:
+                 observer: BatchObserver | None = None, inline: RunHere | None = None) -> None:
+        """`inline`: run_batch on the calling thread, for a model fast enough that a lone
+        request's batch costs less computed on the event loop than the two thread
+        hand-offs around run_batch (the model's manager decides; None: never)."""
         self.name = name
         self._model, _, version = name.partition(":")  # "model:version"
         self._trace_attributes = {"quorum.member": self._model, "quorum.version": version}
         self._run_batch = run_batch
+        self._inline = inline
         self._config = config
         self._observer = observer
         self._queue: deque[_Pending] = deque()
@@ -165,6 +175,8 @@ class DynamicBatcher:
         self._depth += 1
         self._queued_rows += pending.n
         self._wake()
+        carried = len(pending.arrivals)
+        DynamicBatcher.requests_everywhere += carried
         try:
             output = await pending.future
         except asyncio.CancelledError:
@@ -172,6 +184,8 @@ class DynamicBatcher:
                 self._unqueue(pending)
                 self._wake()
             raise
+        finally:
+            DynamicBatcher.requests_everywhere -= carried
         if COLLECTOR.get() is not None:  # this request is traced: its queue wait and batch
             record(Stage(f"member {self._model}", pending.arrival, pending.finished, self._trace_attributes, (
                 Stage("queue", pending.arrival, pending.started),
@@ -292,7 +306,11 @@ class DynamicBatcher:
             for pending in batch:
                 pending.rows = None  # type: ignore[assignment]
             started = time.monotonic()
-            outputs = split(await self._run_batch(merged), counts)
+            if self._inline is not None and DynamicBatcher.requests_everywhere == 1:
+                # alone: nothing else for the loop to do while the model's thread computes
+                outputs = split(self._inline(merged), counts)
+            else:
+                outputs = split(await self._run_batch(merged), counts)
             finished = time.monotonic()
             took = finished - started
             self._batch_s = took if self._batch_s is None else 0.8 * self._batch_s + 0.2 * took

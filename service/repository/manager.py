@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Iterator, Protocol
 
 import numpy as np
@@ -423,7 +423,7 @@ class ModelManager:
         runtime = create_runtime(folder, manifest, options)
         await runtime.load()
         batcher = DynamicBatcher(f"{manifest.name}:{manifest.version}", self._timed(runtime), batching,
-                                 self._observer)
+                                 self._observer, inline=self._inline(runtime))
         return ServedVersion(manifest, folder, runtime, batcher, batching)
 
     def _compute_pool(self, device: str) -> ThreadPoolExecutor | None:
@@ -446,6 +446,24 @@ class ModelManager:
         async def run_batch(rows: np.ndarray) -> np.ndarray:
             start = time.perf_counter()
             out = await runtime.predict(rows)
+            observer.on_compute(name, version, rows.shape[0], time.perf_counter() - start)
+            return out
+
+        return run_batch
+
+    def _inline(self, runtime: Runtime) -> Callable[[np.ndarray], np.ndarray] | None:
+        """runtime.predict_sync, timed as run_batch is, for a model fast enough to compute a
+        lone request on the event loop (settings.inline_compute_us); None otherwise."""
+        if not 0 < runtime.warmup_latency_s * 1e6 < self.settings.inline_compute_us:
+            return None
+        observer = self._observer
+        if observer is None:
+            return runtime.predict_here
+        name, version, predict = runtime.name, runtime.version, runtime.predict_here
+
+        def run_batch(rows: np.ndarray) -> np.ndarray:
+            start = time.perf_counter()
+            out = predict(rows)
             observer.on_compute(name, version, rows.shape[0], time.perf_counter() - start)
             return out
 

@@ -100,10 +100,19 @@ class Runtime(ABC):
     # -- inference -------------------------------------------------------------------------
     async def predict(self, rows: np.ndarray) -> np.ndarray:
         """Logits for `rows` (shape (n, *input_shape)), computed on the executor."""
-        if not self.ready:
-            raise ModelNotReady(f"model '{self.name}' version {self.version} is not loaded")
+        self._check_ready()
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.options.executor or self._executor, self.predict_sync, rows)
+
+    def predict_here(self, rows: np.ndarray) -> np.ndarray:
+        """What predict computes, on the calling thread (a lone request to a fast model, on
+        the event loop: settings.inline_compute_us)."""
+        self._check_ready()
+        return self.predict_sync(rows)
+
+    def _check_ready(self) -> None:
+        if not self.ready:
+            raise ModelNotReady(f"model '{self.name}' version {self.version} is not loaded")
 
     def predict_sync(self, rows: np.ndarray) -> np.ndarray:
         return self._run_padded(self.normalize(self.check_input(rows)))

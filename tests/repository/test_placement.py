@@ -69,3 +69,42 @@ async def test_compute_threads_share_one_thread_between_models_with_the_same_ans
         assert all(len(r.vote.members) == 5 for r in results)
         await manager.stop()
     assert np.array_equal(answers[0], answers[1])
+
+
+@pytest.mark.parametrize("invariance", ["tolerant", "strict"])
+async def test_a_lone_request_to_a_fast_model_computes_on_the_event_loop_with_the_same_answers(
+        scratch_repo, test_split, invariance):
+    """inline_compute_us: a request alone in the batchers is computed on the event loop's
+    thread, concurrent ones on the model's own thread; the answers are the same either way
+    (bitwise), and with the setting at 0 nothing is computed on the loop."""
+    from service.dataplane import DataPlane
+
+    copy_variant(ONNX_VARIANT, scratch_repo)
+    x, _ = test_split
+    answers, threads = {}, {}
+    for inline_us in (0.0, 1e9):  # never; whenever alone, however slow the model
+        manager = ModelManager(Settings(model_repository=scratch_repo, poll_interval_s=0, device="cpu",
+                                        batch_invariance=invariance, inline_compute_us=inline_us))
+        await manager.start()
+        runtime = manager.resolve(ONNX_VARIANT).runtime
+        ran_on: list[str] = []
+        compute = runtime.predict_sync
+
+        def recording(rows, compute=compute, ran_on=ran_on):  # notes the thread, computes as before
+            ran_on.append(threading.current_thread().name)
+            return compute(rows)
+
+        runtime.predict_sync = recording
+        data = DataPlane(manager)
+        alone = [await data.infer(ONNX_VARIANT, x[i:i + 1]) for i in range(20)]
+        lone_threads = set(ran_on)
+        ran_on.clear()
+        together = await asyncio.gather(*(data.infer(ONNX_VARIANT, x[i:i + 1]) for i in range(20, 60)))
+        answers[inline_us] = np.concatenate([r.vote.probabilities for r in alone + list(together)])
+        threads[inline_us] = (lone_threads, set(ran_on))
+        await manager.stop()
+    loop_thread = threading.current_thread().name
+    assert threads[0.0][0] == threads[0.0][1] == {f"rt-{ONNX_VARIANT}_0"}
+    assert threads[1e9][0] == {loop_thread}
+    assert loop_thread not in threads[1e9][1]  # 40 requests at once: none computed on the loop
+    assert np.array_equal(answers[0.0], answers[1e9])
