@@ -166,9 +166,22 @@ class DynamicBatcher:
                 raise DeadlineExceeded(f"model '{self.name}': deadline passed before queueing")
             if self._batch_s is not None:
                 self._admit(rows.shape[0], deadline - now)
-        self._ensure_started()
         loop = asyncio.get_running_loop()
         pending = _Pending(rows, deadline, now, loop.create_future(), arrivals)
+        if (self._inline is not None and not DynamicBatcher.requests_everywhere and len(pending.arrivals) == 1
+                and not self._depth and not self._batches_running and not cfg.max_queue_delay_us):
+            # A lone request: computed here on the loop, at once, in the caller's task (the
+            # dispatcher would only be woken to do the same one hand-off later).
+            pending.queued = False
+            self._batches_running += 1
+            self._in_flight += pending.n
+            DynamicBatcher.requests_everywhere += 1
+            try:
+                await self._run([pending], pending.n)  # inline: returns without suspending
+            finally:
+                DynamicBatcher.requests_everywhere -= 1
+            return self._answered(pending)
+        self._ensure_started()
         if deadline is not None:
             pending.timer = loop.call_later(deadline - now, self._expire, pending)
         self._queue.append(pending)
@@ -178,7 +191,7 @@ class DynamicBatcher:
         carried = len(pending.arrivals)
         DynamicBatcher.requests_everywhere += carried
         try:
-            output = await pending.future
+            await pending.future
         except asyncio.CancelledError:
             if pending.queued:
                 self._unqueue(pending)
@@ -186,6 +199,11 @@ class DynamicBatcher:
             raise
         finally:
             DynamicBatcher.requests_everywhere -= carried
+        return self._answered(pending)
+
+    def _answered(self, pending: _Pending) -> np.ndarray:
+        """The request's output rows (or its batch's error), its stages recorded if traced."""
+        output = pending.future.result()
         if COLLECTOR.get() is not None:  # this request is traced: its queue wait and batch
             record(Stage(f"member {self._model}", pending.arrival, pending.finished, self._trace_attributes, (
                 Stage("queue", pending.arrival, pending.started),

@@ -101,10 +101,14 @@ async def test_a_lone_request_to_a_fast_model_computes_on_the_event_loop_with_th
         ran_on.clear()
         together = await asyncio.gather(*(data.infer(ONNX_VARIANT, x[i:i + 1]) for i in range(20, 60)))
         answers[inline_us] = np.concatenate([r.vote.probabilities for r in alone + list(together)])
-        threads[inline_us] = (lone_threads, set(ran_on))
+        threads[inline_us] = (lone_threads, list(ran_on))
         await manager.stop()
     loop_thread = threading.current_thread().name
-    assert threads[0.0][0] == threads[0.0][1] == {f"rt-{ONNX_VARIANT}_0"}
+    model_thread = f"rt-{ONNX_VARIANT}_0"
+    assert threads[0.0][0] == set(threads[0.0][1]) == {model_thread}
     assert threads[1e9][0] == {loop_thread}
-    assert loop_thread not in threads[1e9][1]  # 40 requests at once: none computed on the loop
+    # 40 requests at once: the first found the server idle; the batches of the others
+    # queued behind it are computed on the model's thread
+    burst = threads[1e9][1]
+    assert burst.count(loop_thread) <= 1 and burst[1:] and set(burst[1:]) == {model_thread}, burst
     assert np.array_equal(answers[0.0], answers[1e9])
