@@ -161,7 +161,7 @@ class EnsemblePipeline:
             self._holding += 1
             if self._wake is None:
                 self._wake = asyncio.Event()
-            await self._run([entry])
+            await (self._run_lone(entry) if len(plan.members) == 1 else self._run([entry]))
             return entry.future.result()
         self._queue.append(entry)
         self._depth += 1
@@ -255,6 +255,65 @@ class EnsemblePipeline:
         self._queued_rows -= rows
         return batch
 
+    def _let_go(self, start: float) -> None:
+        """A batch that began at `start` stops holding the queue: its time counts towards
+        admission's time per batch, and the dispatcher looks again."""
+        took = time.monotonic() - start
+        self._batch_s = took if self._batch_s is None else 0.8 * self._batch_s + 0.2 * took
+        self._holding -= 1
+        self._wake.set()  # type: ignore[union-attr]
+
+    async def _run_lone(self, entry: _Entry) -> None:
+        """A lone request to one member, in its caller's own task: the member is awaited
+        directly, with no task, wait set or callbacks around it (most of what a lone request
+        to a single model paid in the pipeline). The outcomes are _run's: the request's
+        cutoff bounds the wait, a failure is the member's error, and a caller that goes
+        away cancels the member's call, which then leaves its member's queue."""
+        plan = entry.plan
+        ((name, served),) = plan.members.items()
+        rows, entry.rows = entry.rows, None
+        result = error = None
+        late = False
+        start = time.monotonic()
+        try:
+            if _others_ready():
+                # One turn of the loop first: callers already scheduled (a burst) queue
+                # behind this request meanwhile and are merged into the next batch, instead
+                # of each finding the model idle and running alone.
+                await asyncio.sleep(0)
+            if entry.cutoff is None:
+                result = await served.infer(rows, entry.deadline, (entry.arrival,))
+            elif entry.cutoff <= start:
+                late = True  # expired on its way here: the member is never asked
+            else:
+                call = served.infer(rows, entry.deadline, (entry.arrival,))
+                loop = asyncio.get_running_loop()
+                timeout = asyncio.timeout_at(loop.time() + (entry.cutoff - start))
+                try:
+                    async with timeout:
+                        result = await call
+                except TimeoutError:
+                    if not timeout.expired():
+                        raise  # the member's own TimeoutError: its error, not the cutoff
+                    late = True
+        except Exception as exc:  # noqa: BLE001 - the member's error is the outcome
+            error = exc
+            _log_failure(name, exc)
+        except BaseException:
+            entry.future.cancel()
+            raise
+        finally:
+            self._let_go(start)
+        outcome = MemberOutcome(name, in_time=not late, latency_s=time.monotonic() - start,
+                                result=result, error=error)
+        try:
+            self._answer_with([entry], [0], plan, FanOut({name: outcome}), rows, [(0, rows.shape[0])],
+                              start, timed_out=late)
+        except Exception as exc:  # noqa: BLE001 - a bug of ours: the caller learns of it
+            log.exception("%s: batch failed", self.what)
+            if not entry.future.done():
+                entry.future.set_exception(exc)
+
     async def _run(self, batch: list[_Entry]) -> None:
         plan = batch[0].plan
         loop = asyncio.get_running_loop()
@@ -276,10 +335,7 @@ class EnsemblePipeline:
             # quorum took.
             if held[0]:
                 held[0] = False
-                took = time.monotonic() - start
-                self._batch_s = took if self._batch_s is None else 0.8 * self._batch_s + 0.2 * took
-                self._holding -= 1
-                self._wake.set()  # type: ignore[union-attr]
+                self._let_go(start)
 
         try:
             for e in batch:
@@ -350,12 +406,21 @@ class EnsemblePipeline:
                 spans: Sequence[tuple[int, int]], *, timed_out: bool) -> None:
         """Answer the requests at `indices` with the members' outcomes as they stand now
         (callers that went away are skipped)."""
-        live = [i for i in indices if not batch[i].future.done()]
-        if not live:
+        if not any(not batch[i].future.done() for i in indices):
             return
         now = time.monotonic()
         outcomes = FanOut({name: _outcome(name, task, start, finished_at.get(name, now))
                            for name, task in tasks.items()})
+        self._answer_with(batch, indices, plan, outcomes, merged, spans, start, timed_out=timed_out)
+
+    def _answer_with(self, batch: list[_Entry], indices: list[int], plan: Plan, outcomes: FanOut,
+                     merged: np.ndarray, spans: Sequence[tuple[int, int]], start: float, *,
+                     timed_out: bool) -> None:
+        """Answer the requests at `indices` with these outcomes: the vote, or the shortfall's
+        error when fewer than the quorum answered (callers that went away are skipped)."""
+        live = [i for i in indices if not batch[i].future.done()]
+        if not live:
+            return
         answered = [o for o in outcomes.values() if o.answered]
         if len(answered) < plan.quorum:
             error = shortfall(outcomes, plan.quorum, timed_out, None if self.partial else self.what)
@@ -371,6 +436,14 @@ class EnsemblePipeline:
                                           {"quorum.batch_rows": len(merged)}))
                 entry.stages.extend(stages or ())
             entry.future.set_result(result)
+
+
+def _others_ready() -> bool:
+    """Whether other callbacks wait to run in this turn of the event loop (always True where
+    the loop does not say: uvloop). asyncio's loop keeps them in `_ready`, a deque, since its
+    first release; a lone request pays a turn of the loop only when someone could join it."""
+    ready = getattr(asyncio.get_running_loop(), "_ready", None)
+    return ready is None or len(ready) > 0
 
 
 def shortfall(outcomes: FanOut, quorum: int, timed_out: bool, single: str | None = None) -> BaseException:
@@ -413,9 +486,14 @@ def _finished(name: str, finished_at: dict[str, float]):
         finished_at.setdefault(name, time.monotonic())
         if not task.cancelled():
             error = task.exception()
-            if error is not None and not isinstance(error, (Overloaded, DeadlineExceeded)):
-                # the vote goes on without it: the log says why (the reply only names it)
-                log.warning("member '%s' failed and is left out of the vote: %s: %s",
-                            name, type(error).__name__, error)
+            if error is not None:
+                _log_failure(name, error)
 
     return done
+
+
+def _log_failure(name: str, error: BaseException) -> None:
+    """The vote goes on without a failed member: the log says why (the reply only names it).
+    Refusals and deadlines are the client's to see, not a failure of the member."""
+    if not isinstance(error, (Overloaded, DeadlineExceeded)):
+        log.warning("member '%s' failed and is left out of the vote: %s: %s", name, type(error).__name__, error)

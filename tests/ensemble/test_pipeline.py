@@ -229,6 +229,62 @@ async def test_every_caller_gone_cancels_the_member_calls():
     await asyncio.wait_for(member.cancelled.wait(), 10.0)
 
 
+class Immediate(Member):
+    """Answers without suspending (a model computed on the event loop), or raises."""
+
+    async def infer(self, rows: np.ndarray, deadline: float | None = None, arrivals=None) -> np.ndarray:
+        self.calls.append(rows.shape[0])
+        if self.error is not None:
+            raise self.error
+        return rows * self.value
+
+
+async def test_a_lone_request_to_one_member_is_answered_without_a_turn_of_the_loop():
+    """An idle pipeline runs a lone request to one member in its caller's step: a member that
+    answers at once answers the request at once (no task, no wait in between)."""
+    member = Immediate(3, 0.0)
+    step = pipeline().submit(plan({"a": member}, 1), rows(2, 1.0), time.monotonic() + 30.0)
+    with pytest.raises(StopIteration) as done:
+        step.send(None)
+    outcomes, results = done.value.value
+    assert results["a"].tolist() == [[3.0, 3.0]] * 2 and outcomes["a"].in_time and member.calls == [2]
+
+
+@pytest.mark.parametrize("kind, message", [("ensemble", "0 of 1 members answered"),
+                                           ("model", "deadline reached after .* before the model answered")])
+async def test_a_lone_request_to_one_member_is_answered_at_its_cutoff(kind, message):
+    member = Member(1, 30.0)
+    p = EnsemblePipeline("e", answer, 64, 100, kind=kind)
+    start = time.monotonic()
+    with pytest.raises(DeadlineExceeded, match=message):
+        await p.submit(plan({"slow": member}, 1, margin_s=0.5), rows(), start + 1.5)
+    assert 1.0 - 0.005 <= time.monotonic() - start < 1.0 + SLACK_S  # the cutoff: deadline less margin
+    await asyncio.wait_for(member.cancelled.wait(), 10.0)  # its call is withdrawn
+    _, results = await p.submit(plan({"slow": Member(2, 0.0)}, 1), rows(), None)  # idle again
+    assert results["slow"].tolist() == [[2.0, 2.0]]
+
+
+@pytest.mark.parametrize("error", [RuntimeError("member broke"), TimeoutError("the member's own timeout")],
+                         ids=["error", "members-own-timeout"])
+async def test_a_lone_request_to_one_member_gets_the_members_error(error):
+    """The member's error is the answer, unchanged: a TimeoutError the member raises itself
+    is its error, not the request's cutoff."""
+    with pytest.raises(type(error)) as raised:
+        await pipeline().submit(plan({"a": Immediate(1, 0.0, error)}, 1), rows(), time.monotonic() + 30.0)
+    assert raised.value is error
+
+
+async def test_a_burst_at_an_idle_pipeline_is_merged_behind_its_first_request():
+    """Twenty callers scheduled together, a member that answers at once: the first request
+    finds the pipeline idle and runs alone, the other nineteen queue meanwhile and share one
+    call, each getting its own rows."""
+    member = Immediate(1, 0.0)
+    p = pipeline()
+    answers = await asyncio.gather(*(p.submit(plan({"a": member}, 1), rows(1, float(k)), None) for k in range(20)))
+    assert member.calls == [1, 19]
+    assert [results["a"][0, 0] for _, results in answers] == [float(k) for k in range(20)]
+
+
 async def test_full_queue_and_hopeless_deadlines_are_refused_at_once():
     members = {"a": Member(1, 0.3)}
     p = pipeline(max_rows=1, max_queue=1)
