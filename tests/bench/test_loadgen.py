@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
@@ -20,10 +21,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def floor_port():
+@contextlib.contextmanager
+def _floor(*args: str):
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, str(BENCH / "floor_server.py"), "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, str(BENCH / "floor_server.py"), "--port", str(port), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         line = proc.stdout.readline()  # printed once the server is serving
@@ -32,6 +33,12 @@ def floor_port():
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@pytest.fixture
+def floor_port():
+    with _floor() as server:
+        yield server
 
 
 def _loadgen(port: int, pid: int, tmp_path: Path, *load: str, protocol_args: tuple = ()) -> dict:
@@ -56,6 +63,19 @@ def test_loadgen_reports_sane_json(floor_port, tmp_path, load):
     assert r["client_cpu_cores"] >= 0
     assert r["request_bytes"] > 256 and r["response_bytes"] > 0
     assert r["extra"]["check"].startswith("probabilities:FP32[1, 10]")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("variant", [("--handler", "wrapped"), ("--grpc-engine", "native"),
+                                     ("--grpc-engine", "native", "--handler", "wrapped")],
+                         ids=["grpcio-wrapped", "native", "native-wrapped"])
+def test_each_floor_variant_answers_as_the_floor_does(tmp_path, variant):
+    """The floor taken apart (docs/performance.md): on pygrpc-native, and behind Quorum's own
+    handler wrapper; each answers every call with the same precomputed answer."""
+    with _floor(*variant) as (port, pid):
+        r = _loadgen(port, pid, tmp_path, "--concurrency", "4")
+    assert r["requests"] > 0 and r["errors"] == {}
+    assert r["extra"]["check"] == "probabilities:FP32[1, 10],label:BYTES[1],class_index:INT64[1],confidence:FP32[1]"
 
 
 @pytest.fixture(scope="module")
