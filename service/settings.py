@@ -49,9 +49,10 @@ class Settings(BaseSettings):
     threads from queueing behind the event loop for the GIL (docs/performance.md)."""
     inline_compute_us: float = Field(100.0, ge=0)
     """A batch that is the only work in the batchers (one request alone: concurrency 1) runs
-    on the event loop instead of its model's thread when the model computed one row in under
-    this many microseconds at warm-up: two thread hand-offs cost more than such a model's
-    compute. Never while other requests are queued or computing (0: never)."""
+    on the event loop instead of its model's thread when, at the model's warm-up time per
+    row, it computes in under this many microseconds: two thread hand-offs cost more than
+    such a batch. Never while other requests are queued or computing, never a batch that
+    would hold the loop longer (0: never)."""
     batch_invariance: Literal["strict", "tolerant"] = "tolerant"
     """strict: pad every batch to the model's max batch size, so outputs are bitwise
     identical whatever else is in the batch; tolerant: run batches at their own size."""

@@ -79,15 +79,18 @@ class DynamicBatcher:
     one means a lone request, whose batch the event loop would only sit and wait for."""
 
     def __init__(self, name: str, run_batch: RunBatch, config: BatchingConfig,
-                 observer: BatchObserver | None = None, inline: RunHere | None = None) -> None:
-        """`inline`: run_batch on the calling thread, for a model fast enough that a lone
-        request's batch costs less computed on the event loop than the two thread
-        hand-offs around run_batch (the model's manager decides; None: never)."""
+                 observer: BatchObserver | None = None, inline: RunHere | None = None,
+                 inline_rows: int = 0) -> None:
+        """`inline`: run_batch on the calling thread, for a lone request's batch of at most
+        `inline_rows` rows, which costs less computed on the event loop than the two thread
+        hand-offs around run_batch (the model's manager decides from its warm-up; None:
+        never). A larger batch would hold the loop, and every other call with it."""
         self.name = name
         self._model, _, version = name.partition(":")  # "model:version"
         self._trace_attributes = {"quorum.member": self._model, "quorum.version": version}
         self._run_batch = run_batch
         self._inline = inline
+        self._inline_rows = inline_rows if inline is not None else 0
         self._config = config
         self._observer = observer
         self._queue: deque[_Pending] = deque()
@@ -168,10 +171,10 @@ class DynamicBatcher:
                 self._admit(rows.shape[0], deadline - now)
         loop = asyncio.get_running_loop()
         pending = _Pending(rows, deadline, now, loop.create_future(), arrivals)
-        if (self._inline is not None and not DynamicBatcher.requests_everywhere and len(pending.arrivals) == 1
+        if (pending.n <= self._inline_rows and not DynamicBatcher.requests_everywhere and len(pending.arrivals) == 1
                 and not self._depth and not self._batches_running and not cfg.max_queue_delay_us):
-            # A lone request: computed here on the loop, at once, in the caller's task (the
-            # dispatcher would only be woken to do the same one hand-off later).
+            # A lone request small enough for the loop: computed here, at once, in the
+            # caller's task (the dispatcher would only be woken to do the same later).
             pending.queued = False
             self._batches_running += 1
             self._in_flight += pending.n
@@ -324,7 +327,7 @@ class DynamicBatcher:
             for pending in batch:
                 pending.rows = None  # type: ignore[assignment]
             started = time.monotonic()
-            if self._inline is not None and DynamicBatcher.requests_everywhere == 1:
+            if rows <= self._inline_rows and DynamicBatcher.requests_everywhere == 1:
                 # alone: nothing else for the loop to do while the model's thread computes
                 outputs = split(self._inline(merged), counts)
             else:

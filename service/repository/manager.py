@@ -422,8 +422,10 @@ class ModelManager:
             executor=self._compute_pool(device))
         runtime = create_runtime(folder, manifest, options)
         await runtime.load()
+        inline_rows = runtime.rows_within(self.settings.inline_compute_us / 1e6)
         batcher = DynamicBatcher(f"{manifest.name}:{manifest.version}", self._timed(runtime), batching,
-                                 self._observer, inline=self._inline(runtime))
+                                 self._observer, inline=self._inline(runtime) if inline_rows else None,
+                                 inline_rows=inline_rows)
         return ServedVersion(manifest, folder, runtime, batcher, batching)
 
     def _compute_pool(self, device: str) -> ThreadPoolExecutor | None:
@@ -451,11 +453,9 @@ class ModelManager:
 
         return run_batch
 
-    def _inline(self, runtime: Runtime) -> Callable[[np.ndarray], np.ndarray] | None:
-        """runtime.predict_sync, timed as run_batch is, for a model fast enough to compute a
-        lone request on the event loop (settings.inline_compute_us); None otherwise."""
-        if not 0 < runtime.warmup_latency_s * 1e6 < self.settings.inline_compute_us:
-            return None
+    def _inline(self, runtime: Runtime) -> Callable[[np.ndarray], np.ndarray]:
+        """runtime.predict_sync, timed as run_batch is: a lone request's batch computed on the
+        event loop, for a batch small enough to take under settings.inline_compute_us."""
         observer = self._observer
         if observer is None:
             return runtime.predict_here

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from abc import ABC, abstractmethod
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -89,6 +90,17 @@ class Runtime(ABC):
         start = time.perf_counter()
         self._run_padded(np.zeros((1, *self._row_shape), dtype=self._dtype))
         self.warmup_latency_s = time.perf_counter() - start
+
+    def rows_within(self, seconds: float) -> int:
+        """Most rows one batch may hold and still compute within `seconds`, by the warm-up's
+        timing (0: not even one). Strict mode pads every batch to one shape, so any batch up to
+        the max batch size costs the warm-up's run; tolerant mode is taken to grow with the
+        rows (an upper bound: a row costs less in a larger batch)."""
+        once = self.warmup_latency_s
+        if not 0 < once < seconds:
+            return 0
+        size = self.options.max_batch_size
+        return size if self.options.batch_invariance != "tolerant" else min(size, math.ceil(seconds / once) - 1)
 
     @property
     def artifact_mb(self) -> float:

@@ -70,6 +70,26 @@ async def wait_until(predicate, timeout: float = 2.0) -> None:
         await asyncio.sleep(0.001)
 
 
+# -- a lone request on the loop -------------------------------------------------------------
+async def test_a_lone_batch_is_computed_on_the_loop_only_up_to_inline_rows():
+    """A lone request's batch of at most inline_rows rows is computed by `inline` in the
+    caller's step; a larger one goes to run_batch (the model's thread), so a big batch never
+    holds the event loop (and every other call with it)."""
+    model = FakeModel()
+    here: list[int] = []
+
+    def inline(rows: np.ndarray) -> np.ndarray:
+        here.append(rows.shape[0])
+        return rows * 2.0 + 1.0
+
+    batcher = DynamicBatcher("m", model, BatchingConfig(max_batch_size=16), inline=inline, inline_rows=4)
+    small = await batcher.submit(np.ones((4, 3), np.float32))
+    big = await batcher.submit(np.ones((5, 3), np.float32))
+    assert here == [4] and model.sizes == [5]
+    assert small.tolist() == [[3.0] * 3] * 4 and big.tolist() == [[3.0] * 3] * 5
+    await batcher.stop()
+
+
 # -- batching ------------------------------------------------------------------------------
 async def test_concurrent_single_rows_are_merged_up_to_max_batch_size():
     model = FakeModel(compute_s=0.02)

@@ -47,6 +47,23 @@ def test_every_variant_is_batch_invariant(variant, mode, test_split):
     asyncio.run(runtime.unload())
 
 
+@pytest.mark.parametrize("mode", ["tolerant", "strict"])
+def test_the_rows_a_batch_may_hold_within_a_time_follow_the_warmup(mode):
+    """From the warm-up's one-row run: tolerant mode takes the cost to grow with the rows,
+    strict mode pads every batch to one shape (any batch up to the max batch size costs the
+    warm-up's run); a time under one row's allows none."""
+    runtime = _load(MODELS / "digits_mlp_a" / "1", device="cpu", batch_invariance=mode, max_batch_size=64)
+    once = runtime.warmup_latency_s
+    assert once > 0
+    assert runtime.rows_within(once * 0.5) == 0
+    if mode == "tolerant":
+        assert (runtime.rows_within(once * 2.5), runtime.rows_within(once * 10.5)) == (2, 10)
+        assert runtime.rows_within(once * 1000) == 64  # never more than a batch
+    else:
+        assert runtime.rows_within(once * 1.5) == runtime.rows_within(once * 1000) == 64
+    asyncio.run(runtime.unload())
+
+
 def test_variants_classify_the_test_split(variant, test_split):
     x, y = test_split
     runtime = _load(MODELS / variant / "1", device="cpu")
