@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--model", default="digits_mlp_a")
+    p.add_argument("--model-repository", type=Path, default=ROOT / "models", help="the repository Quorum serves")
     p.add_argument("--out", type=Path, default=BENCH / "results" / "engines")
     p.add_argument("--variants", default=",".join(f"{e}-{loop}" for e, loop in VARIANTS),
                    help="ENGINE-LOOP,... to run (default: all four)")
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         servers[f"quorum-{engine}-{loop}"] = Server(
             f"quorum-{engine}-{loop}",
             [PY, "-m", "service.cli", "serve", "--device", "cpu", "--poll-interval", "0",
-             "--model-repository", str(ROOT / "models"), "--grpc-port", str(port),
+             "--model-repository", str(args.model_repository), "--grpc-port", str(port),
              "--metrics-port", str(free_port()), "--http-port", "0", "--grpc-engine", engine, "--event-loop", loop], port)
     base = Config("engines", "floor", args.model, concurrency=args.concurrency)
     configs = [replace(base, server=name) for name in servers]

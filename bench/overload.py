@@ -45,7 +45,8 @@ from tests.helpers import free_port  # noqa: E402
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
 
 
-def start(root: Path, port: int, engine: str | None, server: str = "quorum") -> subprocess.Popen:
+def start(root: Path, port: int, engine: str | None, server: str = "quorum",
+          repository: Path | None = None) -> subprocess.Popen:
     if server == "floor":  # answers a precomputed response: gRPC's own cost and nothing else
         return subprocess.Popen([sys.executable, str(BENCH / "floor_server.py"), "--port", str(port)],
                                 stdout=subprocess.DEVNULL)
@@ -53,7 +54,7 @@ def start(root: Path, port: int, engine: str | None, server: str = "quorum") -> 
     # An older checkout may predate --grpc-engine: name it only when asked.
     engine_args = ["--grpc-engine", engine] if engine else []
     return subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--model-repository", str(root / "models"),
+        [sys.executable, "-m", "service.cli", "serve", "--model-repository", str(repository or root / "models"),
          "--grpc-port", str(port), "--metrics-port", str(free_port()), "--http-port", "0",
          "--device", "cpu", "--log-level", "WARNING", *engine_args], cwd=root, env=env)
 
@@ -136,10 +137,12 @@ async def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--root", type=Path, default=BENCH.parent, help="the checkout whose server runs")
     p.add_argument("--model", default="digits")
+    p.add_argument("--model-repository", type=Path, help="the repository Quorum serves (default: ROOT/models)")
     p.add_argument("--clients", type=int, default=512)
     p.add_argument("--deadline-ms", type=float, default=50.0)
     p.add_argument("--seconds", type=float, default=30.0)
     p.add_argument("--capacity-seconds", type=float, default=15.0)
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds of load before the capacity is measured")
     p.add_argument("--out", type=Path, default=BENCH / "results" / "overload.json")
     p.add_argument("--backoff-ms", type=float, default=0.0,
                    help="after RESOURCE_EXHAUSTED wait the server's pushback, else a jittered exponential "
@@ -154,11 +157,11 @@ async def main() -> None:
     port = free_port()
     address = f"127.0.0.1:{port}"
     payload = make_request("v2", args.model, (1, 64), "pixels")
-    server = start(args.root.resolve(), port, args.grpc_engine, args.server)
+    server = start(args.root.resolve(), port, args.grpc_engine, args.server, args.model_repository)
     try:
         await wait_ready(address, payload)
         capacity = await run_load(target=address, protocol="v2", model=args.model, shape=(1, 64), concurrency=64,
-                                  duration=args.capacity_seconds, warmup=2, channels=4, server_pid=server.pid)
+                                  duration=args.capacity_seconds, warmup=args.warmup, channels=4, server_pid=server.pid)
         result = await overload(address, payload, args.clients, args.deadline_ms / 1000, args.seconds,
                                 backoff_s=args.backoff_ms / 1000)
     finally:

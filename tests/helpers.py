@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import json
 import shutil
 import socket
+import tempfile
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
@@ -22,6 +26,43 @@ def _framework(name: str) -> str:
 
 ONNX_VARIANT = next(v for v in VARIANTS if _framework(v) == "onnx")
 SAVEDMODEL_VARIANT = next(v for v in VARIANTS if _framework(v) == "savedmodel")
+ONNX_VARIANTS = tuple(v for v in VARIANTS if _framework(v) == "onnx")
+
+
+@functools.cache
+def onnx_models() -> Path:
+    """The bundled repository less its SavedModel members: the ONNX variants unchanged, and
+    each bundled ensemble (same policy, objective, batching) over the ONNX members it names.
+
+    The default repository of the servers tests start (tests/server.py) and of the answers
+    they expect (tests/e2e/fixtures.py Reference): a server of ONNX members alone never
+    imports TensorFlow, so it is SERVING in about a second instead of several. TensorFlow's
+    path keeps its own tests, on the bundled repository itself (test_tensorflow_on_demand,
+    tests/runtimes). Built once per test process, removed at its exit."""
+    root = Path(tempfile.mkdtemp(prefix="quorum-onnx-models-")) / "models"
+    atexit.register(shutil.rmtree, root.parent, True)
+    for name in ONNX_VARIANTS:
+        shutil.copytree(MODELS / name, root / name)
+    for ensemble in sorted(p.parent.name for p in MODELS.glob("*/ensemble.yaml")):
+        config = yaml.safe_load((MODELS / ensemble / "ensemble.yaml").read_text())
+        config["members"] = [m for m in config["members"] if m in ONNX_VARIANTS]
+        (root / ensemble).mkdir()
+        (root / ensemble / "ensemble.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return root
+
+
+def onnx_ensemble(root: Path, *, policy: str = "confidence", linger_s: float | None = None,
+                  name: str = "digits") -> Path:
+    """A repository at `root` of the bundled ONNX variants and one ensemble of them; with
+    `linger_s`, the ensemble's batches wait that long to fill (requests pile up in its queue)."""
+    for variant in ONNX_VARIANTS:
+        shutil.copytree(MODELS / variant, root / variant)
+    config: dict = {"members": list(ONNX_VARIANTS), "policy": policy}
+    if linger_s is not None:
+        config["batching"] = {"max_batch_size": 256, "max_queue_delay_us": int(linger_s * 1e6)}
+    (root / name).mkdir()
+    (root / name / "ensemble.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return root
 
 
 def copy_variant(name: str, repo: Path, version: int = 1, source_version: int = 1,

@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.helpers import MODELS, ROOT, free_ports
+from tests.helpers import ROOT, free_ports, onnx_models
 
 
 @dataclass
@@ -69,7 +69,7 @@ def wait_serving(server: RunningServer, timeout: float = 90, channel_factory=Non
 
 
 @contextmanager
-def running_server(tmp_path: Path, repository: Path = MODELS, *, wait: bool = True,
+def running_server(tmp_path: Path, repository: Path | None = None, *, wait: bool = True,
                    env: dict[str, str] | None = None, args: list[str] = ()) -> Iterator[RunningServer]:
     """`quorum serve` on free ports; settings through flags and QUORUM_* env, as a user would.
 
@@ -78,6 +78,9 @@ def running_server(tmp_path: Path, repository: Path = MODELS, *, wait: bool = Tr
     a test that asks for hot reload with `args=["--model-control", "poll"]` (the default
     model control is none, as in production).
 
+    The repository is the bundled one less its SavedModel members (tests/helpers.py
+    onnx_models) unless a test names another: pass MODELS where TensorFlow is the subject.
+
     The gRPC engine is QUORUM_TEST_GRPC_ENGINE's, when set (tests/e2e/conftest.py sets it).
     An `--http-port` in `args` wins over the free one picked here (0 turns HTTP off)."""
     grpc_port, metrics_port, free_http_port = free_ports(3)
@@ -85,6 +88,7 @@ def running_server(tmp_path: Path, repository: Path = MODELS, *, wait: bool = Tr
     http_port = int(args[args.index("--http-port") + 1]) if "--http-port" in args else free_http_port
     log = tmp_path / f"server-{grpc_port}.log"
     engine = os.environ.get("QUORUM_TEST_GRPC_ENGINE")
+    repository = onnx_models() if repository is None else repository
     command = [sys.executable, "-m", "service.cli", "serve", "--model-repository", str(repository),
                "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
                "--http-port", str(http_port), "--device", "cpu",

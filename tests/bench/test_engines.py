@@ -4,11 +4,14 @@ timings or sizes asserted (those are measured, in docs/performance.md)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import onnx_models
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
@@ -17,7 +20,9 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 def test_engines_bench_reports_each_server(tmp_path):
     subprocess.run([sys.executable, str(BENCH / "engines.py"), "--duration", "0.5", "--warmup", "0.2",
                     "--rounds", "1", "--concurrency", "4", "--variants", "native-uvloop",
-                    "--out", str(tmp_path)], check=True, capture_output=True, timeout=380)
+                    "--model-repository", str(onnx_models()),
+                    "--out", str(tmp_path)], check=True, capture_output=True, timeout=380,
+                   env={**os.environ, "QUORUM_DRAIN_DELAY_S": "0"})  # the server it starts exits at once
     report = json.loads((tmp_path / "results.json").read_text())
     rows = {r["server"]: r for r in report["results"]}
     assert set(rows) == {"floor", "quorum-native-uvloop"}

@@ -5,14 +5,18 @@ timing asserted: figures are in docs/performance.md)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import onnx_models
+
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 EXPECTED = {"OK", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "CANCELLED"}
+NO_DRAIN_DELAY = {**os.environ, "QUORUM_DRAIN_DELAY_S": "0"}  # the server it starts exits at once when done
 
 
 @pytest.mark.timeout(300)
@@ -20,9 +24,9 @@ EXPECTED = {"OK", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "CANCELLED"}
 def test_overload_bench_accounts_for_every_request(tmp_path, engine):
     out = tmp_path / "overload.json"
     subprocess.run([sys.executable, str(BENCH / "overload.py"), "--clients", "16", "--seconds", "1",
-                    "--capacity-seconds", "1", "--deadline-ms", "200", "--backoff-ms", "20",
-                    "--grpc-engine", engine, "--out", str(out)],
-                   check=True, capture_output=True, text=True, timeout=290)
+                    "--capacity-seconds", "1", "--warmup", "0.2", "--deadline-ms", "200", "--backoff-ms", "20",
+                    "--grpc-engine", engine, "--model-repository", str(onnx_models()), "--out", str(out)],
+                   check=True, capture_output=True, text=True, timeout=290, env=NO_DRAIN_DELAY)
     report = json.loads(out.read_text())
     assert report["grpc_engine"] == engine and report["backoff_ms"] == 20
     assert report["capacity_rps"] > 0 and report["requests"] > 0
@@ -37,7 +41,7 @@ def test_overload_bench_runs_the_same_load_against_the_floor(tmp_path):
     so it never refuses)."""
     out = tmp_path / "overload.json"
     subprocess.run([sys.executable, str(BENCH / "overload.py"), "--server", "floor", "--clients", "16",
-                    "--seconds", "1", "--capacity-seconds", "1", "--deadline-ms", "200", "--out", str(out)],
+                    "--seconds", "1", "--capacity-seconds", "1", "--warmup", "0.2", "--deadline-ms", "200", "--out", str(out)],
                    check=True, capture_output=True, text=True, timeout=290)
     report = json.loads(out.read_text())
     assert report["server"] == "floor" and report["grpc_engine"] is None

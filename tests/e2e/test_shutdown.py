@@ -15,7 +15,6 @@ the server's own gauge says it holds all 200 requests: they are answered after i
 from __future__ import annotations
 
 import asyncio
-import shutil
 import signal
 import threading
 import time
@@ -30,25 +29,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service._proto.quorum.v1 import ensemble_pb2 as pb
 from service._proto.quorum.v1 import ensemble_pb2_grpc as pb_grpc
 from tests.e2e.fixtures import Reference
-from tests.helpers import MODELS, VARIANTS
+from tests.helpers import onnx_ensemble
 from tests.server import RunningServer, running_server
+
+BOTH_ENGINES = True  # the subject is the transport (tests/e2e/conftest.py)
 
 BURST = 200
 LINGER_S = 4.0  # how long the scratch ensemble's batcher holds the burst
 GRACE_S = 15.0
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-ONNX_MEMBERS = ("digits_mlp_a", "digits_cnn_a", "digits_logreg")
-
-
-def _lingering_repo(root) -> None:
-    """The bundled digits members, with an ensemble whose batches wait LINGER_S to fill."""
-    for name in VARIANTS:
-        shutil.copytree(MODELS / name, root / name)
-    (root / "digits").mkdir()
-    members = (MODELS / "digits" / "ensemble.yaml").read_text().splitlines()[0]
-    (root / "digits" / "ensemble.yaml").write_text(
-        f"{members}\npolicy: confidence\n"
-        f"batching: {{max_batch_size: 256, max_queue_delay_us: {int(LINGER_S * 1e6)}}}\n")
+ROUNDS = 3  # per engine and process layout: 12 SIGTERMs under load in all
 
 
 def _request(pixels: np.ndarray) -> pb.PredictRequest:
@@ -133,10 +123,8 @@ async def _late_request(address: str, pixels: np.ndarray) -> Outcome:
 
 @pytest.fixture
 def lingering_repo(tmp_path):
-    root = tmp_path / "repo"
-    root.mkdir()
-    _lingering_repo(root)
-    return root
+    """The ONNX digits members, with an ensemble whose batches wait LINGER_S to fill."""
+    return onnx_ensemble(tmp_path / "repo", linger_s=LINGER_S)
 
 
 def test_sigterm_during_a_burst_answers_every_accepted_request(tmp_path, lingering_repo, test_split):
@@ -257,20 +245,16 @@ class Sender(threading.Thread):
 
 
 @pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "two-workers"])
-def test_sigterm_under_load_five_times_loses_nothing(tmp_path, test_split, workers):
+def test_sigterm_under_load_again_and_again_loses_nothing(tmp_path, test_split, workers):
     """SIGTERM while clients keep sending: every request the server took is answered (OK),
     every other one is refused with UNAVAILABLE; requests keep being answered through the
-    drain delay; the process exits 0. Five times over, on one process and on --workers 2."""
+    drain delay; the process exits 0. ROUNDS times over, on one process and on --workers 2."""
     x, _ = test_split
-    repo = tmp_path / "repo"
-    for name in ONNX_MEMBERS:  # the ONNX members only: ten server starts stay short
-        shutil.copytree(MODELS / name, repo / name)
-    (repo / "digits").mkdir()
-    (repo / "digits" / "ensemble.yaml").write_text(f"members: [{', '.join(ONNX_MEMBERS)}]\npolicy: soft\n")
+    repo = onnx_ensemble(tmp_path / "repo", policy="soft")
     pixels = [x[i][None] for i in range(32)]
     expected = [str(v) for v in Reference(repo).vote("digits", x[:32]).label_index]  # labels are "0".."9"
     args = ["--workers", str(workers)] if workers > 1 else []
-    for round_ in range(5):
+    for round_ in range(ROUNDS):
         (tmp_path / f"round{round_}").mkdir()
         with running_server(tmp_path / f"round{round_}", repo, args=args, env={
                 "QUORUM_DRAIN_DELAY_S": "1.0", "QUORUM_GRACE_PERIOD_S": str(GRACE_S)}) as server:

@@ -13,8 +13,11 @@ import tensorflow as tf
 import tritonclient.grpc as grpcclient
 from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
 
-from tests.helpers import copy_variant
+from tests.e2e.fixtures import Reference, vote_temperatures
+from tests.helpers import MODELS, copy_variant
 from tests.server import RunningServer, running_server
+
+SERVER_REPOSITORY = MODELS  # `server`: the bundled repository as shipped, SavedModel members included
 
 ONNX_MEMBERS = ("digits_mlp_a", "digits_cnn_a", "digits_logreg")
 TF_LIBRARY = "libtensorflow_framework"  # what `import tensorflow` maps, and protos alone do not
@@ -69,3 +72,28 @@ def test_a_savedmodel_member_loads_tensorflow_and_answers(server, test_split):
     out = _predict(server, "digits_mlp_b", x[:32])  # a SavedModel in the bundled repository
     assert np.mean(out["class_index"] == y[:32]) > 0.85
     assert _tensorflow_mapped(server)
+    # ... through tritonclient too, every output as the SavedModel run here gives it
+    reference = Reference(MODELS)
+    expected = reference.outputs("digits_mlp_b", x[:16])
+    client = grpcclient.InferenceServerClient(server.address)
+    try:
+        tensor = grpcclient.InferInput("pixels", [16, 64], "FP32")
+        tensor.set_data_from_numpy(x[:16])
+        result = client.infer("digits_mlp_b", [tensor])
+    finally:
+        client.close()
+    for name in ("probabilities", "logits", "confidence"):
+        np.testing.assert_allclose(result.as_numpy(name), expected[name], atol=1e-5)
+    np.testing.assert_array_equal(result.as_numpy("class_index"), expected["class_index"])
+
+
+def test_the_bundled_ensemble_of_onnx_and_savedmodel_members_answers_as_its_reference(server, test_split):
+    """The bundled repository as shipped: its 5-member ensemble (ONNX and SavedModel members)
+    answers each row as the members run here and combined by the oracle would."""
+    x, _ = test_split
+    reference = Reference(MODELS, vote_temperatures=vote_temperatures(server))
+    assert len(reference.ensemble_config("digits")["members"]) == 5
+    out = _predict(server, "digits", x[:32])
+    expected = reference.outputs("digits", x[:32])
+    np.testing.assert_allclose(out["probabilities"], expected["probabilities"], atol=1e-5)
+    np.testing.assert_array_equal(out["class_index"], expected["class_index"])

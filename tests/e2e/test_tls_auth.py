@@ -21,6 +21,7 @@ from tritonclient.utils import InferenceServerException
 from service._proto.quorum.v1 import ensemble_pb2 as pb
 from service._proto.quorum.v1 import ensemble_pb2_grpc as pb_grpc
 from tests.e2e.certs import Pki, make_pki
+from tests.e2e.fixtures import Reference
 from tests.helpers import ROOT
 from tests.server import RunningServer, running_server, wait_serving
 
@@ -226,7 +227,7 @@ def test_predict_cli_over_mtls(mtls_server: RunningServer, pki):
     done = _quorum_predict("--address", address, "--ca", str(pki.ca.cert),
                            "--cert", str(pki.client.cert), "--key", str(pki.client.key))
     assert done.returncode == 0, done.stderr
-    assert len(json.loads(done.stdout)["member_votes"]) == 5
+    assert [v["member"] for v in json.loads(done.stdout)["member_votes"]] == Reference().ensemble_config()["members"]
     refused = _quorum_predict("--address", address, "--ca", str(pki.ca.cert))
     assert refused.returncode == 1 and "UNAVAILABLE" in refused.stderr
 

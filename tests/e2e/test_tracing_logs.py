@@ -22,11 +22,11 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from service._proto.inference import grpc_service_pb2 as v2
 from service._proto.inference import grpc_service_pb2_grpc as v2_grpc
 from service._proto.quorum.v1 import ensemble_pb2, ensemble_pb2_grpc
-from tests.e2e.fixtures import module_server
+from tests.e2e.fixtures import Reference, module_server
 from tests.helpers import free_port
 
 TOKEN = "s3cret-token-never-logged"
-MEMBERS = ("digits_mlp_a", "digits_mlp_b", "digits_cnn_a", "digits_cnn_b", "digits_logreg")
+MEMBERS = tuple(Reference().ensemble_config()["members"])
 ROWS = np.linspace(0, 16, 2 * 64, dtype=np.float32).reshape(2, 64)
 
 

@@ -108,11 +108,6 @@ def test_infer_member_requested_outputs(client, reference, pixels):
     _check(result, reference, MEMBER, pixels, ["probabilities", "label"])
 
 
-def test_infer_savedmodel_member(client, reference, pixels):
-    result = client.infer("digits_mlp_b", [_input(pixels)])
-    _check(result, reference, "digits_mlp_b", pixels)
-
-
 def test_repository_index(client):
     index = client.get_model_repository_index(as_json=True)["models"]
     by_name = {m["name"]: m for m in index}

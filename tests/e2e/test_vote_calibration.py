@@ -79,13 +79,13 @@ def _quorum(stub, model: str, x: np.ndarray, policy: int) -> np.ndarray:
 def test_calibration_table_every_policy_on_the_test_split(server, client, channel, test_split, capsys):
     x, y = test_split
     stub = pb_grpc.EnsembleServiceStub(channel)
-    members = Reference().ensemble_config("digits")["members"]
+    members = Reference(MODELS).ensemble_config("digits")["members"]
     member_probs = {m: _triton(client, m, x) for m in members}
-    accuracy = {m: Reference().member(m).accuracy for m in members}
+    accuracy = {m: Reference(MODELS).member(m).accuracy for m in members}
     [status] = stub.GetStatus(pb.GetStatusRequest(model="digits"), timeout=10).models
     weights = dict(status.stacked_weights)
     assert set(weights) == set(members) and sum(weights.values()) == pytest.approx(1.0)
-    ours = stacked_weights([Reference().member(m).manifest["validation"] for m in members])  # fitted here
+    ours = stacked_weights([Reference(MODELS).member(m).manifest["validation"] for m in members])  # fitted here
     np.testing.assert_allclose([weights[m] for m in members], ours, atol=1e-9)
     lines = ["| policy | vote accuracy | vote ECE (uncalibrated) | vote NLL (uncalibrated) |", "|---|---|---|---|"]
     for policy, enum in POLICIES.items():
@@ -120,8 +120,8 @@ def test_the_bundled_five_vote_as_accurately_and_as_well_calibrated_as_their_bes
     and temperature fitted on the validation replay only), through tritonclient, against
     each of its members, on the test split."""
     x, y = test_split
-    assert Reference().ensemble_config("digits")["policy"] == "stacked"
-    members = {m: scores(_triton(client, m, x), y) for m in Reference().ensemble_config("digits")["members"]}
+    assert Reference(MODELS).ensemble_config("digits")["policy"] == "stacked"
+    members = {m: scores(_triton(client, m, x), y) for m in Reference(MODELS).ensemble_config("digits")["members"]}
     acc, ece_vote, nll_vote = scores(_triton(client, "digits", x), y)
     assert acc >= max(s[0] for s in members.values()), (acc, members)
     assert ece_vote <= min(s[1] for s in members.values()), (ece_vote, members)

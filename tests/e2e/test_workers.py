@@ -14,6 +14,8 @@ from service._proto.quorum.v1 import ensemble_pb2 as pb
 from service._proto.quorum.v1 import ensemble_pb2_grpc as pb_grpc
 from tests.server import running_server
 
+BOTH_ENGINES = True  # the subject is the transport (tests/e2e/conftest.py)
+
 
 def _requests_served(port: int) -> float:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()

@@ -1,61 +1,55 @@
-"""Hostile input across every protocol and RPC, against a real server with default settings.
-
-Each case is one call an attacker (or a buggy client) could send. Each must be answered with
-its expected status code, with a short message, without the server's memory growing by more
-than a bound far below what the declared sizes would cost, and well inside a deadline the
-call itself carries (so a slow answer fails the call, not a timing assertion). A well-behaved
-client runs beside every case and must see only right answers.
-"""
+"""What a bad or hostile client sends, for tests/e2e/test_bad_input.py: request builders, and
+the matrix of hostile calls across every protocol and RPC with the status each must get."""
 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
 import numpy as np
-import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorflow.core.example import example_pb2, feature_pb2
+from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorflow_serving.apis import (
-    classification_pb2, get_model_metadata_pb2, get_model_status_pb2, model_management_pb2,
-    model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc)
+    classification_pb2, get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc, predict_pb2,
+    prediction_service_pb2_grpc)
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from service._proto.quorum.v1 import ensemble_pb2 as qpb
 from service._proto.quorum.v1 import ensemble_pb2_grpc as qpb_grpc
-from tests.e2e.fixtures import ENSEMBLE, MEMBER, Reference, module_server
-from tests.e2e.traffic import GoodClient
+from tests.e2e.fixtures import ENSEMBLE, MEMBER
 
 OK, INVALID, NOT_FOUND = grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
-DENIED, UNIMPLEMENTED = grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNIMPLEMENTED
-DEADLINE_S = 5.0  # each hostile call carries this deadline: a slow answer is DEADLINE_EXCEEDED
-RSS_BOUND = 200 * 2**20  # bytes the server may grow by over one case (declared sizes reach TBs)
+UNIMPLEMENTED = grpc.StatusCode.UNIMPLEMENTED
 MB = "x" * 2**20  # a 1 MB name or id
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, grpc_engine):
-    with module_server(tmp_path_factory, "hostile") as s:  # default settings: no model control
-        yield s
+# -- calling, and what the server became ----------------------------------------------------
+def code_of_call(call, *args, **kwargs) -> tuple[grpc.StatusCode, str]:
+    try:
+        call(*args, **kwargs)
+    except grpc.RpcError as exc:
+        return exc.code(), exc.details() or ""
+    return OK, ""
 
 
-@pytest.fixture(scope="module")
-def good_client(server, test_split):
-    pixels = np.ascontiguousarray(test_split[0][:8])
-    thread = GoodClient(server.address, pixels, Reference().vote(ENSEMBLE, pixels).label_index)
-    thread.start()
-    yield thread
-    # After every test of the module, in whatever order they ran: the good client saw
-    # nothing but right answers (an assertion here fails the module's last test).
-    thread.stopping.set()
-    thread.join(timeout=60)
-    assert not thread.is_alive()
-    assert thread.failures == []
-    assert thread.successes >= 20
+def infer_request(model: str, rows: np.ndarray, *, name: str = "pixels", datatype: str = "FP32",
+                   shape=None, raw: bytes | None = None, version: str = "") -> service_pb2.ModelInferRequest:
+    request = service_pb2.ModelInferRequest(model_name=model, model_version=version)
+    request.inputs.add(name=name, datatype=datatype, shape=list(rows.shape if shape is None else shape))
+    request.raw_input_contents.append(rows.tobytes() if raw is None else raw)
+    return request
+
+
+def tf_predict_call(channel, model: str, tensor, version: int | None = None):
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = model
+    if version is not None:
+        request.model_spec.version.value = version
+    request.inputs["pixels"].CopyFrom(tensor)
+    return prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=30)
 
 
 def rss(server) -> int:
@@ -63,6 +57,14 @@ def rss(server) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise AssertionError("no VmRSS")
+
+
+def code_of_future(future) -> grpc.StatusCode:
+    try:
+        future.result()
+        return OK
+    except grpc.RpcError as exc:
+        return exc.code()
 
 
 # -- request builders -------------------------------------------------------------------------
@@ -134,13 +136,6 @@ def tf_status(name: str) -> get_model_status_pb2.GetModelStatusRequest:
     return request
 
 
-def reload_config(*names: str) -> model_management_pb2.ReloadConfigRequest:
-    request = model_management_pb2.ReloadConfigRequest()
-    for name in names:
-        request.config.model_config_list.config.add(name=name, model_platform="tensorflow")
-    return request
-
-
 def many_parameters() -> service_pb2.ModelInferRequest:
     request = v2_good()
     for i in range(10_000):
@@ -186,13 +181,6 @@ def raw(method: str):
     return lambda ch: ch.unary_unary(method, request_serializer=None, response_deserializer=None)
 
 
-def stream_garbage(method: str):
-    def call(ch):
-        stream = ch.stream_stream(method, request_serializer=None, response_deserializer=None)
-        return lambda request, timeout: list(stream(iter([request]), timeout=timeout))
-    return call
-
-
 GARBAGE = b"\xff" * 64 + b"\x0a\xff\xff\xff\xff"
 F32 = types_pb2.DT_FLOAT
 CASES = [
@@ -213,20 +201,12 @@ CASES = [
     Case("v2-1mb-model-name", v2("ModelInfer"), lambda: v2_good(model_name=MB), INVALID),
     Case("v2-version-abc", v2("ModelInfer"), lambda: v2_good(model_version="abc"), INVALID),
     Case("v2-version-minus-1", v2("ModelInfer"), lambda: v2_good(model_name=MEMBER, model_version="-1"), INVALID),
-    Case("v2-version-unknown", v2("ModelInfer"), lambda: v2_good(model_name=MEMBER, model_version="99"), NOT_FOUND),
     Case("v2-1mb-id", v2("ModelInfer"), lambda: v2_good(id=MB), INVALID),
     Case("v2-10000-parameters", v2("ModelInfer"), many_parameters, INVALID),
-    Case("v2-garbage-bytes", raw("/inference.GRPCInferenceService/ModelInfer"), lambda: GARBAGE, INVALID),
-    Case("v2-stream-garbage", stream_garbage("/inference.GRPCInferenceService/ModelStreamInfer"),
-         lambda: GARBAGE, INVALID),
     Case("v2-metadata-1mb-name", v2("ModelMetadata"), lambda: service_pb2.ModelMetadataRequest(name=MB), INVALID),
     Case("v2-metadata-unknown", v2("ModelMetadata"), lambda: service_pb2.ModelMetadataRequest(name="nope"), NOT_FOUND),
     Case("v2-ready-version-abc", v2("ModelReady"),
          lambda: service_pb2.ModelReadyRequest(name=MEMBER, version="abc"), INVALID),
-    Case("v2-load-refused", v2("RepositoryModelLoad"),
-         lambda: service_pb2.RepositoryModelLoadRequest(model_name=MEMBER), DENIED),
-    Case("v2-unload-refused", v2("RepositoryModelUnload"),
-         lambda: service_pb2.RepositoryModelUnloadRequest(model_name=MEMBER), DENIED),
     # TF Serving: TensorProto typed fields (TF pads them to the shape) and tensor_content
     Case("tf-float-val-2^28", tfs("Predict"), lambda: tf_predict(("pixels", tensor_proto(F32, [1, 2**28], float_val=[1.0]))), INVALID),
     Case("tf-float-val-2^40", tfs("Predict"), lambda: tf_predict(("pixels", tensor_proto(F32, [1, 2**40], float_val=[1.0]))), INVALID),
@@ -247,7 +227,6 @@ CASES = [
     Case("tf-metadata-unknown", tfs("GetModelMetadata"), lambda: tf_metadata("nope"), NOT_FOUND),
     Case("tf-metadata-1mb-name", tfs("GetModelMetadata"), lambda: tf_metadata(MB), INVALID),
     Case("tf-status-unknown", tfm("GetModelStatus"), lambda: tf_status("nope"), NOT_FOUND),
-    Case("tf-reload-config-refused", tfm("HandleReloadConfigRequest"), lambda: reload_config(MEMBER), DENIED),
     # quorum.v1: numeric parameters, ids, declared shapes, feedback at scale
     Case("q-latency-budget-nan", quorum("Predict"), lambda: q_predict(latency_budget_ms=math.nan), INVALID),
     Case("q-latency-budget-inf", quorum("Predict"), lambda: q_predict(latency_budget_ms=math.inf), INVALID),
@@ -269,54 +248,3 @@ CASES = [
     Case("unknown-method", raw("/inference.GRPCInferenceService/NoSuchMethod"), lambda: b"", UNIMPLEMENTED),
     Case("unknown-service", raw("/no.such.Service/Method"), lambda: b"", UNIMPLEMENTED),
 ]
-
-
-def test_matrix_is_large():
-    assert len({c.id for c in CASES}) == len(CASES) >= 40
-
-
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_hostile_call(server, channel, good_client, case: Case):
-    assert good_client.is_alive()
-    call = case.call(channel)
-    request = case.request()
-    before = rss(server)
-    start = time.monotonic()
-    try:
-        call(request, timeout=DEADLINE_S)
-        code, details = OK, ""
-    except grpc.RpcError as exc:
-        code, details = exc.code(), exc.details() or ""
-    elapsed = time.monotonic() - start
-    grown = rss(server) - before
-    assert code == case.code, f"{case.id}: {code.name}: {details[:300]}"
-    assert len(details) <= 1200, f"{case.id}: a {len(details)}-character message"
-    assert "x" * 100 not in details  # a 1 MB name is never echoed back whole
-    assert elapsed < DEADLINE_S
-    assert grown < RSS_BOUND, f"{case.id}: server grew by {grown / 2**20:.0f} MB"
-    assert server.health() == health_pb2.HealthCheckResponse.SERVING
-
-
-def test_many_unknown_methods_leave_nothing_behind(server, channel, good_client):
-    """20,000 distinct unknown method names: each UNIMPLEMENTED, and the server keeps no
-    record of them (it grew by tens of MB per 20,000 when it cached every name)."""
-    before = rss(server)
-    futures = []
-    for i in range(20_000):
-        futures.append(channel.unary_unary(f"/quorum.v1.EnsembleService/NoSuch{i:05d}{'y' * 200}",
-                                           request_serializer=None, response_deserializer=None).future(
-            b"", timeout=60))
-        if len(futures) == 500:
-            codes = {_code_of(f) for f in futures}
-            assert codes == {UNIMPLEMENTED}, codes
-            futures = []
-    grown = rss(server) - before
-    assert grown < 40 * 2**20, f"server grew by {grown / 2**20:.0f} MB"
-
-
-def _code_of(future) -> grpc.StatusCode:
-    try:
-        future.result()
-        return OK
-    except grpc.RpcError as exc:
-        return exc.code()
