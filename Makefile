@@ -30,12 +30,19 @@ prometheus:
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus; }
 
+# Static checks, one command a line; `make test` runs them first and stops on a failure.
+# mypy: types over service/ (settings in pyproject.toml, [tool.mypy]).
+lint: venv
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
 # In a random order (pytest-randomly; the seed is printed first), with coverage of service/ measured
 # in the test process and in every server it starts; the summary lists the least covered files.
+# The static checks (lint) come first: a type error fails `make test` before any test runs.
 ifndef SEED
 SEED := $(shell od -An -N4 -tu4 /dev/urandom | tr -d ' ')
 endif
-test: venv prometheus
+test: venv lint prometheus
 	rm -f .coverage .coverage.*
 	@echo "test order seed $(SEED) (make test SEED=$(SEED) runs the same order)"
 	COVERAGE_FILE=$(CURDIR)/.coverage $(BIN)/python -m pytest -q --randomly-seed=$(SEED) --cov --cov-report=

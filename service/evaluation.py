@@ -35,7 +35,10 @@ async def _chunked(data: DataPlane, model: str, rows: np.ndarray, chunk: int, **
 
 async def member_scores(data: DataPlane, ensemble: str, rows: np.ndarray, labels: np.ndarray,
                         chunk: int = 64) -> list[MemberScore]:
-    config = data.manager.ensemble(ensemble).config
+    model = data.manager.ensemble(ensemble)
+    if model is None or model.config is None:
+        raise ValueError(f"{ensemble!r} is not an ensemble whose ensemble.yaml has loaded")
+    config = model.config
     scores = []
     for name in config.members:
         served = data.manager.resolve(name)

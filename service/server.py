@@ -105,8 +105,9 @@ class QuorumServer:
 
     def _credentials(self) -> grpc.ServerCredentials | None:
         s = self.settings
-        if not s.tls_cert:  # Settings refuse a certificate without its key, and the reverse
+        if not s.tls_cert:
             return None
+        assert s.tls_key is not None  # Settings refuse a certificate without its key, and the reverse
         key, cert = s.tls_key.read_bytes(), s.tls_cert.read_bytes()
         ca = s.tls_client_ca.read_bytes() if s.tls_client_ca else None
         return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,

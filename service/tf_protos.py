@@ -34,7 +34,8 @@ class _TensorFlowOnDemand(types.ModuleType):
                     self.__spec__.loader.exec_module(self)  # type: ignore[union-attr]
                 finally:
                     _loading.active = False
-                self.__class__ = types.ModuleType
+                module: types.ModuleType = self  # from here on a plain module, without this __getattr__
+                module.__class__ = types.ModuleType
         try:
             return object.__getattribute__(self, name)
         except AttributeError:  # also while __init__ runs: a partly initialised module

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, Protocol
 
 import grpc
 
@@ -55,9 +55,22 @@ def build_server(engine: Engine, *, options: Sequence[tuple[str, Any]]) -> grpc.
     return grpc.aio.server(options=list(options))
 
 
-class _CallDetails(NamedTuple):
-    method: str
-    invocation_metadata: tuple = ()
+class HandlerRegistry(Protocol):
+    """The registration half of a gRPC server, what generated `add_*Servicer_to_server` calls:
+    grpc.aio.Server (pygrpc-native's too) or `interceptors.Registrar`, which wraps each handler
+    on its way in."""
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None: ...
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None: ...
+
+
+class _CallDetails(grpc.HandlerCallDetails):
+    """The details of a call to `method`, to ask a generic handler for its method handler."""
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.invocation_metadata = ()
 
 
 class _Collect:
@@ -69,11 +82,11 @@ class _Collect:
     def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
         self.generic.extend(handlers)
 
-    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
         pass  # newer generated code registers both ways; the generic handler has them all
 
 
-def add_servicer(server: grpc.aio.Server, add_to_server: Callable[[Any, Any], None], servicer: Any,
+def add_servicer(server: HandlerRegistry, add_to_server: Callable[[Any, Any], None], servicer: Any,
                  service: Any) -> None:
     """`add_to_server(servicer, server)`, with the methods also registered by name.
     Older generated code (tensorflow-serving-api's) registers only a generic handler, which
@@ -82,7 +95,7 @@ def add_servicer(server: grpc.aio.Server, add_to_server: Callable[[Any, Any], No
     handler (its public `service()`), one per method of the `service` descriptor."""
     collected = _Collect()
     add_to_server(servicer, collected)
-    handlers = {}
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
     for method in service.methods:
         for generic in collected.generic:
             handler = generic.service(_CallDetails(f"/{service.full_name}/{method.name}"))

@@ -16,12 +16,13 @@ from service.logs import REQUEST_ID
 from service.codecs import v2 as codec
 from service.codecs.dtypes import from_v2
 from service.errors import InvalidInput, QuorumError
-from service.repository.manager import State
+from service.repository.config import Policy
+from service.repository.manager import EnsembleModel, State
 
-POLICY_OF = {pb.VOTING_POLICY_MAJORITY: "majority", pb.VOTING_POLICY_SOFT: "soft",
+POLICY_OF: dict[pb.VotingPolicy, Policy] = {pb.VOTING_POLICY_MAJORITY: "majority", pb.VOTING_POLICY_SOFT: "soft",
              pb.VOTING_POLICY_CONFIDENCE: "confidence", pb.VOTING_POLICY_ACCURACY: "accuracy",
              pb.VOTING_POLICY_CONFIDENCE_ENTROPY: "confidence_entropy", pb.VOTING_POLICY_STACKED: "stacked"}
-ENUM_OF = {v: k for k, v in POLICY_OF.items()}
+ENUM_OF: dict[str, pb.VotingPolicy] = {v: k for k, v in POLICY_OF.items()}  # by policy name
 VERSION_STATE = {State.START: pb.VERSION_STATE_LOADING, State.LOADING: pb.VERSION_STATE_LOADING,
                  State.AVAILABLE: pb.VERSION_STATE_READY, State.UNLOADING: pb.VERSION_STATE_UNLOADING,
                  State.END: pb.VERSION_STATE_UNLOADED}
@@ -86,7 +87,8 @@ class EnsembleServicer(pb_grpc.EnsembleServiceServicer):
 
     async def Feedback(self, request: pb.FeedbackRequest, context: grpc.aio.ServicerContext) -> pb.FeedbackResponse:
         now = time.time()
-        accepted, rejected, unknown = 0, 0, {}  # a dict: ordered, and O(1) to deduplicate
+        accepted, rejected = 0, 0
+        unknown: dict[str, None] = {}  # a dict: ordered, and O(1) to deduplicate
         for item in request.labels:
             try:
                 if self.api.feedback.add(item.request_id, item.row, item.label, now):
@@ -110,7 +112,7 @@ class EnsembleServicer(pb_grpc.EnsembleServiceServicer):
             ensemble = manager.ensemble(name)
             if ensemble is not None:
                 await self.api.data.ensure_evaluated(name)
-                self._ensemble_status(status, name)
+                self._ensemble_status(status, name, ensemble)
             else:
                 self._variant_status(status, name)
         return response
@@ -136,9 +138,8 @@ class EnsembleServicer(pb_grpc.EnsembleServiceServicer):
             status.class_labels.extend(serving.manifest.labels)
             self._member_stats(status, name, serving, name)
 
-    def _ensemble_status(self, status: pb.ModelStatus, name: str) -> None:
+    def _ensemble_status(self, status: pb.ModelStatus, name: str, ensemble: EnsembleModel) -> None:
         manager = self.api.manager
-        ensemble = manager.ensemble(name)
         status.ensemble = True
         ready = manager.is_ready(name)
         status.versions.add(version=1, state=pb.VERSION_STATE_READY if ready else pb.VERSION_STATE_FAILED,
@@ -175,13 +176,14 @@ class EnsembleServicer(pb_grpc.EnsembleServiceServicer):
         objective = status.objective
         objective.objective = "accuracy"
         objective.reason = tracker.reason
-        if tracker.selected is not None:
-            objective.objective_value = tracker.selected.accuracy
-            objective.selected_members.extend(tracker.selected.members)
-            objective.score = tracker.score
-        for c in tracker.constraints:
-            objective.constraints.add(name=c.name, threshold=c.threshold, value=c.value, holds=c.holds,
-                                      bound=pb.BOUND_UPPER)
+        chosen, score = tracker.selected, tracker.score
+        if chosen is not None and score is not None:  # both None until the first selection
+            objective.objective_value = chosen.accuracy
+            objective.selected_members.extend(chosen.members)
+            objective.score = score
+        for constraint in tracker.constraints:
+            objective.constraints.add(name=constraint.name, threshold=constraint.threshold, value=constraint.value,
+                                      holds=constraint.holds, bound=pb.BOUND_UPPER)
 
     def _member_stats(self, status: pb.ModelStatus, member: str, served, live_key: str) -> pb.MemberStats:
         stats = status.member_stats.add(

@@ -21,7 +21,8 @@ SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
 LIVENESS = "liveness"
 
 
-class HealthServicer(health.aio.HealthServicer):
+# grpc-stubs 1.53 has no grpc_health.v1.health.aio (grpcio-health-checking's asyncio servicer).
+class HealthServicer(health.aio.HealthServicer):  # type: ignore[name-defined]
     def __init__(self) -> None:
         super().__init__()
         self._server_status[""] = NOT_SERVING  # until the first load has finished

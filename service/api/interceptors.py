@@ -222,11 +222,11 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, token: bytes | None,
     """Rewrap the handler's behaviour, keeping its (de)serializers and streaming kind."""
     open_service = method.startswith(OPEN_SERVICES)
     span_name = method[1:]
-    check_auth = token is not None and not open_service
+    required = None if open_service else token  # the bearer token this method asks for
     gate = None if open_service or method in ALWAYS_ANSWERED else admission
 
     def authorize(context: grpc.aio.ServicerContext) -> None:
-        if check_auth and not bearer_matches(context.invocation_metadata(), token):
+        if required is not None and not bearer_matches(context.invocation_metadata(), required):
             raise errors.Unauthenticated(_DENIED)
 
     async def fail(context: grpc.aio.ServicerContext, exc: BaseException, request_id: str | None = None) -> None:
@@ -247,14 +247,16 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, token: bytes | None,
     # The unary and streaming wrappers repeat the same try/except on purpose: factoring it
     # into an async context manager costs a generator and two awaits on every request.
     if handler.unary_unary or handler.stream_unary:
-        inner: Callable[..., Awaitable[Any]] = handler.unary_unary or handler.stream_unary
+        # grpc-stubs 1.53 types a handler's behaviour as a sync grpc callable (and Optional);
+        # a grpc.aio server's handlers are coroutine functions, and this branch has one.
+        inner: Callable[..., Awaitable[Any]] = handler.unary_unary or handler.stream_unary  # type: ignore[assignment]
 
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
             start = time.perf_counter()
             if observer is not None:
                 observer.on_rpc_start(method)
             code = grpc.StatusCode.OK
-            entered = False
+            entered: Admission | None = None  # the gate, once entered
             scope = None
             if not open_service:  # probes and reflection get no request id or span
                 scope = RequestScope(tracing, span_name, client_request_id(request) or new_request_id(),
@@ -264,7 +266,7 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, token: bytes | None,
                 authorize(context)
                 if gate is not None:
                     gate.enter(remaining_s(context))
-                    entered = True
+                    entered = gate
                 if isinstance(request, _Unparsable):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
                 if handler.unary_unary:
@@ -283,8 +285,8 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, token: bytes | None,
                 code = status_of(exc)
                 await fail(context, exc)
             finally:
-                if entered:
-                    gate.leave()
+                if entered is not None:
+                    entered.leave()
                 observe(code, start, request if handler.unary_unary and not isinstance(request, _Unparsable) else None)
                 if scope is not None:
                     scope.close(code.name)
@@ -294,19 +296,21 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, token: bytes | None,
         return factory(unary, request_deserializer=_tolerant(handler.request_deserializer),
                        response_serializer=_passing_bytes(handler.response_serializer))
 
-    inner_stream = handler.unary_stream or handler.stream_stream
+    # As `inner` above (grpc-stubs: a sync callable, Optional): an async generator function,
+    # or a coroutine function that streams with context.write.
+    inner_stream: Callable[..., Any] = handler.unary_stream or handler.stream_stream  # type: ignore[assignment]
 
     async def streaming(request: Any, context: grpc.aio.ServicerContext):
         start = time.perf_counter()
         if observer is not None:
             observer.on_rpc_start(method)
         code = grpc.StatusCode.OK
-        entered = False
+        entered: Admission | None = None  # the gate, once entered
         try:
             authorize(context)
             if gate is not None:
                 gate.enter()
-                entered = True
+                entered = gate
             if isinstance(request, _Unparsable):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
             if handler.unary_stream:
@@ -330,8 +334,8 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, token: bytes | None,
             code = status_of(exc)
             await fail(context, exc)
         finally:
-            if entered:
-                gate.leave()
+            if entered is not None:
+                entered.leave()
             if code == grpc.StatusCode.OK and context.cancelled():  # a stream the client cancelled
                 code = _cancelled_code(context)
             observe(code, start, request if handler.unary_stream and not isinstance(request, _Unparsable) else None)
@@ -411,5 +415,6 @@ class Registrar:
         self._server.add_generic_rpc_handlers(tuple(self._wrapper.generic(h) for h in handlers))
 
     def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
-        self._server.add_registered_method_handlers(
+        # grpc-stubs 1.53 predates grpc.aio.Server.add_registered_method_handlers (newer grpcio has it).
+        self._server.add_registered_method_handlers(  # type: ignore[attr-defined]
             service, {name: self._wrapper.wrap(f"/{service}/{name}", h) for name, h in handlers.items()})

@@ -43,7 +43,7 @@ def _fields(cls: type) -> tuple[tuple[str, ...], tuple[str, ...], bool, bool, bo
     AttributeError each (about 3 % of the event loop for one small model)."""
     descriptor = getattr(cls, "DESCRIPTOR", None)
     fields = getattr(descriptor, "fields_by_name", None)
-    if fields is None:  # not a protobuf message: look every attribute up
+    if descriptor is None or fields is None:  # not a protobuf message: look every attribute up
         return _NAMES, _IDS, True, True, False
     return (tuple(f for f in _NAMES if f in fields), tuple(f for f in _IDS if f in fields),
             "model_spec" in fields, "parameters" in fields,
@@ -53,7 +53,8 @@ def _fields(cls: type) -> tuple[tuple[str, ...], tuple[str, ...], bool, bool, bo
 def check_request(request: Any) -> None:
     """InvalidInput when a request's names, id or parameters exceed the bounds above.
     A few attribute reads per request: every protocol's request messages are covered."""
-    names, ids, has_spec, has_parameters, is_v2_infer = _fields(type(request))
+    # A class is Hashable; mypy takes type[Any] for not (python/mypy#11470).
+    names, ids, has_spec, has_parameters, is_v2_infer = _fields(type(request))  # type: ignore[arg-type]
     for field in names:
         value = getattr(request, field, None)
         if isinstance(value, str) and value:

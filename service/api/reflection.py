@@ -13,6 +13,8 @@ import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
+from service.api.engine import HandlerRegistry
+
 V1_SERVICE = "grpc.reflection.v1.ServerReflection"
 V1_FILE = "grpc/reflection/v1/reflection.proto"
 
@@ -36,11 +38,12 @@ def _add_v1_descriptor(pool: descriptor_pool.DescriptorPool) -> None:
     pool.Add(file)
 
 
-def enable(server: grpc.aio.Server, service_names: list[str], pool: descriptor_pool.DescriptorPool) -> None:
+def enable(server: HandlerRegistry, service_names: list[str], pool: descriptor_pool.DescriptorPool) -> None:
     """Serve reflection v1 and v1alpha over `service_names` (both reflection services added)."""
     _add_v1_descriptor(pool)
     names = [*service_names, reflection.SERVICE_NAME, V1_SERVICE]
-    servicer = reflection.aio.ReflectionServicer(names, pool=pool)
+    # grpc-stubs 1.53 has no grpc_reflection.v1alpha.reflection.aio (grpcio-reflection's asyncio servicer).
+    servicer = reflection.aio.ReflectionServicer(names, pool=pool)  # type: ignore[attr-defined]
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(V1_SERVICE, {
         "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(

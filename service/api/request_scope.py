@@ -47,8 +47,8 @@ class RequestScope:
         self._id_token = REQUEST_ID.set(request_id)
         self._span = self._stages_token = self._attributes_token = None
         if tracing.enabled:
-            self._span = tracing.start_rpc(name, carrier or {}, {"quorum.request_id": request_id})
-            if self._span.is_recording():
+            span = self._span = tracing.start_rpc(name, carrier or {}, {"quorum.request_id": request_id})
+            if span is not None and span.is_recording():  # None only while tracing is disabled
                 self._stages_token = COLLECTOR.set([])
                 self._attributes_token = ATTRIBUTES.set({})
 
@@ -65,5 +65,6 @@ class RequestScope:
             self._tracing.finish(self._span, code, stages or (), {**recorded, **(attributes or {})})
             if self._stages_token is not None:
                 COLLECTOR.reset(self._stages_token)
+            if self._attributes_token is not None:  # set with the stages' token
                 ATTRIBUTES.reset(self._attributes_token)
         REQUEST_ID.reset(self._id_token)

@@ -48,7 +48,7 @@ def model_config(api: ApiContext, name: str, version: int | None) -> mc.ModelCon
         raise ModelNotFound(f"ensemble '{name}' has no version {version} (only version 1)")
     served = None if ensemble else api.manager.resolve(name, version)
     config = mc.ModelConfig(
-        name=name, platform="ensemble" if ensemble else PLATFORM[served.runtime.framework],
+        name=name, platform="ensemble" if served is None else PLATFORM[served.runtime.framework],
         max_batch_size=info.max_batch_size)
     config.input.add(name=info.input.name, data_type=_data_type(info.input.dtype), dims=list(info.input.shape[1:]))
     classes = len(info.labels)
@@ -56,7 +56,7 @@ def model_config(api: ApiContext, name: str, version: int | None) -> mc.ModelCon
         config.output.add(name=output.name, data_type=_data_type(output.dtype), dims=output.shape(classes)[1:])
     config.parameters["labels"].string_value = ",".join(info.labels)
     config.parameters["voting_policy"].string_value = info.policy
-    if ensemble:
+    if served is None:  # the ensemble
         for member in info.members:
             step = config.ensemble_scheduling.step.add(model_name=member, model_version=-1)
             step.input_map[info.input.name] = info.input.name
@@ -64,8 +64,8 @@ def model_config(api: ApiContext, name: str, version: int | None) -> mc.ModelCon
                 outputs = api.manager.resolve(member).manifest.outputs
             except QuorumError:  # a member not serving now is still a step of the ensemble
                 continue
-            for output in outputs:
-                step.output_map[output.name] = f"{member}.{output.name}"
+            for tensor in outputs:
+                step.output_map[tensor.name] = f"{member}.{tensor.name}"
         return config
     config.version_policy.specific.versions.extend(info.versions)
     batching = served.batching
@@ -132,16 +132,19 @@ def _response(request: pb.ModelInferRequest, answer: inference.Answer, *, raw: b
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """The v2 gRPC service. Its methods other than inference never read `context`: the HTTP
+    front (service.api.http.v2) calls them with None."""
+
     def __init__(self, api: ApiContext) -> None:
         self.api = api
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
-    async def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext | None) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self.api.ready())
 
-    async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext | None) -> pb.ModelReadyResponse:
         ready = self.api.manager.is_ready(request.name)
         if ready and _version(request.version) and self.api.manager.ensemble(request.name) is not None:
             ready = int(request.version) == 1  # an ensemble has only version 1, as its metadata says
@@ -150,12 +153,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                         for s in self.api.manager.statuses(request.name))
         return pb.ModelReadyResponse(ready=ready)
 
-    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext | None) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(
             name="quorum", version=__version__,
             extensions=["model_repository", "statistics", "ensemble_voting"])
 
-    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext | None) -> pb.ModelMetadataResponse:
         info = self.api.data.info(request.name)
         platform = PLATFORM["ensemble"] if info.kind == "ensemble" else PLATFORM[
             self.api.manager.resolve(request.name).runtime.framework]
@@ -201,7 +204,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     error_message=str(exc),
                     infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id))
 
-    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext) -> pb.RepositoryIndexResponse:
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext | None) -> pb.RepositoryIndexResponse:
         response = pb.RepositoryIndexResponse()
         for entry in self.api.repository_index():
             if request.ready and entry[2] != "READY":
@@ -210,32 +213,32 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             response.models.add(name=name, version=version, state=state, reason=reason)
         return response
 
-    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext) -> pb.RepositoryModelLoadResponse:
+    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext | None) -> pb.RepositoryModelLoadResponse:
         await self.api.manager.load_model(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
-    async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext) -> pb.RepositoryModelUnloadResponse:
+    async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext | None) -> pb.RepositoryModelUnloadResponse:
         await self.api.manager.unload_model(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
-    async def ModelConfig(self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext | None) -> pb.ModelConfigResponse:
         return pb.ModelConfigResponse(config=model_config(self.api, request.name, _version(request.version)))
 
-    async def TraceSetting(self, request: pb.TraceSettingRequest, context: grpc.aio.ServicerContext) -> pb.TraceSettingResponse:
+    async def TraceSetting(self, request: pb.TraceSettingRequest, context: grpc.aio.ServicerContext | None) -> pb.TraceSettingResponse:
         raise Unimplemented(TRACING_REFUSAL)
 
-    async def LogSettings(self, request: pb.LogSettingsRequest, context: grpc.aio.ServicerContext) -> pb.LogSettingsResponse:
+    async def LogSettings(self, request: pb.LogSettingsRequest, context: grpc.aio.ServicerContext | None) -> pb.LogSettingsResponse:
         changes = {}
         for key, value in request.settings.items():
             kind = value.WhichOneof("parameter_choice")
             changes[key] = None if kind is None else getattr(value, kind)
         response = pb.LogSettingsResponse()
-        for key, value in log_settings(changes).items():
-            field = {bool: "bool_param", int: "uint32_param", str: "string_param"}[type(value)]
-            setattr(response.settings[key], field, value)
+        for key, setting in log_settings(changes).items():
+            field = {bool: "bool_param", int: "uint32_param", str: "string_param"}[type(setting)]
+            setattr(response.settings[key], field, setting)
         return response
 
-    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext) -> pb.ModelStatisticsResponse:
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext | None) -> pb.ModelStatisticsResponse:
         response = pb.ModelStatisticsResponse()
         wanted = _version(request.version)
         if request.name and not (request.name in self.api.manager.variants or self.api.manager.ensemble(request.name)):

@@ -15,10 +15,10 @@ row is checked before it is sent. Images and --digits-index are for models of 64
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 from pathlib import Path
+from typing import TextIO
 
 import grpc
 import numpy as np
@@ -30,8 +30,9 @@ from service._proto.quorum.v1 import ensemble_pb2_grpc as pb_grpc
 from service.client.images import load_pixels
 
 PREFIX = "VOTING_POLICY_"
-POLICIES = {name[len(PREFIX):].lower(): value for name, value in pb.VotingPolicy.items()
+POLICIES = {name[len(PREFIX):].lower(): name for name, value in pb.VotingPolicy.items()
             if value != pb.VOTING_POLICY_UNSPECIFIED}
+"""--policy's choices -> the enum value's name (a message's constructor takes an enum by name)."""
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -96,7 +97,7 @@ def _numeric(line: str) -> bool:
         return False
 
 
-def _rows(args: argparse.Namespace, stdin: io.TextIOBase) -> tuple[np.ndarray, list[int | None]]:
+def _rows(args: argparse.Namespace, stdin: TextIO | None) -> tuple[np.ndarray, list[int | None]]:
     """(rows as float64 (n, features), the true label of each row when known)."""
     if args.digits_index is not None:
         from sklearn.datasets import load_digits
@@ -160,9 +161,8 @@ def _channel(args: argparse.Namespace) -> grpc.Channel:
 
 def _request(args: argparse.Namespace, model: str, rows: np.ndarray) -> pb.PredictRequest:
     request = pb.PredictRequest(model=model, return_member_votes=True, inputs=pb.Tensor(
-        dtype="FP32", shape=list(rows.shape), content=np.ascontiguousarray(rows, dtype="<f4").tobytes()))
-    if args.policy:
-        request.policy = POLICIES[args.policy]
+        dtype="FP32", shape=list(rows.shape), content=np.ascontiguousarray(rows, dtype="<f4").tobytes()),
+        policy=POLICIES[args.policy] if args.policy else None)
     if args.latency_budget_ms is not None:
         request.latency_budget_ms = args.latency_budget_ms
     return request
@@ -207,7 +207,7 @@ def _source_where(args: argparse.Namespace) -> str:
                                                         else "the image" if args.image else "--digits-index")
 
 
-def run(args: argparse.Namespace, stdin: io.TextIOBase | None = None) -> int:
+def run(args: argparse.Namespace, stdin: TextIO | None = None) -> int:
     target, model = args.target, args.model
     if target and Path(target).suffix.lower() in IMAGE_SUFFIXES and Path(target).is_file():
         if args.image is not None or args.values is not None or args.file is not None or args.digits_index is not None:

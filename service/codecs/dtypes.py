@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from service.errors import InvalidInput
 
@@ -81,9 +82,12 @@ def from_tf(enum: int) -> DType:
         raise InvalidInput(f"unsupported TensorFlow dtype enum {enum}") from None
 
 
-def from_numpy(dtype: np.dtype | type) -> DType:
-    """The entry for a numpy dtype. Fixed-width bytes/str arrays ('S', 'U') map to BYTES."""
-    entry = _BY_NUMPY.get(dtype)  # the common case, native byte order: one dict hit
+def from_numpy(dtype: npt.DTypeLike) -> DType:
+    """The entry for a numpy dtype (or what np.dtype() takes: a scalar type, a name).
+    Fixed-width bytes/str arrays ('S', 'U') map to BYTES."""
+    # The common case, a dtype in native byte order: one dict hit (a type or a name
+    # would not hash as its dtype does: np.dtype() below).
+    entry = _BY_NUMPY.get(dtype) if isinstance(dtype, np.dtype) else None
     if entry is not None:
         return entry
     dtype = np.dtype(dtype)

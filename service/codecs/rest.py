@@ -87,7 +87,7 @@ def binary_size(tensor: Any) -> int | None:
 def encode_v2_output(name: str, array: np.ndarray, binary: bool) -> tuple[dict, bytes | None]:
     """A v2 response tensor: JSON data, or its raw bytes to append after the header."""
     dtype = from_numpy(array.dtype)
-    tensor = {"name": name, "datatype": dtype.v2, "shape": list(array.shape)}
+    tensor: dict[str, Any] = {"name": name, "datatype": dtype.v2, "shape": list(array.shape)}
     if binary:
         raw = encode_raw(array)
         tensor["parameters"] = {"binary_data_size": len(raw)}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 
@@ -32,7 +32,7 @@ MAX_DIMS = 32
 """Most dimensions a tensor may declare (numpy's own limit is 64)."""
 
 
-def check_shape(what: str, shape: Iterable[int]) -> tuple[int, ...]:
+def check_shape(what: str, shape: Collection[int]) -> tuple[int, ...]:
     """A request tensor's shape as a tuple; InvalidInput on a negative dimension or too many.
     Only the declaration is checked here; each decoder checks it against the payload before
     allocating anything sized by it."""
@@ -48,7 +48,7 @@ def _shown(dims: Sequence[int]) -> str:
     return str(list(dims))
 
 
-def decode_raw(what: str, dtype: DType, shape: Sequence[int], content: bytes) -> np.ndarray:
+def decode_raw(what: str, dtype: DType, shape: Sequence[int], content: bytes | memoryview) -> np.ndarray:
     """Decode raw bytes of `dtype` and `shape`; `what` names the tensor in errors."""
     count = math.prod(shape)
     if dtype.is_bytes:
@@ -208,7 +208,7 @@ def _decode_contents(
     return array.reshape(shape)
 
 
-def _split_bytes(what: str, content: bytes, count: int) -> np.ndarray:
+def _split_bytes(what: str, content: bytes | memoryview, count: int) -> np.ndarray:
     """Split length-prefixed BYTES content into an object array of `count` bytes."""
     elements = np.empty(count, dtype=object)
     view = memoryview(content)

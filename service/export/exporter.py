@@ -154,7 +154,7 @@ def _publish(repository: Path, name: str, version: int, write: Callable[[Path], 
 
 
 def export_model(model: Any, *, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
-                 y_val: np.ndarray, val_indices: Sequence[int] | None, repository: str | Path,
+                 y_val: np.ndarray, val_indices: Sequence[int] | np.ndarray | None, repository: str | Path,
                  name: str, labels: Sequence[str] | None = None,
                  fmt: Literal["onnx", "savedmodel"] = "onnx", version: int | None = None,
                  architecture: str = "", seed: int | None = None, source: str = "",

@@ -80,10 +80,11 @@ def _input(graph: Any, origin: str) -> tuple[Any, tuple[int, ...]]:
                           f"{dims[0].dim_value}; export it with a dynamic one "
                           "(torch.onnx.export(..., dynamic_axes={name: {0: 'batch'}}), skl2onnx: [None, n])")
     rest = [d.dim_value if d.HasField("dim_value") else None for d in dims[1:]]
-    if any(d is None or d < 1 for d in rest):
+    static = [d for d in rest if d is not None and d >= 1]
+    if len(static) != len(rest):
         raise ExportError(f"{origin}: input '{graph_input.name}' needs static dimensions after the "
                           f"batch, has {['batch', *[d if d else '?' for d in rest]]}")
-    return graph_input, (-1, *rest)
+    return graph_input, (-1, *static)
 
 
 def _candidates(graph: Any, producers: dict[str, Any]) -> list[str]:

@@ -15,6 +15,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import get_args
 
 import yaml
 from pydantic import ValidationError
@@ -43,7 +44,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     create.add_argument("--members", required=True, help="comma-separated member model names")
     create.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY,
                         help="repository root (default: models)")
-    create.add_argument("--policy", choices=Policy.__args__, default=None,
+    create.add_argument("--policy", choices=get_args(Policy), default=None,
                         help="voting policy (default: confidence)")
     create.add_argument("--quorum", type=int, default=None, help="fewest members whose answers make a vote")
     create.add_argument("--objective-latency-p99-ms", type=float, default=None,

@@ -99,7 +99,11 @@ def fit_rows(x: np.ndarray, shape: tuple[int | None, ...], input_name: str, arra
     """`x` reshaped to the model's input, or an error naming the array, its shape and the input's."""
     x = np.asarray(x)
     width = int(np.prod(x.shape[1:])) if x.ndim >= 2 else (1 if x.ndim == 1 else 0)
-    want = int(np.prod([d for d in shape[1:]]))
+    static = [d for d in shape[1:] if d is not None]
+    if len(static) != len(shape) - 1:  # np.prod would raise a TypeError on the None
+        raise ExportError(f"the model's input '{input_name}' has shape {list(shape)}: export needs static "
+                          "dimensions after the batch")
+    want = int(np.prod(static))
     if x.ndim < 2 or width != want:
         raise ExportError(f"--data: {array} has shape {list(x.shape)}, rows of {width} values, but the "
                           f"model's input '{input_name}' takes {list((-1, *shape[1:]))}, {want} values per row")

@@ -48,6 +48,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import numpy.typing as npt
 from scipy import stats
 from scipy.spatial.distance import jensenshannon
 
@@ -70,7 +71,7 @@ SIGNALS = ("feature", "input", "prediction", "confidence", "disagreement")
 
 
 # -- the statistics ------------------------------------------------------------------------
-def psi(expected: np.ndarray, actual: np.ndarray, eps: float = EPS) -> float:
+def psi(expected: npt.ArrayLike, actual: npt.ArrayLike, eps: float = EPS) -> float:
     """Population stability index of two count (or proportion) vectors over the same bins:
     sum((a - e) * ln(a / e)) over proportions floored at `eps`."""
     e = np.maximum(np.asarray(expected, dtype=np.float64) / max(np.sum(expected), 1e-12), eps)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import types
 from collections.abc import Callable, Iterable, Sequence
 from wsgiref.simple_server import WSGIServer, make_server
 
@@ -223,7 +224,7 @@ class GpuCollector(Collector):
     library, a driver or a GPU, these series are absent, never zero."""
 
     def __init__(self) -> None:
-        self._nvml = None
+        self._nvml: types.ModuleType | None = None  # pynvml, once NVML has started
         self._handles: list = []
         self._tried = False
 
@@ -249,6 +250,7 @@ class GpuCollector(Collector):
         if not self.available:
             return
         nvml = self._nvml
+        assert nvml is not None  # set together with the handles
         util = GaugeMetricFamily("quorum_gpu_utilization_ratio",
                                  "Share of time a kernel ran on the GPU over NVML's last sample period.", labels=["gpu"])
         used = GaugeMetricFamily("quorum_gpu_memory_used_bytes", "GPU memory in use (all processes).", labels=["gpu"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -83,7 +84,7 @@ class Monitor:
         self.min_rows = min(settings.drift_min_rows, settings.drift_window)
         self.drift_windows: dict[str, drift.DriftWindow] = {}
         self.drift_results: dict[str, list[drift.SignalValue]] = {}
-        self._no_reference: set[str] = set()
+        self._no_reference: set[tuple[str, tuple]] = set()  # (model, its reference key)
         self._rpc: dict[tuple[str, str, Any], Any] = {}  # (method, model, status code) -> counter
         self._api: dict[str, str] = {}  # method -> api label
         self._inflight: dict[str, int] = {}  # api -> RPCs being answered
@@ -198,7 +199,7 @@ class Monitor:
             api = self._api[method] = api_of(method)
             if api not in self._inflight:  # the gauge reads the count at scrape time
                 self._inflight[api] = 0
-                self.metrics.inflight.labels(api).set_function(lambda api=api: self._inflight[api])
+                self.metrics.inflight.labels(api).set_function(functools.partial(self._inflight.__getitem__, api))
         self._inflight[api] += 1
 
     def on_rpc(self, method: str, code: Any, seconds: float, request: Any = None) -> None:
@@ -262,8 +263,8 @@ class Monitor:
                 if child is None:
                     child = member_latency[member.name] = self.metrics.member_latency.labels(result.model, member.name)
                 self._held.observe(child, member.latency_s)  # once per batch: every request of it saw this
-            for member in result.left_out:
-                self.metrics.members_dropped.labels(result.model, member).inc(len(spans))
+            for dropped in result.left_out:
+                self.metrics.members_dropped.labels(result.model, dropped).inc(len(spans))
         window = self._drift_window(result)
         if window is not None:
             inputs = getattr(result, "inputs", None)
@@ -305,6 +306,7 @@ class Monitor:
 
     def _reference(self, name: str, result: "InferenceResult") -> drift.ModelReference:
         manager = self.manager
+        assert manager is not None  # _drift_window asks for a reference only with a manager
         ensemble = manager.ensemble(name)
         if ensemble is None or ensemble.config is None or ensemble.spec is None:
             return drift.ModelReference.of_model(manager.resolve(name, result.version).manifest)
@@ -422,7 +424,8 @@ class Monitor:
                     "ensemble's members did not all vote for the winner.", ["model"], baselines)
 
     def _collect_satisficing(self) -> Iterable:
-        trackers = [t for t in list(self.trackers.values()) if t.selected is not None]
+        selected = [(t, s) for t in list(self.trackers.values()) if (s := t.selected) is not None]
+        trackers = [t for t, _ in selected]
         constraints = [(t.ensemble, c) for t in trackers for c in t.constraints]
         yield gauge("quorum_satisficing_constraint_value", "Current value of a satisficing constraint "
                     "(measured when enough samples, else predicted).",
@@ -433,7 +436,7 @@ class Monitor:
                     ["ensemble", "constraint"], (([e, c.name], float(c.holds)) for e, c in constraints))
         yield gauge("quorum_satisficing_optimizing_value", "Expected value of the optimizing metric "
                     "(accuracy) of the selected member subset.",
-                    ["ensemble", "metric"], (([t.ensemble, "accuracy"], t.selected.accuracy) for t in trackers))
+                    ["ensemble", "metric"], (([t.ensemble, "accuracy"], s.accuracy) for t, s in selected))
         yield gauge("quorum_satisficing_member_selected", "1 when the selection keeps a member in the vote.",
-                    ["ensemble", "member"], (([t.ensemble, m], float(m in t.selected.members))
-                                             for t in trackers for m in t.members))
+                    ["ensemble", "member"], (([t.ensemble, m], float(m in s.members))
+                                             for t, s in selected for m in t.members))

@@ -55,3 +55,10 @@ class Statistics:
         stats.execution_count += 1
         stats.compute.add(seconds)
         stats.batches[rows].add(seconds)
+
+    def on_load_failure(self, model: str, version: int) -> None:
+        """Nothing to record: the v2 ModelStatistics message has no field for load failures,
+        and an entry for a version that never loaded would list it there as if it served.
+        Needed all the same: with monitoring off (QUORUM_MONITORING=false) these statistics
+        are the manager's whole observer (`ManagerObserver`), and a load failure calls this.
+        (With monitoring on, the monitor counts it as quorum_model_load_failures_total.)"""

@@ -100,6 +100,7 @@ class Tracing:
         span.end()
 
     def _record(self, stage: Stage, parent, offset: int) -> None:
+        assert self._tracer is not None  # stages are recorded under a span: tracing is enabled
         child = self._tracer.start_span(stage.name, context=parent, start_time=int(stage.start * 1e9) + offset,
                                         attributes=dict(stage.attributes))
         context = trace.set_span_in_context(child)

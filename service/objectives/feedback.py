@@ -8,6 +8,7 @@ prediction keeps its own set of labelled rows (forgotten with it)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -113,8 +114,8 @@ class FeedbackStore:
         for member, (version, answer) in prediction.members.items():
             if isinstance(answer, asyncio.Future) and not answer.done():
                 # A shadow call still running: score it when it finishes.
-                answer.add_done_callback(
-                    lambda task, m=member, v=version: self._score(prediction.model, live, m, v, task, row, per_member))
+                answer.add_done_callback(functools.partial(
+                    self._score, prediction.model, live, member, version, row=row, per_member=per_member))
             else:
                 self._score(prediction.model, live, member, version, answer, row, per_member)
         rows = self.rows.get(prediction.model)

@@ -149,6 +149,8 @@ class ObjectiveTracker:
         if budget_s is not None and budget_s < fastest:
             return (f"ensemble '{self.ensemble}': latency budget {budget_s * 1000:.1f} ms is below the "
                     f"fastest subset's predicted p99 {fastest * 1000:.1f} ms")
+        # Each alone can be met (else a message above), so both are set: together they cannot.
+        assert budget_s is not None and min_accuracy is not None
         return (f"ensemble '{self.ensemble}': no member subset meets both min_accuracy "
                 f"{min_accuracy:.4f} and latency budget {budget_s * 1000:.1f} ms")
 
@@ -207,10 +209,12 @@ class ObjectiveTracker:
         the event loop (milliseconds): alone, it made constraints read far below the
         members' measured p99."""
         window = self.member_latency[name]
-        if window.count >= self.objective.min_latency_samples:
-            return window.percentile(99)
         measured = window.percentile(99)
-        return info.warmup_latency_s if measured is None else max(measured, info.warmup_latency_s)
+        if measured is None:  # nothing measured (within the window's age)
+            return info.warmup_latency_s
+        if window.count >= self.objective.min_latency_samples:
+            return measured
+        return max(measured, info.warmup_latency_s)
 
     def _select(self, candidates: list[Candidate]) -> None:
         objective = self.objective
@@ -241,11 +245,12 @@ class ObjectiveTracker:
     def _report(self, names: list[str], members: Mapping[str, MemberInfo],
                 live_accuracy: Mapping[str, tuple[float | None, int]]) -> None:
         objective, selected = self.objective, self.selected
+        assert selected is not None  # _select has just chosen, from at least one candidate
         constraints = []
         if objective.latency_p99_ms:
-            measured = self.end_to_end.count >= objective.min_latency_samples
             so_far = self.end_to_end.percentile(99)
-            value = (so_far if measured else max(selected.latency_s, so_far or 0.0)) * 1000
+            measured = so_far is not None and self.end_to_end.count >= objective.min_latency_samples
+            value = (so_far if so_far is not None and measured else max(selected.latency_s, so_far or 0.0)) * 1000
             constraints.append(ConstraintStatus("latency_p99_ms", objective.latency_p99_ms, value,
                                                 value <= objective.latency_p99_ms, measured))
         if objective.device_memory_mb:
@@ -285,12 +290,14 @@ def _aligned_validation(infos: Sequence[MemberInfo]) -> tuple[dict[str, np.ndarr
     for info in infos[1:]:
         common &= set(info.validation_indices)
     order = sorted(common)
-    probs, labels = {}, None
+    probs: dict[str, np.ndarray] = {}
+    labels: np.ndarray | None = None
     for info in infos:
         position = {index: row for row, index in enumerate(info.validation_indices)}
         rows = np.fromiter((position[i] for i in order), dtype=np.int64, count=len(order))
         probs[info.name] = info.validation_probabilities[rows]
         labels = info.validation_labels[rows]
+    assert labels is not None  # infos has at least one member
     return probs, labels
 
 
@@ -306,7 +313,7 @@ def _live_matrix(names: Sequence[str], members: Mapping[str, MemberInfo], live_r
         valid = np.fromiter((m in r.members and r.members[m][0] == version for r in live_rows), dtype=bool, count=n)
         classes = members[m].validation_probabilities.shape[1]
         matrix = np.zeros((n, classes), dtype=np.float64)
-        for i in np.flatnonzero(valid):
+        for i in np.flatnonzero(valid).tolist():
             matrix[i] = live_rows[i].members[m][1]
         probs[m], mask[m] = matrix, valid
     return probs, mask, truth

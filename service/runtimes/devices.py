@@ -18,7 +18,7 @@ _DEVICE = re.compile(r"^(auto|cpu|gpu)(?::(\d+))?$")
 @lru_cache(maxsize=1)
 def gpu_count() -> int:
     try:
-        import pynvml  # type: ignore[import-not-found]
+        import pynvml  # nvidia-ml-py, in the gpu extra
     except ImportError:
         return 0
     try:

@@ -6,7 +6,7 @@ written as JSON, so both fronts give the same answers."""
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from google.protobuf.descriptor import FieldDescriptor
@@ -18,6 +18,9 @@ from service.api.http.app import API, MAX_BODY, SERVICERS, deadline, json_respon
 from service.api.v2 import InferenceServicer
 from service.codecs import rest
 from service.errors import InvalidInput, ModelNotFound
+
+if TYPE_CHECKING:  # the descriptors protobuf hands out at run time (upb's); types-protobuf tells them apart
+    from google._upb._message import FieldDescriptor as UpbFieldDescriptor
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 MODEL = "/v2/models/{name:[^/]+}"
@@ -42,7 +45,7 @@ def to_json(message: Message) -> dict[str, Any]:
     return out
 
 
-def _scalar(field: FieldDescriptor, value: Any) -> Any:
+def _scalar(field: FieldDescriptor | UpbFieldDescriptor, value: Any) -> Any:
     if field.message_type is not None:
         return to_json(value)
     if field.enum_type is not None:
