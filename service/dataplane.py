@@ -12,7 +12,7 @@ import logging
 import math
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -101,6 +101,7 @@ class DataPlane:
     def __init__(self, manager: ModelManager, feedback: FeedbackStore | None = None,
                  observer: AnswerObserver | None = None) -> None:
         self.manager = manager
+        self.clock = manager.clock  # the manager's (its batchers'): deadlines compare on one clock
         self.observer = observer
         self.feedback = feedback or FeedbackStore()
         self.trackers: dict[str, ObjectiveTracker] = {}
@@ -119,14 +120,15 @@ class DataPlane:
                     members: Sequence[str] | None = None) -> InferenceResult:
         """Vote of `model` (an ensemble or a single model) on `rows`.
 
-        `deadline` is an absolute time.monotonic() instant (the RPC's): an ensemble asks the
+        `deadline` is an absolute instant on the manager's clock (time.monotonic() in
+        production: the RPC's, as the fronts compute it): an ensemble asks the
         best member subset whose predicted latency fits it, or, when none does, its usual
         members, and votes with those that answered before it (less the ensemble's safety
         margin). `latency_budget_s` and `min_accuracy` are the client's explicit objectives:
         when no subset meets them, FailedPrecondition. `members` names the subset
         explicitly instead (offline evaluation)."""
         start = time.perf_counter()
-        now = time.monotonic()
+        now = self.clock()
         if deadline is not None and deadline <= now:
             raise DeadlineExceeded(f"model '{model}': the deadline passed before the request started")
         ensemble = self.manager.ensemble(model)
@@ -137,7 +139,7 @@ class DataPlane:
         config, spec = ensemble.config, ensemble.spec
         # every configured member resolved once per request (readiness, choice, left-out)
         everyone, absent = ({}, {}) if config is None else self._resolve_members(config.members)
-        if spec is None or ensemble.unloaded_by_request or len(everyone) < config.min_members:
+        if config is None or spec is None or ensemble.unloaded_by_request or len(everyone) < config.min_members:
             raise ModelNotReady(f"ensemble '{model}' is not ready: {self.manager.ensemble_problem(model)}")
         tracker = self.tracker(model)
         if tracker.selected is None and (min_accuracy is not None or latency_budget_s is not None):
@@ -197,7 +199,7 @@ class DataPlane:
         if pipeline is None:
             queue = min(s.batching.max_queue_size for s in served.values())
             pipeline = self._pipelines["ensemble", model] = EnsemblePipeline(
-                model, self._answer, spec.max_batch_size, queue)
+                model, self._answer, spec.max_batch_size, queue, clock=self.clock)
         else:
             pipeline.max_batch_rows = spec.max_batch_size
         return pipeline
@@ -223,7 +225,8 @@ class DataPlane:
         return [result_rows(result, a, b) for a, b in spans]
 
     def _resolve_members(self, members: Sequence[str]) -> tuple[dict[str, ServedVersion], dict[str, Exception]]:
-        served, missing = {}, {}
+        served: dict[str, ServedVersion] = {}
+        missing: dict[str, Exception] = {}
         for m in members:
             try:
                 served[m] = self.manager.resolve(m)
@@ -285,7 +288,8 @@ class DataPlane:
         config = served.batching
         if pipeline is None:
             pipeline = self._pipelines["model", model] = EnsemblePipeline(
-                model, self._answer_single, config.max_batch_size, config.max_queue_size, kind="model")
+                model, self._answer_single, config.max_batch_size, config.max_queue_size, kind="model",
+                clock=self.clock)
         else:
             pipeline.max_batch_rows, pipeline.max_queue = config.max_batch_size, config.max_queue_size
         served.acquire()  # held while queued: a reload waits for the request
@@ -301,6 +305,7 @@ class DataPlane:
         model, served, policy = plan.context
         outcome = outcomes[model]
         logits = outcome.result
+        assert logits is not None  # answered: the pipeline answers only once its quorum (1) has
         start = time.perf_counter()
         probs = calibrate(logits, served.manifest.calibration.temperature)
         voted = vote("soft", [probs], [model])
@@ -312,8 +317,8 @@ class DataPlane:
         return self._slices(result, spans)
 
     def _combine(self, model: str, ensemble, spec: EnsembleSpec, policy: Policy,
-                 served: dict[str, ServedVersion], outcomes, rows: np.ndarray | None = None,
-                 missing: dict[str, Exception] | None = None) -> InferenceResult:
+                 served: Mapping[str, ServedVersion], outcomes, rows: np.ndarray | None = None,
+                 missing: Mapping[str, Exception] | None = None) -> InferenceResult:
         start = time.perf_counter()
         answered = [m for m, o in outcomes.items() if o.in_time and o.error is None]
         probs = []
@@ -337,8 +342,11 @@ class DataPlane:
 
     # -- satisficing -----------------------------------------------------------------------
     def tracker(self, ensemble: str) -> ObjectiveTracker:
-        """The ensemble's objective tracker, made anew when its configuration changes."""
-        config = self.manager.ensemble(ensemble).config
+        """The ensemble's objective tracker, made anew when its configuration changes (for
+        an ensemble whose configuration has loaded: callers check)."""
+        model = self.manager.ensemble(ensemble)
+        assert model is not None and model.config is not None, f"{ensemble}: no configured ensemble"
+        config = model.config
         tracker = self.trackers.get(ensemble)
         if tracker is None or (tracker.members, tracker.configured, tracker.policy) != (
                 config.members, config.objective, config.policy):
@@ -418,6 +426,7 @@ class DataPlane:
             if cached is not None and cached[0] is ensemble.config and cached[1] is spec:
                 return cached[2]
             config = ensemble.config
+            assert config is not None  # ready: its ensemble.yaml has loaded
             info = ModelInfo(model, "ensemble", (1,), spec.input, spec.labels, config.members,
                              config.policy, spec.max_batch_size, self.manager.settings.max_request_rows)
             self._info[model] = (config, spec, info)

@@ -103,18 +103,19 @@ def batch_deviation(predict, rows: np.ndarray, seed: int = 0) -> float:
     return float(np.max(np.abs(alone.astype(np.float64) - together.astype(np.float64))))
 
 
-async def monitored_data_plane():
-    """The bundled repository loaded on the CPU and served by a data plane the monitor
-    observes, as the server wires them: (data plane, monitor). Stop data.manager after."""
+async def monitored_data_plane(repository: Path = MODELS, **manager):
+    """`repository` (by default the bundled one) loaded on the CPU and served by a data
+    plane the monitor observes, as the server wires them: (data plane, monitor). `manager`:
+    ModelManager's keyword arguments (its clock). Stop data.manager after."""
     from service.dataplane import DataPlane
     from service.monitoring.monitor import Monitor
     from service.monitoring.statistics import Statistics
     from service.repository.manager import ModelManager
     from service.settings import Settings
 
-    settings = Settings(model_repository=MODELS, poll_interval_s=0, device="cpu")
+    settings = Settings(model_repository=repository, poll_interval_s=0, device="cpu")
     monitor = Monitor(settings, Statistics())
-    manager = ModelManager(settings, monitor)
+    manager = ModelManager(settings, monitor, **manager)
     await manager.start()
     data = DataPlane(manager, observer=monitor)
     monitor.attach(manager, data.feedback, data.trackers, data.queued)

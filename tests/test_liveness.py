@@ -1,5 +1,7 @@
 """The liveness watchdog against a deliberately blocked event loop (the test owns the loop
-and blocks it with a synchronous wait it releases itself), and its verdict on a fake clock."""
+and blocks it with a synchronous wait it releases itself), and its verdict, both on a fake
+clock: the stall lasts exactly as long as the test moves the clock, whatever the machine's
+load, and takes no wall time beyond the watching thread's tick."""
 
 from __future__ import annotations
 
@@ -24,23 +26,25 @@ def test_a_blocked_loop_is_seen_from_outside_with_where_it_is_stuck(caplog):
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    watchdog = LoopWatchdog(timeout_s=2.0)  # the loop is blocked until released: no race
-    release = threading.Event()
+    clock = FakeClock()
+    watchdog = LoopWatchdog(timeout_s=0.4, clock=clock)  # its thread looks every 0.1 s
+    stuck, release = threading.Event(), threading.Event()
 
     def stuck_in_a_synchronous_call() -> None:  # what a wedged handler looks like
+        stuck.set()
         release.wait()
 
     try:
         asyncio.run_coroutine_threadsafe(_start(watchdog), loop).result(timeout=30)
         with caplog.at_level(logging.ERROR, logger="service.liveness"):
-            # A loaded machine can stall the loop by itself: start from a loop that just ticked.
-            assert _until(lambda: watchdog.heartbeat_age_s < 0.5 and watchdog._stalled_since is None)
-            before = watchdog.stalls
             loop.call_soon_threadsafe(stuck_in_a_synchronous_call)
-            assert _until(lambda: watchdog.stalls > before), "the watchdog never saw the stall"
+            assert stuck.wait(30)  # the loop is blocked: no beat comes until it is released
+            assert watchdog.alive() and watchdog.stalls == 0
+            clock.now += 1.0  # the stall: a second without a beat, past timeout_s
+            assert _until(lambda: watchdog.stalls == 1), "the watchdog never saw the stall"
             assert not release.is_set()  # seen while the loop is still blocked
             assert not watchdog.alive()
-            assert watchdog.heartbeat_age_s > 2.0
+            assert watchdog.heartbeat_age_s == 1.0
 
             def logged_where() -> bool:  # the watchdog counts the stall, then logs it
                 messages = [r.getMessage() for r in caplog.records if "has not answered" in r.getMessage()]
@@ -48,7 +52,8 @@ def test_a_blocked_loop_is_seen_from_outside_with_where_it_is_stuck(caplog):
 
             assert _until(logged_where), "the stall was logged without the loop thread's stack"
         release.set()
-        assert _until(lambda: watchdog.heartbeat_age_s < 2.0), "the loop never ticked again"
+        assert _until(lambda: watchdog.heartbeat_age_s == 0.0), "the loop never ticked again"
+        assert watchdog.stalls == 1 and not watchdog.alive()  # still failing, for timeout_s after it
     finally:
         release.set()
         asyncio.run_coroutine_threadsafe(watchdog.stop(), loop).result(timeout=30)

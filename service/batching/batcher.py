@@ -37,7 +37,7 @@ from typing import Protocol
 import numpy as np
 
 from service.batching.config import BatchingConfig
-from service.batching.requests import merge, refuse_if_late, split, take_run
+from service.batching.requests import Clock, merge, refuse_if_late, split, take_run
 from service.errors import DeadlineExceeded, InvalidInput, ModelNotReady, Overloaded
 from service.monitoring.stages import COLLECTOR, Stage, record
 
@@ -80,11 +80,13 @@ class DynamicBatcher:
 
     def __init__(self, name: str, run_batch: RunBatch, config: BatchingConfig,
                  observer: BatchObserver | None = None, inline: RunHere | None = None,
-                 inline_rows: int = 0) -> None:
+                 inline_rows: int = 0, *, clock: Clock = time.monotonic) -> None:
         """`inline`: run_batch on the calling thread, for a lone request's batch of at most
         `inline_rows` rows, which costs less computed on the event loop than the two thread
         hand-offs around run_batch (the model's manager decides from its warm-up; None:
-        never). A larger batch would hold the loop, and every other call with it."""
+        never). A larger batch would hold the loop, and every other call with it.
+        `clock`: deadlines, expiry and waits are read on it (see requests.Clock)."""
+        self.clock = clock
         self.name = name
         self._model, _, version = name.partition(":")  # "model:version"
         self._trace_attributes = {"quorum.member": self._model, "quorum.version": version}
@@ -145,9 +147,10 @@ class DynamicBatcher:
                      arrivals: Sequence[float] | None = None) -> np.ndarray:
         """Queue `rows` (n, ...) and return their n output rows.
 
-        `deadline` is an absolute time.monotonic() instant. `arrivals`: when the requests
-        these rows merge arrived, if they queued elsewhere first (time.monotonic(); by
-        default this call's own instant), for the queue waits reported per request.
+        `deadline` is an absolute instant on the batcher's clock (time.monotonic() in
+        production). `arrivals`: when the requests these rows merge arrived, if they queued
+        elsewhere first (on the same clock; by default this call's own instant), for the
+        queue waits reported per request.
         """
         if self._stopping:
             raise ModelNotReady(f"model '{self.name}' is stopping")
@@ -163,7 +166,7 @@ class DynamicBatcher:
         if self._depth >= cfg.max_queue_size:
             raise Overloaded(f"model '{self.name}': queue full "
                              f"({self._depth} requests waiting); retry later")
-        now = time.monotonic()
+        now = self.clock()
         if deadline is not None:
             if deadline <= now:
                 raise DeadlineExceeded(f"model '{self.name}': deadline passed before queueing")
@@ -244,7 +247,7 @@ class DynamicBatcher:
             if not pending.future.done():
                 pending.future.set_exception(DeadlineExceeded(
                     f"model '{self.name}': deadline passed after "
-                    f"{time.monotonic() - pending.arrival:.4f} s in the queue"))
+                    f"{self.clock() - pending.arrival:.4f} s in the queue"))
             self._wake()
 
     def _fail_queued(self, exc: BaseException) -> None:
@@ -293,7 +296,7 @@ class DynamicBatcher:
         until = head.arrival + cfg.max_queue_delay_s
         while self._depth and self._queued_rows < cfg.target_rows(self._queued_rows) \
                 and not self._stopping:
-            remaining = until - time.monotonic()
+            remaining = until - self.clock()
             if remaining <= 0:
                 return
             wakeup.clear()
@@ -311,7 +314,7 @@ class DynamicBatcher:
 
     def _take(self) -> tuple[list[_Pending], int]:
         """Pop the longest run of compatible live requests that fits in one batch."""
-        batch, rows = take_run(self._queue, self._config.max_batch_size, time.monotonic(), self._expire, _signature)
+        batch, rows = take_run(self._queue, self._config.max_batch_size, self.clock(), self._expire, _signature)
         for pending in batch:
             if pending.timer is not None:
                 pending.timer.cancel()
@@ -326,13 +329,13 @@ class DynamicBatcher:
             merged, counts = merge([pending.rows for pending in batch])
             for pending in batch:
                 pending.rows = None  # type: ignore[assignment]
-            started = time.monotonic()
-            if rows <= self._inline_rows and DynamicBatcher.requests_everywhere == 1:
+            started = self.clock()
+            if self._inline is not None and rows <= self._inline_rows and DynamicBatcher.requests_everywhere == 1:
                 # alone: nothing else for the loop to do while the model's thread computes
                 outputs = split(self._inline(merged), counts)
             else:
                 outputs = split(await self._run_batch(merged), counts)
-            finished = time.monotonic()
+            finished = self.clock()
             took = finished - started
             self._batch_s = took if self._batch_s is None else 0.8 * self._batch_s + 0.2 * took
         except Exception as exc:  # noqa: BLE001 - every caller of the batch gets it
@@ -357,7 +360,7 @@ class DynamicBatcher:
             self._wake()
 
     def _observe(self, batch: list[_Pending], rows: int) -> None:
-        now = time.monotonic()
+        now = self.clock()
         try:
             self._observer.on_batch(self.name, rows, [now - a for p in batch for a in p.arrivals])  # type: ignore[union-attr]
         except Exception:  # noqa: BLE001 - metrics must never fail a batch

@@ -11,6 +11,16 @@ import numpy as np
 
 from service.errors import Overloaded
 
+Clock = Callable[[], float]
+"""Where the queues (DynamicBatcher, EnsemblePipeline), the data plane and the manager read
+the time for deadlines, expiry, straggler cutoffs and admission: time.monotonic() in
+production, the clock of the deadlines the fronts compute (time.monotonic() instants). It
+is a parameter, stored once at construction, so that tests run them on the event loop's
+clock (`loop.time`, which looptime fast-forwards) and check time-dependent behaviour
+exactly. Not the running loop's time() in production: under uvloop (--event-loop uvloop)
+that is libuv's millisecond clock, which would coarsen every deadline and latency. Durations
+only measured for metrics (compute in threads) stay on time.perf_counter()."""
+
 
 class Queued(Protocol):
     n: int

@@ -42,7 +42,7 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from service.batching.requests import merge, refuse_if_late, take_run
+from service.batching.requests import Clock, merge, refuse_if_late, take_run
 from service.errors import DeadlineExceeded, Overloaded
 from service.monitoring.stages import COLLECTOR, Stage
 
@@ -102,7 +102,7 @@ class _Entry:
 
     def __init__(self, rows: np.ndarray, plan: Plan, deadline: float | None, arrival: float,
                  future: asyncio.Future) -> None:
-        self.rows = rows
+        self.rows: np.ndarray | None = rows  # None once taken by its batch, or unqueued
         self.n = rows.shape[0]
         self.plan = plan
         self.signature = (plan.key, rows.shape[1:], rows.dtype)
@@ -118,9 +118,17 @@ def _signature(entry: _Entry) -> tuple:
     return entry.signature
 
 
+def _take_rows(entry: _Entry) -> np.ndarray:
+    """The rows of an entry being run, dropped from the entry (its batch holds them now)."""
+    rows, entry.rows = entry.rows, None
+    assert rows is not None  # an entry runs once, taken from the queue
+    return rows
+
+
 class EnsemblePipeline:
     def __init__(self, name: str, answer: Answer, max_batch_rows: int, max_queue: int,
-                 kind: str = "ensemble") -> None:
+                 kind: str = "ensemble", *, clock: Clock = time.monotonic) -> None:
+        self.clock = clock  # deadlines, cutoffs, expiry and admission (see requests.Clock)
         self.name = name
         self.what = f"{kind} '{name}'"  # how messages name it
         self.partial = kind == "ensemble"
@@ -145,10 +153,11 @@ class EnsemblePipeline:
 
     async def submit(self, plan: Plan, rows: np.ndarray, deadline: float | None) -> Any:
         """Queue `rows` for `plan` and return the answer callback's result for them.
-        `deadline` is an absolute time.monotonic() instant."""
+        `deadline` is an absolute instant on the pipeline's clock (time.monotonic() in
+        production)."""
         if self._depth >= self.max_queue:
             raise Overloaded(f"{self.what}: queue full ({self._depth} requests waiting); retry later")
-        now = time.monotonic()
+        now = self.clock()
         if deadline is not None and self._batch_s is not None:
             self._admit(rows.shape[0], deadline - plan.margin_s - now)
         loop = asyncio.get_running_loop()
@@ -194,7 +203,7 @@ class EnsemblePipeline:
         entry.queued = False
         self._depth -= 1
         self._queued_rows -= entry.n
-        entry.rows = None  # type: ignore[assignment]
+        entry.rows = None
 
     def _expire(self, entry: _Entry) -> None:
         if entry.queued:
@@ -202,7 +211,7 @@ class EnsemblePipeline:
             if not entry.future.done():
                 entry.future.set_exception(DeadlineExceeded(
                     f"{self.what}: deadline passed after "
-                    f"{time.monotonic() - entry.arrival:.4f} s in the queue"))
+                    f"{self.clock() - entry.arrival:.4f} s in the queue"))
 
     # -- dispatch --------------------------------------------------------------------------
     def _ensure_dispatcher(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -224,13 +233,17 @@ class EnsemblePipeline:
                 wake.clear()
                 self._next_expiry = min((e.deadline for e in self._queue if e.queued and e.deadline is not None),
                                         default=math.inf)
+                expiry = self._next_expiry
                 try:
-                    async with asyncio.timeout(None if self._next_expiry == math.inf
-                                               else max(0.0, self._next_expiry - time.monotonic())):
+                    async with asyncio.timeout(None if expiry == math.inf else max(0.0, expiry - self.clock())):
                         await wake.wait()
+                    now = self.clock()
                 except TimeoutError:
-                    pass
-                now = time.monotonic()
+                    # The timer armed for the earliest deadline fired: that deadline has come, as
+                    # the batcher's expiry timers and _run_lone's cutoff take it. A loop fires
+                    # timers early by up to its clock's resolution (uvloop: to the nearest ms,
+                    # under 0.5 ms at once), and re-arming until the clock agreed spun the loop.
+                    now = max(self.clock(), expiry)
                 for entry in self._queue:
                     if entry.queued and entry.deadline is not None and entry.deadline <= now:
                         self._expire(entry)
@@ -250,7 +263,7 @@ class EnsemblePipeline:
     def _take(self) -> list[_Entry]:
         """Pop the longest run of live requests with one plan and row signature that fits
         in a batch (a first request larger than a batch goes alone)."""
-        batch, rows = take_run(self._queue, self.max_batch_rows, time.monotonic(), self._expire, _signature)
+        batch, rows = take_run(self._queue, self.max_batch_rows, self.clock(), self._expire, _signature)
         self._depth -= len(batch)
         self._queued_rows -= rows
         return batch
@@ -258,7 +271,7 @@ class EnsemblePipeline:
     def _let_go(self, start: float) -> None:
         """A batch that began at `start` stops holding the queue: its time counts towards
         admission's time per batch, and the dispatcher looks again."""
-        took = time.monotonic() - start
+        took = self.clock() - start
         self._batch_s = took if self._batch_s is None else 0.8 * self._batch_s + 0.2 * took
         self._holding -= 1
         self._wake.set()  # type: ignore[union-attr]
@@ -271,10 +284,10 @@ class EnsemblePipeline:
         away cancels the member's call, which then leaves its member's queue."""
         plan = entry.plan
         ((name, served),) = plan.members.items()
-        rows, entry.rows = entry.rows, None
+        rows = _take_rows(entry)
         result = error = None
         late = False
-        start = time.monotonic()
+        start = self.clock()
         try:
             if _others_ready():
                 # One turn of the loop first: callers already scheduled (a burst) queue
@@ -304,7 +317,7 @@ class EnsemblePipeline:
             raise
         finally:
             self._let_go(start)
-        outcome = MemberOutcome(name, in_time=not late, latency_s=time.monotonic() - start,
+        outcome = MemberOutcome(name, in_time=not late, latency_s=self.clock() - start,
                                 result=result, error=error)
         try:
             self._answer_with([entry], [0], plan, FanOut({name: outcome}), rows, [(0, rows.shape[0])],
@@ -317,7 +330,7 @@ class EnsemblePipeline:
     async def _run(self, batch: list[_Entry]) -> None:
         plan = batch[0].plan
         loop = asyncio.get_running_loop()
-        start = time.monotonic()
+        start = self.clock()
         tasks: dict[str, asyncio.Future] = {}
         gone = loop.create_future()  # done once every caller is answered or went away
         remaining = [len(batch)]
@@ -340,14 +353,13 @@ class EnsemblePipeline:
         try:
             for e in batch:
                 e.future.add_done_callback(one_less)
-            merged, counts = merge([e.rows for e in batch])
-            for e in batch:
-                e.rows = None  # type: ignore[assignment]
+            merged, counts = merge([_take_rows(e) for e in batch])
             spans, at = [], 0
             for c in counts:
                 spans.append((at, at + c))
                 at += c
-            deadline = None if any(e.deadline is None for e in batch) else max(e.deadline for e in batch)
+            deadlines = [e.deadline for e in batch if e.deadline is not None]
+            deadline = max(deadlines) if len(deadlines) == len(batch) else None  # None: one has none
             finished_at: dict[str, float] = {}
             with contextlib.ExitStack() as leases:
                 # leased before the calls start: a version swap cannot unload a member in between
@@ -356,14 +368,14 @@ class EnsemblePipeline:
                 arrivals = tuple(e.arrival for e in batch)  # each request's queue wait is reported
                 for name, served in plan.members.items():
                     task = asyncio.ensure_future(served.infer(merged, deadline, arrivals))
-                    task.add_done_callback(_finished(name, finished_at))
+                    task.add_done_callback(_finished(name, finished_at, self.clock))
                     tasks[name] = task
                 pending: set[asyncio.Future] = set(tasks.values())
                 open_ = list(range(len(batch)))  # requests not yet answered
                 failed = 0
                 while pending and not gone.done():
-                    cutoffs = [batch[i].cutoff for i in open_ if batch[i].cutoff is not None]
-                    timeout = None if not cutoffs else min(cutoffs) - time.monotonic()
+                    cutoffs = [cut for i in open_ if (cut := batch[i].cutoff) is not None]
+                    timeout = None if not cutoffs else min(cutoffs) - self.clock()
                     if timeout is None or timeout > 0:
                         done, _ = await asyncio.wait(pending | {gone}, timeout=timeout,
                                                      return_when=asyncio.FIRST_COMPLETED)
@@ -373,14 +385,16 @@ class EnsemblePipeline:
                         if not pending:
                             let_go()
                         elif grace is None and len(tasks) - len(pending) - failed >= plan.quorum:
-                            grace = loop.call_later(time.monotonic() - start, let_go)
+                            grace = loop.call_later(self.clock() - start, let_go)
                         if len(tasks) - failed < plan.quorum:
                             break  # out of reach: every open request gets the error below
                         if done or gone.done():
                             continue
-                    now = time.monotonic()
-                    due = [i for i in open_ if batch[i].cutoff is not None and batch[i].cutoff <= now]
-                    open_ = [i for i in open_ if not (batch[i].cutoff is not None and batch[i].cutoff <= now)]
+                    # The wait timed out: its timer, armed for the earliest cutoff, fired, so that
+                    # cutoff has come (see _dispatch: no re-armed wait until the clock agrees).
+                    now = max(self.clock(), min(cutoffs))
+                    due = [i for i in open_ if (cut := batch[i].cutoff) is not None and cut <= now]
+                    open_ = [i for i in open_ if not ((cut := batch[i].cutoff) is not None and cut <= now)]
                     self._settle(batch, due, plan, tasks, finished_at, start, merged, spans, timed_out=True)
                 self._settle(batch, open_, plan, tasks, finished_at, start, merged, spans, timed_out=False)
         except Exception as exc:  # noqa: BLE001 - a bug of ours: every open caller learns of it
@@ -408,7 +422,7 @@ class EnsemblePipeline:
         (callers that went away are skipped)."""
         if not any(not batch[i].future.done() for i in indices):
             return
-        now = time.monotonic()
+        now = self.clock()
         outcomes = FanOut({name: _outcome(name, task, start, finished_at.get(name, now))
                            for name, task in tasks.items()})
         self._answer_with(batch, indices, plan, outcomes, merged, spans, start, timed_out=timed_out)
@@ -478,12 +492,12 @@ def _outcome(name: str, task: asyncio.Future, start: float, end: float) -> Membe
     return MemberOutcome(name, in_time=True, latency_s=end - start, result=task.result())
 
 
-def _finished(name: str, finished_at: dict[str, float]):
+def _finished(name: str, finished_at: dict[str, float], clock: Clock):
     """Done callback: note the finish time and retrieve the outcome (no 'exception was
     never retrieved' for a late member)."""
 
     def done(task: asyncio.Future) -> None:
-        finished_at.setdefault(name, time.monotonic())
+        finished_at.setdefault(name, clock())
         if not task.cancelled():
             error = task.exception()
             if error is not None:

@@ -24,6 +24,7 @@ import numpy as np
 
 from service.batching.batcher import BatchObserver, DynamicBatcher
 from service.batching.config import BatchingConfig
+from service.batching.requests import Clock
 from service.ensemble.calibration import NO_CALIBRATION, VoteCalibration, fit_vote_calibration
 from service.errors import (
     InvalidInput, ModelLoadError, ModelNotFound, ModelNotReady, PermissionDenied, QuorumError)
@@ -126,14 +127,14 @@ class ServedVersion:
 
     async def drain_and_unload(self, grace_s: float) -> None:
         self.state = State.UNLOADING
-        end = time.monotonic() + grace_s
+        end = self.batcher.clock() + grace_s
         if self._leases:
             try:
                 await asyncio.wait_for(self._idle.wait(), timeout=grace_s)
             except asyncio.TimeoutError:
                 log.warning("%s version %d: %d requests still running after %.1fs; unloading",
                             self.name, self.version, self._leases, grace_s)
-        await self.batcher.stop(timeout=max(0.0, end - time.monotonic()))
+        await self.batcher.stop(timeout=max(0.0, end - self.batcher.clock()))
         await self.runtime.unload()
         self.state = State.END
         log.info("unloaded %s version %d", self.name, self.version)
@@ -193,8 +194,12 @@ class EnsembleModel:
 
 
 class ModelManager:
-    def __init__(self, settings: Settings, observer: ManagerObserver | None = None) -> None:
+    def __init__(self, settings: Settings, observer: ManagerObserver | None = None, *,
+                 clock: Clock = time.monotonic) -> None:
         self.settings = settings
+        self.clock = clock
+        """The time its batchers (and the data plane serving it) read deadlines on (see
+        service.batching.requests.Clock)."""
         self.root = Path(settings.model_repository)
         self.variants: dict[str, VariantModel] = {}
         self.ensembles: dict[str, EnsembleModel] = {}
@@ -401,7 +406,9 @@ class ModelManager:
         self._cleared(f"{model.entry.name}/{version}")
         model.versions[version] = served
         served.state = State.AVAILABLE  # routing switches here, in one step
-        model.last_manifest = model.serving().manifest
+        serving = model.serving()
+        assert serving is not None  # this version, available now (or a later one)
+        model.last_manifest = serving.manifest
         for ensemble in self.ensembles.values():  # in the same step: they align the new version at once
             if ensemble.spec is not None:
                 self._check_ensemble(ensemble)
@@ -425,7 +432,7 @@ class ModelManager:
         inline_rows = runtime.rows_within(self.settings.inline_compute_us / 1e6)
         batcher = DynamicBatcher(f"{manifest.name}:{manifest.version}", self._timed(runtime), batching,
                                  self._observer, inline=self._inline(runtime) if inline_rows else None,
-                                 inline_rows=inline_rows)
+                                 inline_rows=inline_rows, clock=self.clock)
         return ServedVersion(manifest, folder, runtime, batcher, batching)
 
     def _compute_pool(self, device: str) -> ThreadPoolExecutor | None:
@@ -674,7 +681,7 @@ class ModelManager:
             return ensemble.error
         if ensemble.unloaded_by_request:
             return "unloaded"
-        if ensemble.spec is None:
+        if ensemble.spec is None or ensemble.config is None:  # no config, no spec: config_error said why
             return "its members are loading"
         serving, quorum = self.serving_members(name), ensemble.config.min_members
         if serving < quorum:

@@ -1,10 +1,16 @@
-"""The data plane on the real digits ensemble: policies' accuracy, stragglers, and batching
-that never changes an answer."""
+"""The data plane on real digits models: policies' accuracy, stragglers, and batching that
+never changes an answer.
+
+The ensemble is the bundled ONNX members' (tests.helpers.onnx_ensemble, loaded in
+milliseconds), except where the five bundled members are what a claim is about. The tests
+that depend on time run on looptime's fast-forwarded loop, with the manager (and so its
+batchers and the data plane) on the loop's clock: their deadlines are checked exactly. The
+models still compute in their threads, which takes no loop time."""
 
 from __future__ import annotations
 
 import asyncio
-import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,21 +21,44 @@ from service.evaluation import member_scores, policy_accuracy
 from service.monitoring.statistics import Statistics
 from service.repository.manager import ModelManager
 from service.settings import Settings
-from tests.helpers import MODELS, copy_variant, monitored_data_plane
-
-MEMBERS = ["digits_mlp_a", "digits_mlp_b", "digits_cnn_a", "digits_cnn_b", "digits_logreg"]
+from tests.helpers import MODELS, ONNX_VARIANTS, copy_variant, monitored_data_plane, onnx_ensemble
 
 
-async def _data_plane(statistics: Statistics | None = None, **settings) -> DataPlane:
-    manager = ModelManager(Settings(model_repository=MODELS, poll_interval_s=0, device="cpu", **settings),
-                           statistics)
+async def _data_plane(repository: Path, statistics: Statistics | None = None, *, loop_clock: bool = False,
+                      **settings) -> DataPlane:
+    """`repository` served on the CPU; `loop_clock`: the manager reads the running loop's
+    clock (a looptime test), else its default."""
+    clock = {"clock": asyncio.get_running_loop().time} if loop_clock else {}
+    manager = ModelManager(Settings(model_repository=repository, poll_interval_s=0, device="cpu", **settings),
+                           statistics, **clock)
     await manager.start()
     return DataPlane(manager)
 
 
+def now() -> float:
+    return asyncio.get_running_loop().time()
+
+
+def since(start: float) -> float:
+    """Loop seconds since `start`, rounded to looptime's resolution (1 us): exact."""
+    return round(now() - start, 6)
+
+
+async def turn_until(predicate, turns: int = 1000) -> None:
+    """Turn the event loop until `predicate` holds; no loop time passes meanwhile."""
+    for _ in range(turns):
+        if predicate():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"condition not reached in {turns} turns of the loop")
+
+
 async def test_confidence_and_soft_at_least_as_accurate_as_best_member(test_split):
+    """The bundled five-member ensemble (TensorFlow members included): on the three ONNX
+    members alone soft voting is not (0.975 against digits_cnn_a's 0.981), so the claim is
+    about these five."""
     x, y = test_split
-    data = await _data_plane()
+    data = await _data_plane(MODELS)
     members = await member_scores(data, "digits", x, y)
     policies = await policy_accuracy(data, "digits", x, y)
     await data.manager.stop()
@@ -41,43 +70,49 @@ async def test_confidence_and_soft_at_least_as_accurate_as_best_member(test_spli
     assert all(0.9 < value <= 1.0 for value in policies.values())
 
 
-async def test_member_past_the_deadline_is_left_out_and_named(test_split):
+@pytest.mark.looptime
+async def test_member_past_the_deadline_is_left_out_and_named(scratch_repo, test_split):
     x, _ = test_split
-    data = await _data_plane()
-    slow = data.manager.resolve("digits_cnn_b")
+    data = await _data_plane(onnx_ensemble(scratch_repo), loop_clock=True)
+    slow = data.manager.resolve("digits_cnn_a")
     original = slow.infer
+    calls = []
 
     async def sleepy(rows, deadline=None, arrivals=None):  # a test wrapper adding latency to one member
+        calls.append(rows.shape[0])
         await asyncio.sleep(20.0)
         return await original(rows, deadline, arrivals)
 
     slow.infer = sleepy
-    start = time.monotonic()
+    start = now()
     result = await data.infer("digits", x[:8], deadline=start + 2.0)
-    elapsed = time.monotonic() - start
-    # It answers at the deadline less the safety margin, not after the slow member's 20 s
-    # (margins no load can erase: the others answer in milliseconds).
-    assert 2.0 - 0.005 - 0.001 <= elapsed < 2.0 + 3.0
-    assert result.left_out == ("digits_cnn_b",)
-    assert "digits_cnn_b" not in result.vote.members and len(result.vote.members) == 4
+    # It answers at the deadline less the ensemble's 5 ms safety margin, not after the slow
+    # member's 20 s (the others' compute takes no loop time).
+    assert since(start) == 1.995
+    assert result.left_out == ("digits_cnn_a",)
+    assert "digits_cnn_a" not in result.vote.members and len(result.vote.members) == 2
     by_name = {m.name: m for m in result.members}
-    assert not by_name["digits_cnn_b"].in_time and by_name["digits_mlp_a"].in_time
+    assert not by_name["digits_cnn_a"].in_time and by_name["digits_mlp_a"].in_time
+    assert round(by_name["digits_cnn_a"].latency_s, 6) == 1.995  # waited for until the cutoff
     assert result.vote.label_index.shape == (8,)
-    # Below the quorum (all 5 members needed), the same deadline is an error naming who was late.
+    # Below the quorum (all 3 members needed), the same deadline is an error naming who was late.
     quorate = data.manager.ensemble("digits")
-    quorate.config = quorate.config.model_copy(update={"quorum": 5})
-    with pytest.raises(DeadlineExceeded, match="digits_cnn_b"):
-        await data.infer("digits", x[:8], deadline=time.monotonic() + 2.0)
+    quorate.config = quorate.config.model_copy(update={"quorum": 3})
+    start = now()
+    with pytest.raises(DeadlineExceeded, match=r"2 of 3 members answered \(quorum 3\).*left out: digits_cnn_a "
+                                               r"\(no answer after 1\.9950 s\)"):
+        await data.infer("digits", x[:8], deadline=start + 2.0)
+    assert since(start) == 1.995 and calls == [8, 8]
     await data.manager.stop()
 
 
 @pytest.mark.parametrize("mode", ["strict", "tolerant"])
-async def test_batched_live_traffic_equals_rows_run_alone(test_split, mode):
+async def test_batched_live_traffic_equals_rows_run_alone(scratch_repo, test_split, mode):
     """Concurrent requests of 1-3 rows are merged by the batchers; every answer must equal
     the same rows answered on their own."""
     x, _ = test_split
     statistics = Statistics()
-    data = await _data_plane(statistics, batch_invariance=mode)
+    data = await _data_plane(onnx_ensemble(scratch_repo), statistics, batch_invariance=mode)
     sizes = np.random.default_rng(0).integers(1, 4, 120)
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]) % (len(x) - 3)
     requests = [x[s:s + n] for s, n in zip(starts, sizes)]
@@ -124,6 +159,7 @@ async def test_a_single_model_merges_requests_and_each_answer_equals_its_rows_al
         alone = [await data.infer("m", r, version=v) for r, v in requests]
         statistics.models.clear()
         together = await asyncio.gather(*(data.infer("m", r, version=v) for r, v in requests))
+        at_the_other_version = [await data.infer("m", r, version=3 - v) for r, v in requests[:8]]
     finally:
         await manager.stop()
     batches = [size for stats in statistics.models.values() for size in stats.batches]
@@ -139,20 +175,11 @@ async def test_a_single_model_merges_requests_and_each_answer_equals_its_rows_al
         np.testing.assert_allclose(t.member_probabilities, a.member_probabilities, rtol=0, atol=tolerance)
         assert t.inputs is not None and np.array_equal(t.inputs, rows)
     # the two versions answer differently, so a batch mixing them could not have passed
-    assert any(not np.array_equal(a.logits, b.logits) for a, b in zip(
-        alone, [await _alone_at(scratch_repo, r, 3 - v) for r, v in requests[:8]]))
+    assert any(not np.array_equal(a.logits, b.logits) for a, b in zip(alone, at_the_other_version))
 
 
-async def _alone_at(repo, rows, version):
-    manager = ModelManager(Settings(model_repository=repo, poll_interval_s=0, device="cpu"))
-    await manager.start()
-    try:
-        return await DataPlane(manager).infer("m", rows, version=version)
-    finally:
-        await manager.stop()
-
-
-async def test_a_single_model_request_that_expires_queued_never_reaches_the_model(test_split):
+@pytest.mark.looptime
+async def test_a_single_model_request_that_expires_queued_never_reaches_the_model(scratch_repo, test_split):
     """Behind a batch that takes long, a request whose deadline passes fails then, at once,
     with DeadlineExceeded naming the model; its rows are never computed. Once a batch's time
     is measured, a request whose deadline leaves less is refused at once (Overloaded). One
@@ -160,7 +187,8 @@ async def test_a_single_model_request_that_expires_queued_never_reaches_the_mode
     model answers. An idle model admits whatever its last batch took: only a batch measures
     anew."""
     x, _ = test_split
-    data = await _data_plane()
+    copy_variant("digits_mlp_a", scratch_repo)
+    data = await _data_plane(scratch_repo, loop_clock=True)
     served = data.manager.resolve("digits_mlp_a")
     original = served.infer
     release = asyncio.Event()
@@ -174,46 +202,51 @@ async def test_a_single_model_request_that_expires_queued_never_reaches_the_mode
 
     served.infer = held
     try:
+        start = now()
         first = asyncio.ensure_future(data.infer("digits_mlp_a", x[:2]))
-        while not calls:
-            await asyncio.sleep(0.01)
-        with pytest.raises(DeadlineExceeded, match=r"model 'digits_mlp_a': deadline passed after .* in the queue"):
-            await data.infer("digits_mlp_a", x[2:5], deadline=time.monotonic() + 0.2)
+        await turn_until(lambda: calls)
+        with pytest.raises(DeadlineExceeded, match=r"model 'digits_mlp_a': deadline passed after 0\.2000 s in the queue"):
+            await data.infer("digits_mlp_a", x[2:5], deadline=now() + 0.2)
+        assert since(start) == 0.2  # at its deadline: the model is still busy
         assert not first.done() and calls == [2]
         await asyncio.sleep(1.0)
         release.set()
         assert (await first).vote.label_index.shape == (2,)
         assert calls == [2]  # the expired request's 3 rows never reached the model
 
-        # the first batch took over 1.2 s (it waited for the release), but with nothing
-        # ahead a request whose deadline leaves less is let in, and answered
-        assert (await data.infer("digits_mlp_a", x[:3], deadline=time.monotonic() + 0.6)).vote.label_index.shape == (3,)
+        # the first batch took 1.2 s (it waited for the release), but with nothing ahead a
+        # request whose deadline leaves less is let in, and answered
+        assert (await data.infer("digits_mlp_a", x[:3], deadline=now() + 0.6)).vote.label_index.shape == (3,)
         assert calls == [2, 3]
 
         release.clear()
         calls.clear()
-        held_batch = asyncio.ensure_future(data.infer("digits_mlp_a", x[:4], deadline=time.monotonic() + 3.0))
-        while not calls:
-            await asyncio.sleep(0.01)
-        # behind a batch measured at about a second, 50 ms cannot be enough: refused at once
-        with pytest.raises(Overloaded, match=r"model 'digits_mlp_a': 0 rows queued ahead, .* more than the "):
-            await data.infer("digits_mlp_a", x[:4], deadline=time.monotonic() + 0.05)
-        assert calls == [4]
-        with pytest.raises(DeadlineExceeded, match=r"model 'digits_mlp_a': deadline reached after .* before "
-                                                   r"the model answered"):
+        start = now()
+        held_batch = asyncio.ensure_future(data.infer("digits_mlp_a", x[:4], deadline=start + 3.0))
+        await turn_until(lambda: calls)
+        # behind a batch measured at about a second (1.2 s, then a batch in no loop time),
+        # 50 ms cannot be enough: refused at once
+        with pytest.raises(Overloaded, match=r"model 'digits_mlp_a': 0 rows queued ahead, about 1920\.0 ms of work "
+                                             r"\(2 batches of 960\.00 ms\), more than the 50\.0 ms "):
+            await data.infer("digits_mlp_a", x[:4], deadline=now() + 0.05)
+        assert since(start) == 0.0 and calls == [4]
+        with pytest.raises(DeadlineExceeded, match=r"model 'digits_mlp_a': deadline reached after 3\.0000 s of compute, "
+                                                   r"before the model answered"):
             await held_batch
-        assert calls == [4]
+        assert since(start) == 3.0 and calls == [4]
         release.set()
     finally:
         release.set()
         await data.manager.stop()
 
 
-async def test_queue_depth_counts_requests_waiting_at_a_model_before_its_batcher(test_split):
+@pytest.mark.looptime
+async def test_queue_depth_counts_requests_waiting_at_a_model_before_its_batcher(scratch_repo, test_split):
     """quorum_queue_depth (what the autoscaler reads) counts the requests waiting at the
     model's own queue while a batch runs, not only those inside its batcher."""
     x, _ = test_split
-    data, monitor = await monitored_data_plane()
+    copy_variant("digits_mlp_a", scratch_repo)
+    data, monitor = await monitored_data_plane(scratch_repo, clock=asyncio.get_running_loop().time)
     manager = data.manager
     served = manager.resolve("digits_mlp_a")
     original = served.infer
@@ -230,8 +263,7 @@ async def test_queue_depth_counts_requests_waiting_at_a_model_before_its_batcher
         running = asyncio.ensure_future(data.infer("digits_mlp_a", x[:1]))
         await asyncio.sleep(0.05)
         waiting = [asyncio.ensure_future(data.infer("digits_mlp_a", x[i:i + 1])) for i in range(1, 4)]
-        while data.queued().get("digits_mlp_a") != 3:
-            await asyncio.sleep(0.01)
+        await turn_until(lambda: data.queued().get("digits_mlp_a") == 3)
         assert get("quorum_queue_depth", {"model": "digits_mlp_a"}) == 3
         release.set()
         answers = await asyncio.gather(running, *waiting)
@@ -242,18 +274,18 @@ async def test_queue_depth_counts_requests_waiting_at_a_model_before_its_batcher
         await manager.stop()
 
 
-async def test_per_request_metrics_and_drift_stay_exact_when_recorded_per_batch(test_split):
+async def test_per_request_metrics_and_drift_stay_exact_when_recorded_per_batch(scratch_repo, test_split):
     """Concurrent requests merged into batches are recorded once per batch, yet every
     per-request and per-row figure counts each request: rows answered, queue waits (one
     per request, at the model and at each member), agreement per row, drift rows."""
     x, _ = test_split
-    data, monitor = await monitored_data_plane()
+    data, monitor = await monitored_data_plane(onnx_ensemble(scratch_repo))
     manager = data.manager
     get = monitor.registry.get_sample_value
     sizes = [1 + i % 3 for i in range(40)]
     starts = np.cumsum([0] + sizes[:-1])
     try:
-        before = {m: get("quorum_queue_wait_seconds_count", {"model": m}) or 0.0 for m in MEMBERS}
+        before = {m: get("quorum_queue_wait_seconds_count", {"model": m}) or 0.0 for m in ONNX_VARIANTS}
         ensemble = [data.infer("digits", x[s:s + n]) for s, n in zip(starts, sizes)]
         single = [data.infer("digits_mlp_a", x[s:s + n]) for s, n in zip(starts, sizes)]
         answers = await asyncio.gather(*ensemble, *single)
@@ -263,7 +295,7 @@ async def test_per_request_metrics_and_drift_stay_exact_when_recorded_per_batch(
         assert get("quorum_inference_rows_total", {"model": "digits_mlp_a"}) == rows
         assert get("quorum_ensemble_agreement_ratio_count", {"ensemble": "digits"}) == rows
         assert get("quorum_vote_seconds_count", {"model": "digits"}) < len(sizes), "never merged"
-        for member in MEMBERS:  # each ensemble request waited once at each member
+        for member in ONNX_VARIANTS:  # each ensemble request waited once at each member
             waits = get("quorum_queue_wait_seconds_count", {"model": member}) - before[member]
             assert waits == len(sizes) * (2 if member == "digits_mlp_a" else 1), member
         for name in ("digits", "digits_mlp_a"):

@@ -28,7 +28,7 @@ def _scrape(server, path: str = "/metrics") -> str:
 def test_first_scrape_has_the_counters_that_start_at_zero(server):
     text = _scrape(server)  # the first scrape of this server
     reference = Reference()
-    for model in ("digits_mlp_a", "digits_cnn_b", ENSEMBLE):
+    for model in (*reference.ensemble_config()["members"], ENSEMBLE):
         assert f'quorum_model_load_failures_total{{model="{model}"}} 0.0' in text, model
     for member in reference.ensemble_config()["members"]:
         assert f'quorum_ensemble_members_dropped_total{{ensemble="{ENSEMBLE}",member="{member}"}} 0.0' in text

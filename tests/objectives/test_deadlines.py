@@ -5,8 +5,6 @@ enough samples is what was measured, not the bare warm-up compute."""
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 
@@ -41,15 +39,16 @@ async def test_deadline_below_every_subsets_predicted_latency_is_tried_and_answe
         tracker.observe({m: 5.0 for m in MEMBERS}, 5.0)
     await data.evaluate_objectives()
     assert min(c.latency_s for c in tracker.candidates) >= 5.0
-    # A 2 s RPC deadline is below every subset's predicted p99, and generous for the members.
-    result = await data.infer("slo", x[:4], deadline=time.monotonic() + 2.0)
+    # A 2 s RPC deadline is below every subset's predicted p99, and generous for the members
+    # (on the data plane's clock, the one it compares deadlines with).
+    result = await data.infer("slo", x[:4], deadline=data.clock() + 2.0)
     assert result.vote.label_index.shape == (4,)
     assert set(result.vote.members) == set(tracker.choose()) and not result.left_out
     # The same 2 s as the client's explicit budget is an objective no subset meets.
     with pytest.raises(FailedPrecondition, match="latency budget 1995.0 ms is below the fastest subset"):
         await data.infer("slo", x[:4], latency_budget_s=2.0)
     with pytest.raises(FailedPrecondition, match="min_accuracy 0.9990"):
-        await data.infer("slo", x[:4], deadline=time.monotonic() + 2.0, min_accuracy=0.999)
+        await data.infer("slo", x[:4], deadline=data.clock() + 2.0, min_accuracy=0.999)
     await data.manager.stop()
 
 

@@ -11,7 +11,7 @@ import pytest
 from service.repository.manager import ModelManager
 from service.runtimes.devices import gpu_count, place
 from service.settings import Settings
-from tests.helpers import ONNX_VARIANT, copy_variant
+from tests.helpers import ONNX_VARIANT, ONNX_VARIANTS, copy_variant, onnx_ensemble
 
 
 def test_per_variant_device_overrides(scratch_repo):
@@ -49,24 +49,24 @@ def test_placement_that_cannot_be_met_fails_loudly(spec, gpus, message):
         place(spec, 0, gpus=gpus)
 
 
-async def test_compute_threads_share_one_thread_between_models_with_the_same_answers(test_split):
+async def test_compute_threads_share_one_thread_between_models_with_the_same_answers(scratch_repo, test_split):
     """compute_threads=1: every member's batches run on one shared thread, and the answers
     are the ones each member's own thread gives (strict mode: bitwise)."""
     from service.dataplane import DataPlane
-    from tests.helpers import MODELS
 
     x, _ = test_split
+    onnx_ensemble(scratch_repo)
     answers = {}
     for threads in (0, 1):
-        manager = ModelManager(Settings(model_repository=MODELS, poll_interval_s=0, device="cpu",
+        manager = ModelManager(Settings(model_repository=scratch_repo, poll_interval_s=0, device="cpu",
                                         batch_invariance="strict", compute_threads=threads))
         await manager.start()
         data = DataPlane(manager)
         results = await asyncio.gather(*(data.infer("digits", x[i:i + 3]) for i in range(0, 60, 3)))
         answers[threads] = np.concatenate([r.vote.probabilities for r in results])
         shared = [t for t in threading.enumerate() if t.name.startswith("compute-cpu")]
-        assert len(shared) == threads  # one thread for the five members, or none
-        assert all(len(r.vote.members) == 5 for r in results)
+        assert len(shared) == threads  # one thread for the three members, or none
+        assert all(r.vote.members == ONNX_VARIANTS for r in results)
         await manager.stop()
     assert np.array_equal(answers[0], answers[1])
 
