@@ -39,13 +39,18 @@ lint: venv
 # In a random order (pytest-randomly; the seed is printed first), with coverage of service/ measured
 # in the test process and in every server it starts; the summary lists the least covered files.
 # The static checks (lint) come first: a type error fails `make test` before any test runs.
+# TEST_WORKERS pytest-xdist workers run test modules side by side, each module whole on one
+# worker (--dist loadfile: a module's server starts once). Most of an end-to-end test's time is
+# spent waiting on a server process, so more workers than cores pay; TEST_WORKERS=0 runs serially.
 ifndef SEED
 SEED := $(shell od -An -N4 -tu4 /dev/urandom | tr -d ' ')
 endif
+TEST_WORKERS ?= 3
 test: venv lint prometheus
 	rm -f .coverage .coverage.*
 	@echo "test order seed $(SEED) (make test SEED=$(SEED) runs the same order)"
-	COVERAGE_FILE=$(CURDIR)/.coverage $(BIN)/python -m pytest -q --randomly-seed=$(SEED) --cov --cov-report=
+	COVERAGE_FILE=$(CURDIR)/.coverage $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile \
+	  --randomly-seed=$(SEED) --cov --cov-report=
 	@COVERAGE_FILE=$(CURDIR)/.coverage $(BIN)/coverage report > .coverage-report.txt; \
 	  echo "coverage of service/ (least covered first; full table: .coverage-report.txt)"; \
 	  head -n 22 .coverage-report.txt; echo "..."; grep -E '^TOTAL|files skipped' .coverage-report.txt
