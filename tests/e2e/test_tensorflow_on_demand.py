@@ -87,6 +87,23 @@ def test_a_savedmodel_member_loads_tensorflow_and_answers(server, test_split):
     np.testing.assert_array_equal(result.as_numpy("class_index"), expected["class_index"])
 
 
+def test_a_savedmodel_is_described_as_one(server):
+    """Its model config (Triton's platform name) and quorum.v1 status name its framework."""
+    from service._proto.quorum.v1 import ensemble_pb2 as pb
+    from service._proto.quorum.v1 import ensemble_pb2_grpc as pb_grpc
+
+    client = grpcclient.InferenceServerClient(server.address)
+    try:
+        assert client.get_model_config("digits_mlp_b").config.platform == "tensorflow_savedmodel"
+        assert client.get_model_config("digits_mlp_a").config.platform == "onnxruntime_onnx"
+    finally:
+        client.close()
+    with grpc.insecure_channel(server.address) as channel:
+        [model] = pb_grpc.EnsembleServiceStub(channel).GetStatus(pb.GetStatusRequest(model="digits_cnn_b"),
+                                                                 timeout=10).models
+    assert [(v.version, v.framework, v.device) for v in model.versions] == [(1, "savedmodel", "cpu")]
+
+
 def test_the_bundled_ensemble_of_onnx_and_savedmodel_members_answers_as_its_reference(server, test_split):
     """The bundled repository as shipped: its 5-member ensemble (ONNX and SavedModel members)
     answers each row as the members run here and combined by the oracle would."""
