@@ -174,11 +174,10 @@ def test_sigterm_during_a_burst_answers_every_accepted_request(tmp_path, lingeri
     assert not_serving is not None and signalled < not_serving < min(o.done for o in outcomes)
     assert timeline.exited is not None and max(o.done for o in outcomes) < timeline.exited
     assert code == 0, log[-3000:]
-    assert timeline.exited - signalled < GRACE_S
     # A Health.Watch stream must not hold the shutdown for the whole grace period: it ends
-    # cleanly once it has delivered NOT_SERVING (held, the exit would come a full grace
-    # period after the drain delay, past the bound above; no tighter wall-clock margin here,
-    # which a loaded machine would break).
+    # cleanly (OK) once it has delivered NOT_SERVING. Held, the grace period would run out and
+    # end it otherwise (CANCELLED or UNAVAILABLE), and with it any request still running: no
+    # wall-clock bound needed, which a loaded machine could break.
     assert timeline.watch_code == grpc.StatusCode.OK
     # Models unload only after the RPCs finished.
     assert log.index("draining") < log.index("unloaded") < log.index("stopped")
@@ -205,14 +204,17 @@ def test_drain_delay_keeps_accepting_after_not_serving(tmp_path, test_split):
         after = asyncio.run(_late_request(server.address, x[:1]))
         log = server.output()
 
+    # In order: NOT_SERVING, then a new call still answered (the listener is open), then the
+    # exit, no sooner than the drain delay after the signal (a loaded machine can only make
+    # it later); after the exit, refused.
     not_serving = timeline.first(NOT_SERVING)
-    assert not_serving is not None and not_serving - signalled < delay / 2
+    assert not_serving is not None and signalled < not_serving < during.done
     assert during.code == grpc.StatusCode.OK and during.label in "0123456789", log[-3000:]
-    assert during.done < signalled + delay
     assert checked == NOT_SERVING
+    assert timeline.exited is not None and during.done < timeline.exited
+    assert timeline.exited >= signalled + delay
     assert after.code == grpc.StatusCode.UNAVAILABLE
     assert code == 0, log[-3000:]
-    assert delay <= timeline.exited - signalled < delay + GRACE_S
 
 
 class Sender(threading.Thread):
