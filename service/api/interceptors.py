@@ -102,6 +102,9 @@ class Admission:
             raise errors.Unavailable("server is shutting down; retry on another replica")
         if self.loading:
             raise errors.Unavailable("server is still loading its models; retry shortly")
+        if time_left_s is not None and time_left_s <= 0:
+            # Its own deadline, not the load, ends such a call: refused as DEADLINE_EXCEEDED.
+            raise errors.DeadlineExceeded("the call's deadline passed before it was admitted")
         if time_left_s is not None and self.inflight and self.rate:
             wait_s = self.inflight / self.rate
             if wait_s > self.SLACK * time_left_s:

@@ -37,6 +37,19 @@ def _measure(gate: Admission, clock: Clock, in_flight: int, per_second: float, c
         gate.enter(None)
 
 
+@pytest.mark.parametrize("busy", [False, True], ids=["idle", "busy"])
+def test_a_call_whose_deadline_has_passed_is_deadline_exceeded_not_overloaded(busy):
+    """Its own deadline ends it, idle or under load: DEADLINE_EXCEEDED, never 'overloaded'."""
+    clock = Clock()
+    gate = _serving(clock)
+    if busy:
+        _measure(gate, clock, in_flight=4, per_second=200.0, calls=100)
+    for time_left_s in (0.0, -1e-6, -5.0):
+        with pytest.raises(errors.DeadlineExceeded, match="deadline passed before it was admitted"):
+            gate.enter(time_left_s)
+    assert gate.inflight == (4 if busy else 0)  # nothing was let in
+
+
 def test_a_deadline_shorter_than_the_work_in_flight_is_refused_at_once():
     clock = Clock()
     gate = _serving(clock)
