@@ -22,7 +22,11 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
                    help="strict pads every batch to the max batch size (bitwise-identical outputs)")
     p.add_argument("--model-control", choices=["none", "poll", "explicit"],
                    help="none (default): load once; poll: rescan the repository (hot reload); "
-                        "explicit: Load/Unload/ReloadConfig RPCs")
+                        "explicit: Load/Unload/ReloadConfig RPCs (needs a bearer token, "
+                        "QUORUM_AUTH_TOKEN_FILE or QUORUM_AUTH_TOKEN, or --allow-unauthenticated-control)")
+    p.add_argument("--allow-unauthenticated-control", action="store_true", default=None,
+                   help="with --model-control explicit and no token, start anyway (and warn): anyone who "
+                        "reaches the port may load, unload and reconfigure models")
     p.add_argument("--poll-interval", type=float, dest="poll_interval_s",
                    help="seconds between repository scans with --model-control poll (default 2)")
     p.add_argument("--strict-readiness", action="store_true", default=None,

@@ -150,6 +150,9 @@ class QuorumServer:
         await self._server.start()  # readiness NOT_SERVING (liveness SERVING) while the models load
         log.info("gRPC on port %d (%s), %s engine, %s event loop", self.port, "TLS" if credentials else "plaintext",
                  self.engine, type(asyncio.get_running_loop()).__module__.partition(".")[0])
+        if self.settings.unauthenticated_control():  # allowed by --allow-unauthenticated-control only
+            log.warning("model control is explicit without a bearer token (--allow-unauthenticated-control): "
+                        "anyone who reaches the gRPC or HTTP port can load, unload and reconfigure models")
         self.http = await start_http(self.settings, self.api, token=self.settings.token(), observer=self.monitor,
                                      tracing=self.tracing)
         await self.manager.start()

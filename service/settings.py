@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.tls_files import check_tls_files
 
 BUNDLED_MODELS = Path(__file__).resolve().parent.parent / "models"
 
@@ -22,6 +24,16 @@ class Settings(BaseSettings):
     """HTTP/REST port: TF Serving's REST API and KServe v2 REST, beside gRPC (0 disables it)."""
     http_host: str = "0.0.0.0"
     """Address the HTTP/REST server binds."""
+    http_header_timeout_s: float = Field(75.0, gt=0)
+    """Seconds an HTTP connection has to send a whole request line and headers, from when
+    it opens or from its previous response; an idle keep-alive connection is closed after
+    as long (aiohttp's keepalive_timeout, which is both: it has no separate header timeout).
+    The connection is closed without an answer. Behind a load balancer that reuses
+    connections, keep it above the balancer's idle timeout (75: above 60 s of AWS ALB and
+    ingress-nginx)."""
+    http_body_timeout_s: float = Field(60.0, gt=0)
+    """Seconds an HTTP request has to send its whole body once its headers arrived: 408
+    beyond, and the connection is closed (a 64 MiB body needs about 1.1 MB/s)."""
     metrics_port: int = Field(8502, ge=0, le=65535)
     """HTTP port of the Prometheus /metrics endpoint (0 picks a free port)."""
     metrics_host: str = "0.0.0.0"
@@ -103,6 +115,11 @@ class Settings(BaseSettings):
     """Bearer token clients must send in `authorization` metadata (health and reflection stay open)."""
     auth_token_file: Path | None = None
     """File holding the bearer token (read once at start); wins over auth_token."""
+    allow_unauthenticated_control: bool = False
+    """Start with model_control=explicit and no auth_token(_file): any client that reaches
+    the gRPC or HTTP port may then load, unload and reconfigure models (one ReloadConfig
+    unloads every model it does not name). Off: such a server refuses to start; on, it
+    logs a warning at start."""
 
     workers: int = Field(1, ge=1)
     """Server processes sharing the gRPC and HTTP ports through SO_REUSEPORT (each loads every model;
@@ -143,6 +160,14 @@ class Settings(BaseSettings):
             raise ValueError(f"auth_token_file {str(value)!r} is empty")
         return value
 
+    @field_validator("tls_cert", "tls_key", "tls_client_ca", mode="before")
+    @classmethod
+    def _tls_path_not_empty(cls, value: object, info: ValidationInfo) -> object:
+        if isinstance(value, str) and not value.strip():
+            raise ValueError(f"{info.field_name} (QUORUM_{str(info.field_name).upper()}) is set but empty: "
+                             "give the path of a PEM file, or unset it")
+        return value
+
     @model_validator(mode="after")
     def _tls_complete(self) -> "Settings":
         """Settings that would weaken security refuse to start: no silent plaintext."""
@@ -152,7 +177,25 @@ class Settings(BaseSettings):
             raise ValueError("tls_key is set without tls_cert: give both, or neither for plaintext")
         if self.tls_client_ca and not self.tls_cert:
             raise ValueError("tls_client_ca is set without tls_cert and tls_key: mTLS needs TLS")
+        if self.tls_cert and self.tls_key:  # before any port is bound, one line naming the setting
+            check_tls_files(self.tls_cert, self.tls_key, self.tls_client_ca)
         return self
+
+    @model_validator(mode="after")
+    def _control_authenticated(self) -> "Settings":
+        """Explicit model control without a token only when asked for by name."""
+        if (self.model_control == "explicit" and not (self.auth_token or self.auth_token_file)
+                and not self.allow_unauthenticated_control):
+            raise ValueError(
+                "model_control is explicit but no auth_token or auth_token_file is set: anyone who reaches "
+                "the port could load, unload and reconfigure every model; set QUORUM_AUTH_TOKEN_FILE (or "
+                "QUORUM_AUTH_TOKEN), or pass --allow-unauthenticated-control "
+                "(QUORUM_ALLOW_UNAUTHENTICATED_CONTROL=true) if that is intended")
+        return self
+
+    def unauthenticated_control(self) -> bool:
+        """Explicit model control that anyone may call (allowed by allow_unauthenticated_control)."""
+        return self.model_control == "explicit" and not (self.auth_token or self.auth_token_file)
 
     def token(self) -> str | None:
         """The bearer token clients must send (the file wins), or None without authentication."""

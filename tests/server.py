@@ -53,6 +53,11 @@ class RunningServer:
         return self.process.wait(timeout=timeout)
 
 
+EXPLICIT_CONTROL = ["--model-control", "explicit", "--allow-unauthenticated-control"]
+"""`args` of a test server whose tests call the model-control RPCs without a bearer token:
+explicit control without a token refuses to start unless the flag says it is intended."""
+
+
 def wait_serving(server: RunningServer, timeout: float = 90, channel_factory=None) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:

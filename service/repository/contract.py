@@ -74,9 +74,39 @@ class EnsembleSpec:
                 "predicted_class_frequencies": tuple(frequencies.tolist())})})
 
 
-def _labels(labels: tuple[str, ...], limit: int = 8) -> str:
-    shown = ", ".join(labels[:limit])
-    return f"[{shown}{', ...' if len(labels) > limit else ''}]"
+MAX_LISTED = 20
+"""Most labels one contract problem lists; the rest are counted ("and N more")."""
+
+
+def _listed(items: list[str], limit: int) -> str:
+    """`[a, b, c]`, or `[a, b, and 7 more]` past `limit` items."""
+    rest = len(items) - min(len(items), limit)
+    return "[" + ", ".join(items[:limit] + ([f"and {rest} more"] if rest else [])) + "]"
+
+
+def _label_difference(name: str, labels: tuple[str, ...], first_name: str, first: tuple[str, ...]) -> str:
+    """The labels each of two members predicts and the other does not, each at its index in
+    its member's list, at most MAX_LISTED of them shown in all."""
+    theirs, ours = set(first), set(labels)
+    extra = [f"{label!r} at {i}" for i, label in enumerate(labels) if label not in theirs]
+    missing = [f"{label!r} at {i}" for i, label in enumerate(first) if label not in ours]
+    shown_extra = min(len(extra), max(MAX_LISTED // 2, MAX_LISTED - len(missing)))
+    shown_missing = min(len(missing), MAX_LISTED - shown_extra)
+    parts = []
+    if extra:
+        parts.append(f"predicts labels that '{first_name}' does not: {_listed(extra, shown_extra)}")
+    if missing:
+        parts.append(f"lacks labels that '{first_name}' predicts: {_listed(missing, shown_missing)}")
+    return f"member '{name}' " + " and ".join(parts)
+
+
+def _repeats(name: str, labels: tuple[str, ...]) -> str:
+    """The labels a member lists more than once, each with the indices it is at."""
+    at: dict[str, list[int]] = {}
+    for i, label in enumerate(labels):
+        at.setdefault(label, []).append(i)
+    repeated = [f"{label!r} at {_listed([str(i) for i in where], 5)}" for label, where in at.items() if len(where) > 1]
+    return f"member '{name}' repeats labels: {_listed(repeated, MAX_LISTED)}"
 
 
 def _row(spec: TensorSpec) -> str:
@@ -105,10 +135,9 @@ def check_ensemble(ensemble: str, members: Mapping[str, VariantManifest | str | 
     reference = set(first.labels)
     for name, m in manifests.items():
         if name != first_name and set(m.labels) != reference:
-            problems.append(f"member '{name}' predicts labels {_labels(m.labels)} but "
-                            f"'{first_name}' predicts {_labels(first.labels)}")
+            problems.append(_label_difference(name, m.labels, first_name, first.labels))
         if len(set(m.labels)) != len(m.labels):
-            problems.append(f"member '{name}' repeats a label in {_labels(m.labels)}")
+            problems.append(_repeats(name, m.labels))
         if name != first_name and (m.input.dtype, m.input.shape[1:]) != (first.input.dtype, first.input.shape[1:]):
             problems.append(f"member '{name}' takes input {_row(m.input)} per row but "
                             f"'{first_name}' takes {_row(first.input)}")

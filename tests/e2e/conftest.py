@@ -66,7 +66,7 @@ def _same_engine(request, grpc_engine):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, request, grpc_engine):
-    """A module may set SERVER_ARGS (e.g. ["--model-control", "explicit"]) for its server, and
+    """A module may set SERVER_ARGS (e.g. tests/server.py EXPLICIT_CONTROL) for its server, and
     SERVER_REPOSITORY (tests/helpers.py MODELS, say) to serve another than the default."""
     with module_server(tmp_path_factory, request.module.__name__.rpartition(".")[2],
                        repository=getattr(request.module, "SERVER_REPOSITORY", None),

@@ -23,6 +23,7 @@ from service._proto.quorum.v1 import ensemble_pb2_grpc as pb_grpc
 from tests.e2e.contract_models import narrow_member, permuted_member, relabelled_member
 from tests.e2e.fixtures import as_text, module_server
 from tests.helpers import copy_variant
+from tests.server import EXPLICIT_CONTROL
 
 MEMBERS = ["digits_mlp_a", "digits_cnn_a", "digits_logreg"]
 ORDER = np.random.default_rng(7).permutation(10)  # class j of the permuted member = class ORDER[j]
@@ -34,7 +35,10 @@ ENSEMBLES = {
     "narrow": ["digits_mlp_a", "digits_narrow"],
 }
 BROKEN = {
-    "mismatched": ["member 'digits_relabelled' predicts labels [c0, c1, c2", "'digits_mlp_a' predicts [0, 1, 2"],
+    "mismatched": ["member 'digits_relabelled' predicts labels that 'digits_mlp_a' does not: "
+                   "['c0' at 0, 'c1' at 1, 'c2' at 2, 'c3' at 3, 'c4' at 4, 'c5' at 5, 'c6' at 6, 'c7' at 7, "
+                   "'c8' at 8, 'c9' at 9] and lacks labels that 'digits_mlp_a' predicts: "
+                   "['0' at 0, '1' at 1, '2' at 2, '3' at 3, '4' at 4, '5' at 5, '6' at 6, '7' at 7, '8' at 8, '9' at 9]"],
     "ghost": ["member 'digits_nonexistent' is not in the repository"],
     "narrow": ["member 'digits_narrow' takes input float32 [32] per row but 'digits_mlp_a' takes float32 [64]"],
 }
@@ -60,7 +64,7 @@ def server(tmp_path_factory, repo, grpc_engine):
     # Broken ensembles are in this repository on purpose: wait for the good ones, not for
     # overall readiness (which, by default, one bad model does not decide either way here).
     with module_server(tmp_path_factory, "contract", repository=repo, wait=False,
-                       args=["--model-control", "explicit"]) as s:
+                       args=EXPLICIT_CONTROL) as s:
         wait_ready(s, ["aligned", "permuted"])
         yield s
 
@@ -234,7 +238,8 @@ def test_new_member_version_that_breaks_the_contract_is_refused_and_the_old_one_
         [entry] = [m for m in client.get_model_repository_index(as_json=True)["models"]
                    if m["name"] == "digits_logreg" and m.get("version") == "2"]
         assert entry["state"] == "UNAVAILABLE" and "refused: it would break ensemble '" in entry["reason"], entry
-        assert "member 'digits_logreg' predicts labels [c0, c1" in entry["reason"]
+        assert "member 'digits_logreg' predicts labels that 'digits_mlp_a' does not: ['c0' at 0, 'c1' at 1" \
+            in entry["reason"]
         assert client.is_model_ready("digits_logreg", "1") and client.is_model_ready("aligned")
         after = _infer(client, "aligned", test_split[0][:16])
         np.testing.assert_array_equal(after["class_index"], before["class_index"])

@@ -30,7 +30,7 @@ from tritonclient.utils import InferenceServerException
 from tests.e2e.fixtures import ENSEMBLE, MEMBER, Reference, repository_models
 from tests.e2e.traffic import GoodClient
 from tests.helpers import MODELS, copy_variant
-from tests.server import RunningServer, running_server
+from tests.server import EXPLICIT_CONTROL, RunningServer, running_server
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -100,7 +100,7 @@ def test_control_rpcs_refused_by_default(tmp_path, test_split):
 # -- explicit control: a bad reload config changes nothing; an unloaded member --------------------
 def test_reload_config_naming_an_unknown_model_changes_nothing(tmp_path, test_split):
     repo = _repo(tmp_path)
-    with running_server(tmp_path, repo, args=["--model-control", "explicit"]) as server, \
+    with running_server(tmp_path, repo, args=EXPLICIT_CONTROL) as server, \
             grpc.insecure_channel(server.address) as channel:
         good = _good(server, test_split, MEMBER)  # the ensembles lose a member below
         client = grpcclient.InferenceServerClient(server.address)

@@ -249,7 +249,8 @@ def _serve_refused(env: dict[str, str]) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("case", ["empty-token", "blank-token", "empty-token-file", "missing-token-file",
-                                  "cert-without-key", "key-without-cert", "client-ca-without-cert"])
+                                  "cert-without-key", "key-without-cert", "client-ca-without-cert",
+                                  "explicit-control-without-token"])
 def test_weakening_settings_refuse_to_start(tmp_path, pki, case):
     empty = tmp_path / "empty-token"
     empty.write_text("\n")
@@ -261,6 +262,7 @@ def test_weakening_settings_refuse_to_start(tmp_path, pki, case):
         "cert-without-key": ({"QUORUM_TLS_CERT": str(pki.server.cert)}, "tls_cert"),
         "key-without-cert": ({"QUORUM_TLS_KEY": str(pki.server.key)}, "tls_key"),
         "client-ca-without-cert": ({"QUORUM_TLS_CLIENT_CA": str(pki.ca.cert)}, "tls_client_ca"),
+        "explicit-control-without-token": ({"QUORUM_MODEL_CONTROL": "explicit"}, "model_control"),
     }[case]
     done = _serve_refused(env)
     assert done.returncode == 2, done.stderr[-2000:]

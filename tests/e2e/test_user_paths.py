@@ -24,7 +24,7 @@ from service._proto.quorum.v1 import ensemble_pb2_grpc as pb_grpc
 from service.runtimes.devices import gpu_count
 from tests.e2e.fixtures import module_server
 from tests.helpers import MODELS, copy_variant
-from tests.server import running_server
+from tests.server import EXPLICIT_CONTROL, running_server
 
 QUEUE_MODEL = "digits_cnn_one_slot"  # a member copy whose queue holds one request
 PLACED_MODEL = "digits_logreg_on_gpu"  # QUORUM_DEVICE_OVERRIDES asks a GPU for it
@@ -43,7 +43,7 @@ def repo(tmp_path_factory, grpc_engine):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, repo, grpc_engine):
-    with module_server(tmp_path_factory, "user-paths", repository=repo, args=["--model-control", "explicit"],
+    with module_server(tmp_path_factory, "user-paths", repository=repo, args=EXPLICIT_CONTROL,
                        env={"QUORUM_DEVICE_OVERRIDES": json.dumps({PLACED_MODEL: "gpu"}),
                             "QUORUM_MAX_REQUEST_ROWS": str(MAX_ROWS)}) as s:
         yield s

@@ -16,9 +16,12 @@ from tests.e2e.fixtures import ENSEMBLE
 class GoodClient(threading.Thread):
     """Valid requests in a loop over its own connections, each answer checked."""
 
-    def __init__(self, address: str, pixels: np.ndarray, expected: np.ndarray, model: str = ENSEMBLE) -> None:
+    def __init__(self, address: str, pixels: np.ndarray, expected: np.ndarray, model: str = ENSEMBLE,
+                 token: str | None = None) -> None:
         super().__init__(daemon=True, name="good-client")
         self.address, self.pixels, self.expected, self.model = address, pixels, expected, model
+        self.token = token
+        """The bearer token of a server that asks for one."""
         self.stopping = threading.Event()
         self.successes = 0
         self.failures: list[str] = []
@@ -33,14 +36,17 @@ class GoodClient(threading.Thread):
         request.output_filter.append("class_index")
         tensor = grpcclient.InferInput("pixels", list(self.pixels.shape), "FP32")
         tensor.set_data_from_numpy(self.pixels)
+        metadata = [("authorization", f"Bearer {self.token}")] if self.token else None
         i = 0
         try:
             while not self.stopping.is_set():
                 try:
                     if i % 2:
-                        got = tf.make_ndarray(tf_stub.Predict(request, timeout=30).outputs["class_index"])
+                        got = tf.make_ndarray(tf_stub.Predict(request, timeout=30, metadata=metadata)
+                                              .outputs["class_index"])
                     else:
-                        got = triton.infer(self.model, [tensor], client_timeout=30).as_numpy("class_index")
+                        got = triton.infer(self.model, [tensor], client_timeout=30,
+                                           headers=dict(metadata) if metadata else None).as_numpy("class_index")
                     if not np.array_equal(got, self.expected):
                         self.failures.append(f"request {i}: wrong answer {got}")
                     else:

@@ -204,7 +204,9 @@ def test_ensemble_create_refuses_members_with_other_labels(repo, data) -> None:
     assert done.returncode == 1
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith("quorum ensemble create: error: ensemble 'mixed': ")
-    assert "member 'digits_logreg' predicts labels [0, 1, 2" in line and "'pipeline' predicts [benign, malignant]" in line
+    assert ("member 'digits_logreg' predicts labels that 'pipeline' does not: ['0' at 0, '1' at 1, '2' at 2, "
+            "'3' at 3, '4' at 4, '5' at 5, '6' at 6, '7' at 7, '8' at 8, '9' at 9] and lacks labels that "
+            "'pipeline' predicts: ['benign' at 0, 'malignant' at 1]") in line
     assert "member 'digits_logreg' takes input float32 [64] per row but 'pipeline' takes float32 [30]" in line
     assert not (other / "mixed").exists()
 

@@ -190,7 +190,8 @@ async def test_without_an_objective_a_member_that_comes_back_votes_before_the_ne
         scratch_repo, test_split):
     x, _ = test_split
     members = ["digits_mlp_a", "digits_cnn_a", "digits_logreg"]
-    data = await _plane(_repo(scratch_repo, members, None), model_control="explicit")
+    data = await _plane(_repo(scratch_repo, members, None), model_control="explicit",
+                        allow_unauthenticated_control=True)
     await data.manager.unload_model("digits_logreg")
     await data.evaluate_objectives()  # the selection now holds the two members serving
     assert data.tracker("slo").selected.members == ("digits_mlp_a", "digits_cnn_a")
@@ -204,7 +205,8 @@ async def test_without_an_objective_a_member_that_comes_back_votes_before_the_ne
 async def test_a_member_that_stops_or_starts_serving_is_chosen_anew_by_the_next_request(scratch_repo, test_split):
     x, _ = test_split
     members = ["digits_mlp_a", "digits_cnn_a", "digits_logreg"]
-    data = await _plane(_repo(scratch_repo, members, "  latency_p99_ms: 60000\n"), model_control="explicit")
+    data = await _plane(_repo(scratch_repo, members, "  latency_p99_ms: 60000\n"), model_control="explicit",
+                        allow_unauthenticated_control=True)
     tracker = data.tracker("slo")
 
     def considered() -> set[str]:

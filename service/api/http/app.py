@@ -11,6 +11,7 @@ on /v2 infer.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -24,6 +25,7 @@ from aiohttp import web
 
 from service.api.context import ApiContext
 from service.api.http import errors as http_errors
+from service.api.http.json_depth import MAX_DEPTH, nested_deeper_than
 from service.api.interceptors import RpcObserver
 from service.api.request_scope import MAX_CLIENT_ID, REQUEST_ID_KEY, RequestScope, new_request_id
 from service.errors import InvalidInput, QuorumError, Unauthenticated
@@ -35,6 +37,7 @@ log = logging.getLogger(__name__)
 OPEN_PATHS = ("/v2/health/",)
 API = web.AppKey("api", ApiContext)
 MAX_BODY = web.AppKey("max_body", int)
+BODY_TIMEOUT = web.AppKey("body_timeout_s", float)
 SERVICERS = web.AppKey("servicers", dict)
 """The gRPC servicers whose answers the REST routes reuse, by protocol."""
 _TIMEOUT = re.compile(r"^(\d{1,8})([HMSmun])$")
@@ -70,17 +73,32 @@ def deadline(request: web.Request, timeout_us: Any = None) -> float | None:
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
-    """The whole body, refused with 413 before reading when Content-Length says it is too large."""
+    """The whole body, refused with 413 before reading when Content-Length says it is too large,
+    and with 408 when it has not all arrived within the body timeout (http_body_timeout_s)."""
     if request.content_length is not None and request.content_length > limit:
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
-    return await request.read()  # aiohttp stops at client_max_size (413) on chunked bodies too
+    timeout = request.app.get(BODY_TIMEOUT)
+    try:
+        async with asyncio.timeout(timeout):
+            return await request.read()  # aiohttp stops at client_max_size (413) on chunked bodies too
+    except TimeoutError:
+        raise web.HTTPRequestTimeout(
+            text=f"request body not received in full within {timeout:g} s (http_body_timeout_s)") from None
 
 
 def parse_json(data: bytes | memoryview, what: str = "request body") -> Any:
+    """The parsed document, or InvalidInput (400): not JSON, or nested deeper than MAX_DEPTH
+    (checked before parsing: json recurses per level)."""
+    data = bytes(data) if isinstance(data, memoryview) else data
+    too_deep = f"{what} nests arrays and objects deeper than the limit of {MAX_DEPTH} levels"
+    if nested_deeper_than(data, MAX_DEPTH):
+        raise InvalidInput(too_deep)
     try:
-        return json.loads(bytes(data) if isinstance(data, memoryview) else data)
+        return json.loads(data)
     except (UnicodeDecodeError, ValueError) as exc:
         raise InvalidInput(f"{what} is not valid JSON: {exc}") from None
+    except RecursionError:  # not reached: the scan above refuses such a document first
+        raise InvalidInput(too_deep) from None
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -105,7 +123,8 @@ def bearer_matches(header: str, token: bytes) -> bool:
 
 
 def make_app(api: ApiContext, *, max_body_bytes: int, token: str | None = None,
-             observer: RpcObserver | None = None, tracing: Tracing | None = None) -> web.Application:
+             observer: RpcObserver | None = None, tracing: Tracing | None = None,
+             body_timeout_s: float | None = None) -> web.Application:
     from service.api.http import tfserving, v2
 
     secret = token.encode() if token else None
@@ -131,7 +150,10 @@ def make_app(api: ApiContext, *, max_body_bytes: int, token: str | None = None,
         response = None
         try:
             if secret is not None and not request.path.startswith(OPEN_PATHS):
-                if not bearer_matches(request.headers.get("Authorization", ""), secret):
+                sent = request.headers.getall("Authorization", [])
+                if len(sent) > 1:  # as on gRPC: several are refused rather than one picked
+                    raise Unauthenticated(f"{len(sent)} 'Authorization' headers: send exactly one bearer token")
+                if not bearer_matches(sent[0] if sent else "", secret):
                     raise Unauthenticated("missing or invalid bearer token in the 'Authorization' header")
             response = await handler(request)
             status = response.status
@@ -151,6 +173,8 @@ def make_app(api: ApiContext, *, max_body_bytes: int, token: str | None = None,
             if status == 413:
                 message = f"request body larger than the limit of {max_body_bytes} bytes (max_message_bytes)"
             response = error_response(code, message, status)
+            if status == 408:  # the rest of the body is not waited for: the connection closes
+                response.force_close()
             return response
         except Exception as exc:  # a bug: logged, 500, the server lives on
             log.exception("internal error in %s %s", request.method, request.path, exc_info=exc)
@@ -167,6 +191,8 @@ def make_app(api: ApiContext, *, max_body_bytes: int, token: str | None = None,
 
     app = web.Application(middlewares=[front], client_max_size=max_body_bytes)
     app[API], app[MAX_BODY], app[SERVICERS] = api, max_body_bytes, {}
+    if body_timeout_s is not None:
+        app[BODY_TIMEOUT] = body_timeout_s
     v2.add_routes(app)
     tfserving.add_routes(app)
     return app
@@ -175,8 +201,15 @@ def make_app(api: ApiContext, *, max_body_bytes: int, token: str | None = None,
 class HttpServer:
     """Starts and drains the HTTP front beside the gRPC server, on the same loop."""
 
-    def __init__(self, app: web.Application, grace_s: float) -> None:
-        self._runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=grace_s)
+    def __init__(self, app: web.Application, grace_s: float, header_timeout_s: float | None = None) -> None:
+        # aiohttp has no header timeout of its own: its keep-alive timer, armed when a connection
+        # opens and after each response, closes a connection whose request has not fully arrived.
+        timeouts: dict[str, Any] = {} if header_timeout_s is None else {"keepalive_timeout": header_timeout_s}
+        body_timeout = app.get(BODY_TIMEOUT)
+        if body_timeout is not None:  # reading the rest of a refused body takes no longer than a body
+            timeouts["lingering_time"] = min(10.0, body_timeout)
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=grace_s,
+                                     **timeouts)
         self._grace_s = grace_s
         self.port: int | None = None
 
@@ -210,8 +243,9 @@ async def start_http(settings: Settings, api: ApiContext, *, token: str | None,
     None when http_port is 0. With --workers, every worker binds it with SO_REUSEPORT."""
     if not settings.http_port:
         return None
-    app = make_app(api, max_body_bytes=settings.max_message_bytes, token=token, observer=observer, tracing=tracing)
-    server = HttpServer(app, grace_s=settings.grace_period_s)
+    app = make_app(api, max_body_bytes=settings.max_message_bytes, token=token, observer=observer, tracing=tracing,
+                   body_timeout_s=settings.http_body_timeout_s)
+    server = HttpServer(app, grace_s=settings.grace_period_s, header_timeout_s=settings.http_header_timeout_s)
     tls = None
     if settings.tls_cert and settings.tls_key:
         tls = ssl_context(str(settings.tls_cert), str(settings.tls_key),
