@@ -416,9 +416,13 @@ class DataPlane:
 
 
     # -- metadata --------------------------------------------------------------------------
-    def info(self, model: str) -> ModelInfo:
+    def info(self, model: str, version: int | None = None) -> ModelInfo:
         """The model's metadata; built once per serving state (every request asks). An
-        ensemble's is its own, derived and checked when it loaded (its EnsembleSpec)."""
+        ensemble's is its own, derived and checked when it loaded (its EnsembleSpec).
+        With `version`: ModelNotFound first when the model has no such version (the fronts
+        ask before reading a request's inputs, so that an unknown version is NOT_FOUND)."""
+        if version:
+            self.manager.check_known(model, version)
         ensemble = self.manager.ensemble(model)
         if ensemble is not None:
             spec = self._ready_spec(model, ensemble)

@@ -34,7 +34,7 @@ class EnsembleServicer(pb_grpc.EnsembleServiceServicer):
 
     async def Predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext) -> pb.PredictResponse:
         start = time.perf_counter()
-        info = self.api.data.info(request.model)
+        info = self.api.data.info(request.model, request.version or None)  # NOT_FOUND before the inputs
         what = f"model '{request.model}' inputs"
         try:
             dtype = from_v2(request.inputs.dtype)
@@ -122,7 +122,8 @@ class EnsembleServicer(pb_grpc.EnsembleServiceServicer):
         serving = model.serving()
         for version, served in sorted(model.versions.items()):
             status.versions.add(version=version, state=VERSION_STATE[served.state], device=served.device,
-                                framework=served.runtime.framework, serving=served is serving)
+                                framework=served.runtime.framework, serving=served is serving,
+                                copied_from=served.copied_from)
         for version, error in sorted(model.failed.items()):
             status.versions.add(version=version, state=pb.VERSION_STATE_FAILED, reason=error)
         status.members.append(name)

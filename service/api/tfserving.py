@@ -51,11 +51,12 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     async def Predict(self, request: predict_pb2.PredictRequest, context: grpc.aio.ServicerContext) -> predict_pb2.PredictResponse:
         spec = request.model_spec
         self._signature(spec)
-        info = self.api.data.info(spec.name)  # NOT_FOUND before the inputs are decoded
+        version = self._version(spec)
+        info = self.api.data.info(spec.name, version)  # NOT_FOUND before the inputs are decoded
         check_declared(info, {k: tensorproto.declared(v, k) for k, v in request.inputs.items()})
         limit = self.api.manager.settings.max_message_bytes
         inputs = {k: tensorproto.decode(v, k, limit) for k, v in request.inputs.items()}
-        answer = await inference.infer(self.api, spec.name, inputs, version=self._version(spec),
+        answer = await inference.infer(self.api, spec.name, inputs, version=version,
                                        deadline=deadline_of(context), outputs=list(request.output_filter), info=info)
         response = predict_pb2.PredictResponse()
         response.model_spec.name = spec.name
@@ -67,10 +68,11 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
 
     async def _classify(self, spec, request_input, deadline: float | None) -> tuple[int, list[list[tuple[str, float]]]]:
         self._signature(spec)
-        info = self.api.data.info(spec.name)
+        version = self._version(spec)
+        info = self.api.data.info(spec.name, version)
         rows = _examples_to_rows(request_input, info)
         answer = await inference.infer(self.api, spec.name, {info.input.name: rows},
-                                       version=self._version(spec), deadline=deadline, outputs=["probabilities"])
+                                       version=version, deadline=deadline, outputs=["probabilities"])
         return answer.result.version, classifications(answer)
 
     async def Classify(self, request: classification_pb2.ClassificationRequest,
@@ -115,8 +117,9 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         spec = request.model_spec
         if list(request.metadata_field) != ["signature_def"]:
             raise InvalidInput(f"metadata_field must be ['signature_def'], got {list(request.metadata_field)}")
-        info = self.api.data.info(spec.name)
-        version = self._version(spec) or (info.versions[-1] if info.versions else 1)
+        wanted = self._version(spec)
+        info = self.api.data.info(spec.name, wanted)  # NOT_FOUND for an unknown model or version
+        version = wanted or (info.versions[-1] if info.versions else 1)
         response = get_model_metadata_pb2.GetModelMetadataResponse()
         response.model_spec.name = spec.name
         response.model_spec.version.value = version
@@ -207,6 +210,8 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
         name = request.model_spec.name
         response = get_model_status_pb2.GetModelStatusResponse()
         manager = self.api.manager
+        wanted = request.model_spec.version.value if request.model_spec.HasField("version") else None
+        manager.check_known(name, wanted)  # NOT_FOUND for an unknown model or version
         if manager.ensemble(name) is not None:
             ready = manager.is_ready(name)
             status = response.model_version_status.add(
@@ -215,7 +220,6 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
             status.status.error_message = manager.ensemble_problem(name)
             return response
         statuses = manager.statuses(name)
-        wanted = request.model_spec.version.value if request.model_spec.HasField("version") else None
         if wanted:
             statuses = [s for s in statuses if s.version == wanted]
         if not statuses:

@@ -18,7 +18,7 @@ from service.api.limits import short
 from service.codecs import v2 as codec
 from service.codecs.v2_response import encode_raw_response
 from service.outputs import outputs_of
-from service.errors import InvalidInput, ModelNotFound, QuorumError, Unimplemented
+from service.errors import InvalidInput, ModelNotReady, QuorumError, Unimplemented
 from service.monitoring.statistics import ModelStats
 from service.repository.manager import State
 
@@ -42,10 +42,8 @@ def _data_type(dtype) -> int:
 def model_config(api: ApiContext, name: str, version: int | None) -> mc.ModelConfig:
     """Triton's view of a model: batch size, tensors without the batch dimension, the
     batcher, where its instances run, and for an ensemble its members as steps."""
-    info = api.data.info(name)
+    info = api.data.info(name, version)  # NOT_FOUND for an unknown model or version
     ensemble = info.kind == "ensemble"
-    if ensemble and version not in (None, 1):
-        raise ModelNotFound(f"ensemble '{name}' has no version {version} (only version 1)")
     served = None if ensemble else api.manager.resolve(name, version)
     config = mc.ModelConfig(
         name=name, platform="ensemble" if served is None else PLATFORM[served.runtime.framework],
@@ -145,6 +143,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=self.api.ready())
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext | None) -> pb.ModelReadyResponse:
+        self.api.manager.check_known(request.name, _version(request.version))  # NOT_FOUND, not "not ready"
         ready = self.api.manager.is_ready(request.name)
         if ready and _version(request.version) and self.api.manager.ensemble(request.name) is not None:
             ready = int(request.version) == 1  # an ensemble has only version 1, as its metadata says
@@ -159,7 +158,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             extensions=["model_repository", "statistics", "ensemble_voting"])
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext | None) -> pb.ModelMetadataResponse:
-        info = self.api.data.info(request.name)
+        version = _version(request.version)
+        info = self.api.data.info(request.name, version)  # NOT_FOUND for an unknown model or version
+        if version and version not in info.versions:  # known: loading, or failed to load
+            raise ModelNotReady(f"model '{request.name}' version {version} is not loaded")
         platform = PLATFORM["ensemble"] if info.kind == "ensemble" else PLATFORM[
             self.api.manager.resolve(request.name).runtime.framework]
         classes = len(info.labels)
@@ -183,10 +185,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return _response(request, answer, raw=False)
 
     async def _answer(self, request: pb.ModelInferRequest, deadline: float | None) -> inference.Answer:
-        info = self.api.data.info(request.model_name)  # NOT_FOUND before the inputs are decoded
+        version = _version(request.model_version)
+        info = self.api.data.info(request.model_name, version)  # NOT_FOUND before the inputs are decoded
         check_declared(info, codec.declared_inputs(request))  # before decoding anything
         return await inference.infer(
-            self.api, request.model_name, codec.decode_inputs(request), version=_version(request.model_version),
+            self.api, request.model_name, codec.decode_inputs(request), version=version,
             deadline=deadline, outputs=[o.name for o in request.outputs], request_id=request.id, info=info,
             declared_checked=True)
 
@@ -243,6 +246,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         wanted = _version(request.version)
         if request.name and not (request.name in self.api.manager.variants or self.api.manager.ensemble(request.name)):
             self.api.data.info(request.name)  # raises NOT_FOUND with the usual message
+        if request.name and wanted:
+            self.api.manager.check_known(request.name, wanted)
         recorded = self.api.statistics.models
         # Every serving model version and every ready ensemble is listed, at zero before its
         # first request, as Triton lists them; and whatever has counts (retired versions too).

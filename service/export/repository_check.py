@@ -9,7 +9,7 @@ from pathlib import Path
 from service.errors import ModelLoadError
 from service.repository.config import load_ensemble_config, load_model_config
 from service.repository.contract import EnsembleContractError, check_ensemble
-from service.repository.manifest import VariantManifest, load_manifest
+from service.repository.manifest import VariantManifest, load_version_manifest
 from service.repository.scan import ModelEntry, scan_model, valid_model_name
 
 
@@ -23,6 +23,8 @@ class ModelReport:
     """What the server would refuse, and why."""
     ignored: str = ""
     """Why the server would not even see this folder as a model."""
+    notes: list[str] = field(default_factory=list)
+    """What the server serves differently from what a manifest says (a copied version folder)."""
 
 
 def check_artifact(folder: Path, manifest: VariantManifest) -> None:
@@ -53,9 +55,11 @@ def check_artifact(folder: Path, manifest: VariantManifest) -> None:
         raise ModelLoadError(str(folder), f"manifest output '{manifest.output.name}' not in graph outputs {outputs}")
 
 
-def served_manifest(entry: ModelEntry) -> tuple[VariantManifest | str, list[str], int | None]:
+def served_manifest(entry: ModelEntry, notes: list[str] | None = None
+                    ) -> tuple[VariantManifest | str, list[str], int | None]:
     """(the newest served version's manifest, or why there is none; problems of every version
-    the policy wants; that model's max batch size from model.yaml, if set)."""
+    the policy wants; that model's max batch size from model.yaml, if set). Copied version
+    folders, served as the folder's name and version, are added to `notes`."""
     try:
         config = load_model_config(entry.path)
     except ModelLoadError as exc:
@@ -70,11 +74,11 @@ def served_manifest(entry: ModelEntry) -> tuple[VariantManifest | str, list[str]
     for version in wanted:
         folder = entry.path / str(version)
         try:
-            manifest = load_manifest(folder)
-            if manifest.name != entry.name or manifest.version != version:
-                raise ModelLoadError(str(folder), f"manifest names {manifest.name} version "
-                                     f"{manifest.version}, but the folder is {entry.name}/{version}")
+            manifest, copied_from = load_version_manifest(folder)
             check_artifact(folder, manifest)
+            if copied_from and notes is not None:
+                notes.append(f"{entry.name}/{version} is a copy of {copied_from}: served as {entry.name} "
+                             f"version {version}")
             good[version] = manifest
         except ModelLoadError as exc:
             problems.append(str(exc))
@@ -113,7 +117,7 @@ def check_repository(root: Path) -> list[ModelReport]:
             continue
         report = ModelReport(entry.name, entry.kind)
         if entry.kind == "variant":
-            manifest, problems, _ = served_manifest(entry)
+            manifest, problems, _ = served_manifest(entry, report.notes)
             report.refused += problems
             if not isinstance(manifest, str):
                 report.served.append(f"version {manifest.version} ({manifest.framework}, "

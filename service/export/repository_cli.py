@@ -68,6 +68,8 @@ def validate(args: argparse.Namespace) -> int:
         print(f"{status:7}  {report.name} ({report.kind}){': ' + '; '.join(report.served) if report.served else ''}")
         for why in report.refused:
             print(f"         refused: {why}")
+        for note in report.notes:
+            print(f"         note: {note}")
         refused += bool(report.refused)
     print(f"{len([r for r in reports if not r.ignored])} models, {refused} with something the server would refuse")
     return 1 if refused else 0

@@ -31,7 +31,7 @@ from service.errors import (
 from service.repository.config import (
     Batching, EnsembleConfig, ModelConfig, load_ensemble_config, load_model_config)
 from service.repository.contract import EnsembleContractError, EnsembleSpec, check_ensemble
-from service.repository.manifest import VariantManifest, load_manifest
+from service.repository.manifest import VariantManifest, load_version_manifest
 from service.repository.scan import ModelEntry, scan_model, scan_repository, valid_model_name
 from service.runtimes import Runtime, RuntimeOptions, create_runtime
 from service.runtimes.devices import place
@@ -69,6 +69,9 @@ class ServedVersion:
     batcher: DynamicBatcher
     batching: BatchingConfig
     state: State = State.LOADING
+    copied_from: str = ""
+    """Provenance of a copied version folder: the model and version its manifest names
+    ("digits_mlp_a version 1"), when they are not the folder's; "" otherwise."""
     _leases: int = 0
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -389,21 +392,22 @@ class ModelManager:
 
     async def _load_version(self, model: VariantModel, version: int) -> None:
         folder = model.entry.path / str(version)
+        files = _fingerprint(folder)  # before reading: a folder still being copied in changes, and is retried
         try:
-            manifest = load_manifest(folder)
-            if manifest.name != model.entry.name or manifest.version != version:
-                raise ModelLoadError(str(folder), (
-                    f"manifest names {manifest.name} version {manifest.version}, "
-                    f"but the folder is {model.entry.name}/{version}"))
+            manifest, copied_from = load_version_manifest(folder)  # served as the folder's name and version
             self._check_new_member_version(manifest)
             served = await self._start_version(model, folder, manifest)
+            served.copied_from = copied_from
         except Exception as exc:  # a version that cannot load must never take the server down
             model.failed[version] = str(exc)
-            model.failed_files[version] = _fingerprint(folder)
+            model.failed_files[version] = files
             self._report(f"{model.entry.name}/{version}", version,
                          f"failed to load {model.entry.name} version {version}: {exc}", model=model.entry.name)
             return
         self._cleared(f"{model.entry.name}/{version}")
+        if served.copied_from:
+            log.info("%s/%d is a copy of %s (its variant.json says so): served as %s version %d",
+                     model.entry.name, version, served.copied_from, model.entry.name, version)
         model.versions[version] = served
         served.state = State.AVAILABLE  # routing switches here, in one step
         serving = model.serving()
@@ -663,6 +667,29 @@ class ModelManager:
         if served is None:
             raise ModelNotReady(f"model '{name}' has no version ready")
         return served
+
+    def check_known(self, name: str, version: int | None = None) -> None:
+        """ModelNotFound, naming the model (and the version), unless this server knows them:
+        a model or ensemble of the repository, and a version its policy selects on disk,
+        serves or failed to load (an ensemble has version 1 only). Every RPC and route that
+        names a model asks this first (404 over HTTP); a known model or version that is not
+        ready passes: the caller says it is not ready (UNAVAILABLE, 503)."""
+        if name in self.ensembles:
+            if version not in (None, 0, 1):
+                raise ModelNotFound(f"ensemble '{name}' has no version {version} (only version 1)")
+            return
+        model = self.variants.get(name)
+        if model is None:
+            if (name in self._config_errors or not self._synced) and valid_model_name(name) and scan_model(
+                    self.root, name) is not None:
+                return  # in the repository, not loaded (its model.yaml is broken, or still loading)
+            raise ModelNotFound(f"model '{name}' not found")
+        if not version:
+            return
+        known = model.config.version_policy.select(set(model.entry.versions)) | set(model.versions) | set(model.failed)
+        if version not in known:
+            raise ModelNotFound(f"model '{name}' has no version {version} "
+                                f"(versions: {', '.join(map(str, sorted(known))) or 'none'})")
 
     def ensemble(self, name: str) -> EnsembleModel | None:
         return self.ensembles.get(name)

@@ -227,3 +227,17 @@ def load_manifest(folder: Path) -> VariantManifest:
     if not (folder / manifest.artifact).exists():
         raise ManifestError(str(folder), "artifact", f"'{manifest.artifact}' is missing")
     return manifest
+
+
+def load_version_manifest(folder: Path) -> tuple[VariantManifest, str]:
+    """A version folder's manifest as it is served: the folder names the model (its parent's
+    name) and the version (its own name), as in TF Serving. A manifest that names another
+    model or version (a version folder copied to a new number, or to another model) is served
+    as the folder's; what it names is returned as provenance, "" when it names the folder."""
+    folder = Path(folder)
+    manifest = load_manifest(folder)
+    name, version = folder.parent.name, int(folder.name)
+    if (manifest.name, manifest.version) == (name, version):
+        return manifest, ""
+    origin = f"{manifest.name} version {manifest.version}"
+    return manifest.model_copy(update={"name": name, "version": version}), origin

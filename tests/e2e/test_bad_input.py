@@ -28,6 +28,7 @@ from tests.e2e.bad_requests import (
 from tests.e2e.fixtures import ENSEMBLE, MEMBER, Reference, module_server, repository_models
 from tests.e2e.traffic import GoodClient
 from tests.helpers import copy_variant, onnx_models
+from tests.server import EXPLICIT_CONTROL
 
 BOTH_ENGINES = True  # the subject is the transport (tests/e2e/conftest.py)
 
@@ -54,7 +55,7 @@ def layout(tmp_path_factory, grpc_engine):  # per engine: the load requests belo
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, layout, grpc_engine):
     with module_server(tmp_path_factory, "bad-input", repository=layout,
-                       args=["--model-control", "explicit"]) as s:  # the load requests below
+                       args=EXPLICIT_CONTROL) as s:  # the load requests below
         yield s
 
 
@@ -224,8 +225,12 @@ def test_garbage_bytes_in_a_stream(server, channel, pixels):
     assert server.health() == health_pb2.HealthCheckResponse.SERVING
 
 
-@pytest.mark.parametrize("timeout", [1e-4, 1e-6])
+@pytest.mark.parametrize("timeout", [1e-5, 1e-6])
 def test_expired_deadline(v2, pixels, timeout):
+    """Past before the server can admit the call (the good client keeps it busy meanwhile):
+    DEADLINE_EXCEEDED, never RESOURCE_EXHAUSTED. (100 us used to be here; on a busy server it
+    may arrive with time left and be refused for the load ahead: which status that deserves
+    is the priorities issue's.)"""
     code, message = code_of_call(v2.ModelInfer, infer_request(ENSEMBLE, pixels), timeout=timeout)
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED, message
 
@@ -255,7 +260,10 @@ def test_load_outside_repository_refused(client, layout, name):
     index = client.get_model_repository_index(as_json=True)["models"]
     assert {m["name"] for m in index} == repository_models(layout)
     assert all(m["state"] == "READY" for m in index)
-    assert not client.is_model_ready("etc") and not client.is_model_ready("escaped")
+    for outside in ("etc", "escaped"):  # not models of this server: NOT_FOUND
+        with pytest.raises(InferenceServerException) as err:
+            client.is_model_ready(outside)
+        assert err.value.status() == "StatusCode.NOT_FOUND", err.value
     assert (layout.parent / "etc" / "1" / "variant.json").exists()
 
 

@@ -14,8 +14,9 @@ from tritonclient.utils import InferenceServerException
 from service._proto.quorum.v1 import ensemble_pb2 as pb
 from service._proto.quorum.v1 import ensemble_pb2_grpc as pb_grpc
 from tests.e2e.fixtures import ENSEMBLE, MEMBER, Reference, as_text, repository_models, vote_temperatures
+from tests.server import EXPLICIT_CONTROL
 
-SERVER_ARGS = ["--model-control", "explicit"]  # the unload/load test below
+SERVER_ARGS = EXPLICIT_CONTROL  # the unload/load test below
 
 UNLOADED = "digits_logreg"  # the member the load/unload test takes away and brings back
 
@@ -57,9 +58,10 @@ def test_server_live_and_ready(client):
     for model in (ENSEMBLE, MEMBER):
         assert client.is_model_ready(model)
         assert client.is_model_ready(model, "1")
-    assert not client.is_model_ready(MEMBER, "7")
-    assert not client.is_model_ready(ENSEMBLE, "2")
-    assert not client.is_model_ready("no_such_model")
+    for model, version in ((MEMBER, "7"), (ENSEMBLE, "2"), ("no_such_model", "")):
+        with pytest.raises(InferenceServerException) as err:  # unknown, not "not ready" (Triton's client raises)
+            client.is_model_ready(model, version)
+        assert err.value.status() == "StatusCode.NOT_FOUND" and f"'{model}'" in err.value.message()
 
 
 def test_server_metadata(client):

@@ -99,10 +99,11 @@ def _rows(info: ModelInfo, body: dict[str, Any]) -> tuple[np.ndarray, bool]:
 
 async def predict(request: web.Request) -> web.Response:
     api, name = request.app[API], request.match_info["name"]
-    info = api.data.info(name)  # an unknown model is NOT_FOUND before its body is read
+    version = _version(request)
+    info = api.data.info(name, version)  # an unknown model or version is NOT_FOUND before its body is read
     body = await _body(request)
     rows, row_format = _rows(info, body)
-    answer = await inference.infer(api, name, {info.input.name: rows}, version=_version(request),
+    answer = await inference.infer(api, name, {info.input.name: rows}, version=version,
                                    deadline=deadline(request))
     values = {output: rest.json_values(array) for output, array in answer.tensors.items()}
     headers = _left_out(answer)
@@ -114,7 +115,8 @@ async def predict(request: web.Request) -> web.Response:
 
 async def classify(request: web.Request) -> web.Response:
     api, name = request.app[API], request.match_info["name"]
-    info = api.data.info(name)
+    version = _version(request)
+    info = api.data.info(name, version)
     body = await _body(request)
     examples, context = body.get("examples"), body.get("context") or {}
     if not isinstance(examples, list) or not examples or not all(isinstance(e, dict) for e in examples):
@@ -129,14 +131,15 @@ async def classify(request: web.Request) -> web.Response:
             raise InvalidInput(f"model '{name}': example {i} needs feature '{feature}'")
         values.append(merged[feature])
     rows = rest.tf_rows(f"model '{name}' feature '{feature}'", values, np.dtype(info.input.dtype))
-    answer = await inference.infer(api, name, {feature: rows}, version=_version(request),
+    answer = await inference.infer(api, name, {feature: rows}, version=version,
                                    deadline=deadline(request), outputs=["probabilities"])
     return json_response({"result": [[[label, score] for label, score in row] for row in classifications(answer)]},
                          headers=_left_out(answer))
 
 
 async def regress(request: web.Request) -> web.Response:
-    request.app[API].data.info(request.match_info["name"])  # an unknown model is NOT_FOUND first
+    # an unknown model or version is NOT_FOUND first
+    request.app[API].data.info(request.match_info["name"], _version(request))
     raise InvalidInput(regress_refusal(request.match_info["name"]))
 
 

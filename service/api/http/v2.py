@@ -17,7 +17,7 @@ from service.api import inference
 from service.api.http.app import API, MAX_BODY, SERVICERS, deadline, json_response, parse_json, read_body
 from service.api.v2 import InferenceServicer
 from service.codecs import rest
-from service.errors import InvalidInput, ModelNotFound
+from service.errors import InvalidInput
 
 if TYPE_CHECKING:  # the descriptors protobuf hands out at run time (upb's); types-protobuf tells them apart
     from google._upb._message import FieldDescriptor as UpbFieldDescriptor
@@ -79,8 +79,6 @@ async def server_metadata(request: web.Request) -> web.Response:
 async def model_metadata(request: web.Request) -> web.Response:
     name, version = request.match_info["name"], _version(request)
     answer = await _servicer(request).ModelMetadata(pb.ModelMetadataRequest(name=name, version=version), None)
-    if version and version not in answer.versions:
-        raise ModelNotFound(f"model '{name}' has no version {version} (versions: {', '.join(answer.versions)})")
     return json_response(to_json(answer))
 
 
@@ -148,7 +146,8 @@ async def trace_setting(request: web.Request) -> web.Response:
 
 async def infer(request: web.Request) -> web.Response:
     name = request.match_info["name"]
-    request.app[API].data.info(name)  # an unknown model is NOT_FOUND before its inputs are read
+    version = int(request.match_info.get("version", 0)) or None
+    request.app[API].data.info(name, version)  # an unknown model or version is NOT_FOUND before its inputs are read
     body = await read_body(request, request.app[MAX_BODY])
     header, binary = _split(request, body)
     doc = parse_json(header, "inference request header" if binary is not None else "request body")
@@ -163,7 +162,7 @@ async def infer(request: web.Request) -> web.Response:
     inputs = _inputs(doc.get("inputs"), binary)
     outputs, binary_out = _outputs(doc.get("outputs"), bool(parameters.get("binary_data_output", False)))
     answer = await inference.infer(
-        request.app[API], name, inputs, version=int(request.match_info.get("version", 0)) or None,
+        request.app[API], name, inputs, version=version,
         deadline=deadline(request, parameters.get("timeout")), outputs=list(outputs), request_id=request_id)
     result = answer.result
     response: dict[str, Any] = {"model_name": name, "model_version": str(result.version)}
