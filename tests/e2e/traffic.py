@@ -26,6 +26,15 @@ class GoodClient(threading.Thread):
         self.successes = 0
         self.failures: list[str] = []
 
+    def finish(self, min_successes: int = 1) -> None:
+        """Stop and check: nothing but right answers, and at least `min_successes` of them
+        (called at a module's end: an assertion here fails the module's last test)."""
+        self.stopping.set()
+        self.join(timeout=60)
+        assert not self.is_alive()
+        assert self.failures == []
+        assert self.successes >= min_successes
+
     def run(self) -> None:
         triton = grpcclient.InferenceServerClient(self.address)
         channel = grpc.insecure_channel(self.address)
