@@ -42,6 +42,7 @@ from service.monitoring.tracing import Tracing
 from service.monitoring.statistics import Statistics
 from service.repository.manager import ModelManager
 from service.settings import Settings
+from service.workers import WorkerBarrier
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,8 @@ class QuorumServer:
         self._health_task: asyncio.Task | None = None
         self._objectives_task: asyncio.Task | None = None
         self._stopping = asyncio.Event()
+        self._tls: grpc.ServerCredentials | None = None
+        self._opened = False  # the ports: a worker stopped before every worker loaded never opens them
 
     def _credentials(self) -> grpc.ServerCredentials | None:
         s = self.settings
@@ -114,9 +117,34 @@ class QuorumServer:
                                            require_client_auth=ca is not None)
 
     async def start(self) -> None:
+        """Alone, the ports open first (liveness SERVING, readiness NOT_SERVING while the models
+        load); as one of --workers N, they open once every worker has loaded (service/workers.py)."""
+        barrier = WorkerBarrier.from_env()
+        self._build_grpc()
+        if self.monitor:
+            self.monitor.watch_loop(self.watchdog)
+            self.metrics_port = self.monitor.start_http(self.settings.metrics_host, self.settings.metrics_port)
+            log.info("Prometheus /metrics on port %d", self.metrics_port)
+        self.watchdog.start()
+        if barrier is None:
+            await self._open_ports()
+            await self._load()
+        else:
+            await self._load()
+            if not await barrier.loaded_then_go(self._stopping):
+                log.info("stopped before every worker had loaded; the ports were never opened")
+                return
+            await self._open_ports()
+        await self._update_health()
+        self._health_task = asyncio.create_task(self._follow_health(), name="health")
+        self._objectives_task = asyncio.create_task(
+            self.api.data.run_objectives(self.settings.objective_interval_s), name="objectives")
+
+    def _build_grpc(self) -> None:
+        """The gRPC server with every service registered; no port yet."""
         limit = self.settings.max_message_bytes
-        credentials = self._credentials()
-        self.engine = resolve_engine(self.settings.grpc_engine, tls=credentials is not None)
+        self._tls = self._credentials()
+        self.engine = resolve_engine(self.settings.grpc_engine, tls=self._tls is not None)
         self._server = build_server(
             self.engine,
             options=[("grpc.max_receive_message_length", limit),
@@ -138,23 +166,25 @@ class QuorumServer:
         services = _service_names()
         reflection.enable(server, services + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name],
                           _reflection_pool())
+
+    async def _open_ports(self) -> None:
+        """gRPC (grpcio listens from add_port on), then HTTP; health first, so a probe sees it."""
+        assert self._server is not None
         address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
-        self.port = (self._server.add_secure_port(address, credentials) if credentials
+        self.port = (self._server.add_secure_port(address, self._tls) if self._tls
                      else self._server.add_insecure_port(address))
-        if self.monitor:
-            self.monitor.watch_loop(self.watchdog)
-            self.metrics_port = self.monitor.start_http(self.settings.metrics_host, self.settings.metrics_port)
-            log.info("Prometheus /metrics on port %d", self.metrics_port)
-        self.watchdog.start()
         await self._update_health()
-        await self._server.start()  # readiness NOT_SERVING (liveness SERVING) while the models load
-        log.info("gRPC on port %d (%s), %s engine, %s event loop", self.port, "TLS" if credentials else "plaintext",
+        await self._server.start()
+        self._opened = True
+        log.info("gRPC on port %d (%s), %s engine, %s event loop", self.port, "TLS" if self._tls else "plaintext",
                  self.engine, type(asyncio.get_running_loop()).__module__.partition(".")[0])
         if self.settings.unauthenticated_control():  # allowed by --allow-unauthenticated-control only
             log.warning("model control is explicit without a bearer token (--allow-unauthenticated-control): "
                         "anyone who reaches the gRPC or HTTP port can load, unload and reconfigure models")
         self.http = await start_http(self.settings, self.api, token=self.settings.token(), observer=self.monitor,
                                      tracing=self.tracing)
+
+    async def _load(self) -> None:
         await self.manager.start()
         if self.monitor:
             self.monitor.prime()
@@ -162,10 +192,6 @@ class QuorumServer:
         self._log_models()
         self.api.loaded = True
         self.admission.loading = False
-        await self._update_health()
-        self._health_task = asyncio.create_task(self._follow_health(), name="health")
-        self._objectives_task = asyncio.create_task(
-            self.api.data.run_objectives(self.settings.objective_interval_s), name="objectives")
 
     def _health_statuses(self) -> dict[str, int]:
         """Readiness for "" and each API, each model's own readiness, and liveness."""
@@ -219,7 +245,7 @@ class QuorumServer:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         await self.health.drain()
-        if delay:
+        if delay and self._opened:
             log.info("NOT_SERVING; still accepting for %.1fs while endpoints update", delay)
             await asyncio.sleep(delay)
         self.admission.close()
@@ -230,7 +256,7 @@ class QuorumServer:
             log.warning("grace period over: %d requests still in flight, calls still arriving; closing",
                         self.admission.inflight)
         await self.health.close()
-        if self._server:
+        if self._server and self._opened:
             await self._server.stop(max(0.0, deadline - time.monotonic()))
         if http_stopped:
             await http_stopped

@@ -3,7 +3,9 @@ SIGTERM to the parent drains them all."""
 
 from __future__ import annotations
 
+import re
 import signal
+import socket
 import time
 import urllib.request
 
@@ -12,7 +14,7 @@ import numpy as np
 
 from service._proto.quorum.v1 import ensemble_pb2 as pb
 from service._proto.quorum.v1 import ensemble_pb2_grpc as pb_grpc
-from tests.server import running_server
+from tests.server import running_server, wait_serving
 
 BOTH_ENGINES = True  # the subject is the transport (tests/e2e/conftest.py)
 
@@ -54,3 +56,38 @@ def test_two_workers_share_the_port_and_stop_together(tmp_path, test_split):
         assert sum(served) == 24 and min(served) > 0, served
         assert server.stop(signal.SIGTERM, timeout=60) == 0
     assert "started 2 workers" in server.output()
+
+
+def test_the_ports_open_once_every_worker_has_loaded(tmp_path, test_split):
+    """Readiness SERVING from one worker while another still loads would send new connections
+    to the loading one (the kernel spreads them over every listener on the port): the workers
+    listen only after all have loaded, so every connection after readiness reaches a ready one."""
+    x, y = test_split
+    with running_server(tmp_path, args=["--workers", "2"], wait=False) as server:
+        wait_serving(server, timeout=120)
+        for i in range(40):  # a new connection each time, no retry: UNAVAILABLE (loading) fails the test
+            with grpc.insecure_channel(server.address, options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
+                response = pb_grpc.EnsembleServiceStub(ch).Predict(pb.PredictRequest(model="digits", inputs=pb.Tensor(
+                    dtype="FP32", shape=[1, 64], content=x[i:i + 1].tobytes())), timeout=30)
+                assert response.predictions, response
+        out = server.output()
+        opened = out.index("every worker has loaded: opening the ports")
+        loaded = [m.start() for m in re.finditer(r"ensemble digits \(", out)]
+        listening = [m.start() for m in re.finditer(r"gRPC on port \d+", out)]
+        assert len(loaded) == 2 and max(loaded) < opened, out[-3000:]
+        assert len(listening) == 2 and min(listening) > opened, out[-3000:]
+        assert server.stop(signal.SIGTERM, timeout=60) == 0
+
+
+def test_a_worker_that_fails_to_start_leaves_the_ports_closed(tmp_path):
+    """Worker 1's metrics port (metrics_port + 1) is taken: it exits, the parent stops worker 0,
+    which never opens the shared ports (whether it was loading or waiting for worker 1), and the
+    exit code says it failed."""
+    with socket.socket() as taken:
+        with running_server(tmp_path, args=["--workers", "2"], wait=False) as server:
+            taken.bind(("127.0.0.1", server.metrics_port + 1))
+            taken.listen()
+            assert server.process.wait(timeout=120) != 0
+        out = server.output()
+        assert "gRPC on port" not in out and "HTTP/REST on port" not in out, out[-3000:]
+        assert "opening the ports" not in out  # worker 0 may be stopped while loading or at the barrier
