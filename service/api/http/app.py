@@ -25,7 +25,7 @@ from aiohttp import web
 
 from service.api.context import ApiContext
 from service.api.http import errors as http_errors
-from service.api.http.json_depth import MAX_DEPTH, nested_deeper_than
+from service.api.http.offload import BodyDecoder
 from service.api.interceptors import RpcObserver
 from service.api.request_scope import MAX_CLIENT_ID, REQUEST_ID_KEY, RequestScope, new_request_id
 from service.errors import InvalidInput, QuorumError, Unauthenticated
@@ -39,6 +39,7 @@ API = web.AppKey("api", ApiContext)
 MAX_BODY = web.AppKey("max_body", int)
 BODY_TIMEOUT = web.AppKey("body_timeout_s", float)
 SERVICERS = web.AppKey("servicers", dict)
+DECODER = web.AppKey("decoder", BodyDecoder)
 """The gRPC servicers whose answers the REST routes reuse, by protocol."""
 _TIMEOUT = re.compile(r"^(\d{1,8})([HMSmun])$")
 _UNIT_S = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
@@ -84,21 +85,6 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     except TimeoutError:
         raise web.HTTPRequestTimeout(
             text=f"request body not received in full within {timeout:g} s (http_body_timeout_s)") from None
-
-
-def parse_json(data: bytes | memoryview, what: str = "request body") -> Any:
-    """The parsed document, or InvalidInput (400): not JSON, or nested deeper than MAX_DEPTH
-    (checked before parsing: json recurses per level)."""
-    data = bytes(data) if isinstance(data, memoryview) else data
-    too_deep = f"{what} nests arrays and objects deeper than the limit of {MAX_DEPTH} levels"
-    if nested_deeper_than(data, MAX_DEPTH):
-        raise InvalidInput(too_deep)
-    try:
-        return json.loads(data)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise InvalidInput(f"{what} is not valid JSON: {exc}") from None
-    except RecursionError:  # not reached: the scan above refuses such a document first
-        raise InvalidInput(too_deep) from None
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -190,7 +176,7 @@ def make_app(api: ApiContext, *, max_body_bytes: int, token: str | None = None,
             scope.close(code.name, {"http.status_code": status})
 
     app = web.Application(middlewares=[front], client_max_size=max_body_bytes)
-    app[API], app[MAX_BODY], app[SERVICERS] = api, max_body_bytes, {}
+    app[API], app[MAX_BODY], app[SERVICERS], app[DECODER] = api, max_body_bytes, {}, BodyDecoder()
     if body_timeout_s is not None:
         app[BODY_TIMEOUT] = body_timeout_s
     v2.add_routes(app)
@@ -208,6 +194,7 @@ class HttpServer:
         body_timeout = app.get(BODY_TIMEOUT)
         if body_timeout is not None:  # reading the rest of a refused body takes no longer than a body
             timeouts["lingering_time"] = min(10.0, body_timeout)
+        self._decoder = app[DECODER]
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=grace_s,
                                      **timeouts)
         self._grace_s = grace_s
@@ -225,6 +212,7 @@ class HttpServer:
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish within the grace period, close."""
         await self._runner.cleanup()
+        self._decoder.close()
 
 
 def ssl_context(cert: str, key: str, client_ca: str | None) -> ssl.SSLContext:

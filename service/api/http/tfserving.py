@@ -12,10 +12,10 @@ from aiohttp import web
 from google.protobuf import json_format
 
 from service.api import inference
-from service.api.http.app import API, MAX_BODY, SERVICERS, deadline, json_response, parse_json, read_body
+from service.api.http import bodies
+from service.api.http.app import API, DECODER, MAX_BODY, SERVICERS, deadline, json_response, read_body
 from service.api.tfserving import ModelServicer, PredictionServicer, check_signature, classifications, regress_refusal
 from service.codecs import rest
-from service.dataplane import ModelInfo
 from service.errors import InvalidInput
 
 NAME = "/v1/models/{name:[^/:]+}"
@@ -39,9 +39,8 @@ def _spec(request: web.Request, spec) -> None:
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
-    body = parse_json(await read_body(request, request.app[MAX_BODY]))
-    if not isinstance(body, dict):
-        raise InvalidInput("the request body must be a JSON object")
+    data = await read_body(request, request.app[MAX_BODY])
+    body = await request.app[DECODER].run(len(data), bodies.tf_object, data)
     check_signature(request.match_info["name"], body.get("signature_name", "") or "")
     return body
 
@@ -69,48 +68,20 @@ async def metadata(request: web.Request) -> web.Response:
         "metadata": {"signature_def": json_format.MessageToDict(signatures, preserving_proto_field_name=True)}})
 
 
-def _rows(info: ModelInfo, body: dict[str, Any]) -> tuple[np.ndarray, bool]:
-    """The model's input rows from `instances` (row format) or `inputs` (columnar), and
-    whether the answer is in row format."""
-    if ("instances" in body) == ("inputs" in body):
-        raise InvalidInput("the request must have exactly one of 'instances' (row format) or 'inputs' (columnar)")
-    name, dtype = info.input.name, np.dtype(info.input.dtype)
-    what = f"model '{info.name}' input '{name}'"
-    if "instances" in body:
-        instances = body["instances"]
-        if not isinstance(instances, list) or not instances:
-            raise InvalidInput("'instances' must be a non-empty list, one entry per row")
-        if all(isinstance(i, dict) for i in instances):
-            for i, instance in enumerate(instances):
-                if set(instance) != {name}:
-                    raise InvalidInput(f"model '{info.name}': instance {i} has inputs {sorted(instance)}, "
-                                       f"its input is '{name}'")
-            instances = [instance[name] for instance in instances]
-        elif any(isinstance(i, dict) for i in instances):
-            raise InvalidInput("'instances' mixes objects and plain values")
-        return rest.tf_rows(what, instances, dtype), True
-    inputs = body["inputs"]
-    if isinstance(inputs, dict) and "b64" not in inputs:
-        if set(inputs) != {name}:
-            raise InvalidInput(f"model '{info.name}' needs input '{name}', got {sorted(inputs)}")
-        inputs = inputs[name]
-    return rest.tf_rows(what, inputs, dtype), False
-
-
 async def predict(request: web.Request) -> web.Response:
     api, name = request.app[API], request.match_info["name"]
     version = _version(request)
     info = api.data.info(name, version)  # an unknown model or version is NOT_FOUND before its body is read
-    body = await _body(request)
-    rows, row_format = _rows(info, body)
+    data = await read_body(request, request.app[MAX_BODY])
+    decoded = await request.app[DECODER].run(len(data), bodies.tf_predict, data, info.name, info.input.name,
+                                             np.dtype(info.input.dtype).str)
+    check_signature(name, decoded.signature_name)
+    rows, row_format = decoded.rows, decoded.row_format
     answer = await inference.infer(api, name, {info.input.name: rows}, version=version,
                                    deadline=deadline(request))
-    values = {output: rest.json_values(array) for output, array in answer.tensors.items()}
-    headers = _left_out(answer)
-    if row_format:
-        predictions = [dict(zip(values, row)) for row in zip(*values.values())]
-        return json_response({"predictions": predictions}, headers=headers)
-    return json_response({"outputs": values}, headers=headers)
+    body = await request.app[DECODER].run(bodies.json_size(answer.tensors.values()), bodies.tf_answer,
+                                          answer.tensors, row_format)
+    return web.Response(body=body, content_type="application/json", headers=_left_out(answer))
 
 
 async def classify(request: web.Request) -> web.Response:

@@ -5,7 +5,6 @@ written as JSON, so both fronts give the same answers."""
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -14,15 +13,15 @@ from google.protobuf.message import Message
 
 from service._proto.inference import grpc_service_pb2 as pb
 from service.api import inference
-from service.api.http.app import API, MAX_BODY, SERVICERS, deadline, json_response, parse_json, read_body
+from service.api.http import bodies
+from service.api.http.app import API, DECODER, MAX_BODY, SERVICERS, deadline, json_response, read_body
+from service.api.http.bodies import HEADER_LENGTH, parse_json
 from service.api.v2 import InferenceServicer
-from service.codecs import rest
 from service.errors import InvalidInput
 
 if TYPE_CHECKING:  # the descriptors protobuf hands out at run time (upb's); types-protobuf tells them apart
     from google._upb._message import FieldDescriptor as UpbFieldDescriptor
 
-HEADER_LENGTH = "Inference-Header-Content-Length"
 MODEL = "/v2/models/{name:[^/]+}"
 VERSIONED = MODEL + "/versions/{version:[0-9]+}"
 
@@ -150,17 +149,9 @@ async def infer(request: web.Request) -> web.Response:
     request.app[API].data.info(name, version)  # an unknown model or version is NOT_FOUND before its inputs are read
     body = await read_body(request, request.app[MAX_BODY])
     header, binary = _split(request, body)
-    doc = parse_json(header, "inference request header" if binary is not None else "request body")
-    if not isinstance(doc, dict):
-        raise InvalidInput("the inference request must be a JSON object")
-    parameters = doc.get("parameters") or {}
-    if not isinstance(parameters, dict):
-        raise InvalidInput("'parameters' must be an object")
-    request_id = doc.get("id", "")
-    if not isinstance(request_id, str):
-        raise InvalidInput("'id' must be a string")
-    inputs = _inputs(doc.get("inputs"), binary)
-    outputs, binary_out = _outputs(doc.get("outputs"), bool(parameters.get("binary_data_output", False)))
+    decoded = await request.app[DECODER].run(len(body), bodies.v2_infer, header, binary)
+    parameters, request_id, inputs = decoded.parameters, decoded.request_id, decoded.inputs
+    outputs, binary_out = decoded.outputs, decoded.binary_out
     answer = await inference.infer(
         request.app[API], name, inputs, version=version,
         deadline=deadline(request, parameters.get("timeout")), outputs=list(outputs), request_id=request_id)
@@ -172,16 +163,11 @@ async def infer(request: web.Request) -> web.Response:
     if result.left_out:
         response["parameters"] = {"members_left_out": ",".join(result.left_out)}
         headers["Quorum-Members-Left-Out"] = ",".join(result.left_out)
-    tensors, chunks = [], []
-    for output, array in answer.tensors.items():
-        tensor, raw = rest.encode_v2_output(output, array, outputs.get(output, binary_out))
-        tensors.append(tensor)
-        if raw is not None:
-            chunks.append(raw)
-    response["outputs"] = tensors
+    wanted = [(output, array, outputs.get(output, binary_out)) for output, array in answer.tensors.items()]
+    head, chunks = await request.app[DECODER].run(bodies.json_size(answer.tensors.values()), bodies.v2_answer,
+                                                  response, wanted)
     if not chunks:
-        return json_response(response, headers=headers)
-    head = json.dumps(response, separators=(",", ":")).encode()
+        return web.Response(body=head, content_type="application/json", headers=headers)
     headers[HEADER_LENGTH] = str(len(head))
     return web.Response(body=b"".join([head, *chunks]), content_type="application/octet-stream", headers=headers)
 
@@ -198,49 +184,6 @@ def _split(request: web.Request, body: bytes) -> tuple[memoryview | bytes, memor
         raise InvalidInput(f"{HEADER_LENGTH} is {length} but the body has only {len(body)} bytes")
     view = memoryview(body)
     return view[:length], view[length:]
-
-
-def _inputs(entries: Any, binary: memoryview | None) -> dict[str, Any]:
-    if not isinstance(entries, list) or not entries:
-        raise InvalidInput("'inputs' must be a non-empty list of tensors")
-    arrays = {}
-    offset, available = 0, 0 if binary is None else len(binary)
-    for tensor in entries:
-        size = rest.binary_size(tensor)
-        chunk = None
-        if size is not None:
-            if binary is None:
-                raise InvalidInput(f"input {tensor.get('name')!r} declares binary_data_size but the request "
-                                   f"has no {HEADER_LENGTH} header")
-            if offset + size > available:
-                raise InvalidInput(f"input {tensor.get('name')!r}: binary_data_size {size} runs past the end of "
-                                   f"the body ({available - offset} bytes left)")
-            chunk = binary[offset:offset + size]
-            offset += size
-        name, array = rest.decode_v2_input(tensor, chunk)
-        if name in arrays:
-            raise InvalidInput(f"input {name!r} appears more than once")
-        arrays[name] = array
-    if offset != available:
-        raise InvalidInput(f"the body has {available - offset} bytes after the binary inputs' data "
-                           f"(their binary_data_size add up to {offset})")
-    return arrays
-
-
-def _outputs(entries: Any, binary_default: bool) -> tuple[dict[str, bool], bool]:
-    """Requested output -> binary or not (empty: every output, `binary_default` each)."""
-    if entries is None:
-        return {}, binary_default
-    if not isinstance(entries, list):
-        raise InvalidInput("'outputs' must be a list")
-    wanted = {}
-    for entry in entries:
-        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
-            raise InvalidInput("each entry of 'outputs' must be an object with a 'name'")
-        parameters = entry.get("parameters") or {}
-        wanted[entry["name"]] = bool(parameters.get("binary_data", binary_default)) if isinstance(
-            parameters, dict) else binary_default
-    return wanted, binary_default
 
 
 def add_routes(app: web.Application) -> None:
