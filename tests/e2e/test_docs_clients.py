@@ -1,32 +1,37 @@
-"""Every example of docs/clients.md, run as the page shows it against real servers (one
-plain, one with TLS and the token `my-token` for the TLS section), with only the port
-numbers replaced; the output must be what the page shows.
+"""Every example of docs/clients.md, run as the page says against real servers: one plain
+(`make serve`'s, on the bundled models) and, for the TLS section, the one the section starts
+with the certificates its openssl commands make and the token `my-token`. Only the port
+numbers are replaced; the output must be what the page shows. The README's `quorum predict`
+lines and the runbook's grpcurl lines run here too, on the plain server (the runbook's `POD`
+is its address, `MODEL` the digits ensemble).
 
-Python blocks run with this checkout first on the path; console blocks run in bash with
-the venv's tools (`grpcurl`, `quorum`) on PATH, `ca.pem` in the working directory. Output
-lines compare with whitespace normalised, numbers to 4 significant digits (batching can
-move the last float digits), and a line `...` standing for any number of lines.
+Everything runs as a reader runs it: in a new shell without the virtual environment on its
+PATH (tests/docs/commands.py fresh_shell), in the repository root as commands see it (a
+folder of links to this checkout, so that the certificates land there); shell commands
+through bash, Python examples saved as `example.py` and run with `.venv/bin/python
+example.py`. Output lines compare with whitespace normalised, numbers to 4 significant
+digits (batching can move the last float digits), and a line `...` standing for any number
+of lines.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import re
-import shutil
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
 
-from tests.e2e.certs import make_pki
+from tests.docs.commands import Command, checkout, commands, run, serving
 from tests.helpers import MODELS, ROOT
-from tests.server import running_server, wait_serving
+from tests.server import running_server
 
 DOC = ROOT / "docs" / "clients.md"
+README = ROOT / "README.md"
+RUNBOOK = ROOT / "docs" / "runbook.md"
+GRPCIO_ONLY = True  # the TLS section's server is grpcio, the default (pygrpc-native has no TLS)
 TOKEN = "my-token"
 _FENCE = re.compile(r"^```(\w*)\n(.*?)^```\n", re.MULTILINE | re.DOTALL)
 _NUMBER = re.compile(r"-?\d+\.\d+(?:[eE][-+]?\d+)?|-?\d+[eE][-+]?\d+")
@@ -64,6 +69,35 @@ def examples() -> list[Example]:
     return found
 
 
+def tls_setup() -> tuple[list[Command], Command]:
+    """The TLS section's shell commands: making the certificates, then serving with them."""
+    shell = [c for c in commands(DOC) if c.lang != "console"]
+    serve = [c for c in shell if "quorum serve" in c.text]
+    assert len(serve) == 1 and shell[-1] == serve[0], shell
+    return shell[:-1], serve[0]
+
+
+def readme_predicts() -> list[Command]:
+    """README's quick start: `quorum predict` lines against `make serve`'s server."""
+    found = [c for c in commands(README) if "quorum predict" in c.text]
+    assert len(found) == 2, found
+    return found
+
+
+def runbook_commands() -> list[Command]:
+    found = commands(RUNBOOK)
+    assert found and all("POD:8500" in c.text for c in found), found
+    return found
+
+
+def documented() -> list[Command]:
+    """The documented commands this module runs (tests/docs/test_every_command.py)."""
+    certificates, serve = tls_setup()
+    return [*(Command(str(DOC.relative_to(ROOT)), e.line, e.code, "console", e.expected)
+              for e in examples() if e.kind == "console"),
+            *certificates, serve, *readme_predicts(), *runbook_commands()]
+
+
 def _same_line(expected: str, actual: str) -> bool:
     e, a = " ".join(expected.split()), " ".join(actual.split())
     if _NUMBER.sub("#", e) != _NUMBER.sub("#", a):
@@ -89,42 +123,79 @@ def plain(tmp_path_factory, grpc_engine):
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return make_pki(tmp_path_factory.mktemp("docs-pki"))
+def root(tmp_path_factory) -> Path:
+    """The repository root where the reader runs the page's commands."""
+    return checkout(tmp_path_factory.mktemp("docs-root"))
 
 
 @pytest.fixture(scope="module")
-def secure(tmp_path_factory, pki, grpc_engine):
-    env = {"QUORUM_TLS_CERT": str(pki.server.cert), "QUORUM_TLS_KEY": str(pki.server.key),
-           "QUORUM_AUTH_TOKEN": TOKEN}
-    credentials = grpc.ssl_channel_credentials(pki.ca.cert.read_bytes())
-    with running_server(tmp_path_factory.mktemp("docs-tls"), MODELS, env=env, wait=False) as server:
-        wait_serving(server, channel_factory=lambda: grpc.secure_channel(f"localhost:{server.grpc_port}", credentials))
+def secure(tmp_path_factory, root, grpc_engine):
+    """The TLS section as written: its openssl commands, then its `quorum serve` line."""
+    certificates, serve = tls_setup()
+    for command in certificates:
+        done = run(command.text, root)
+        assert done.returncode == 0, f"{command}\n{done.stdout}{done.stderr}"
+    ca = (root / "tls" / "ca.pem").read_bytes()
+
+    def ready_channel(server):
+        return grpc.secure_channel(f"localhost:{server.grpc_port}", grpc.ssl_channel_credentials(ca))
+
+    with serving(serve.text, root, tmp_path_factory.mktemp("docs-tls") / "server.log",
+                 ready_channel=ready_channel, engine=grpc_engine) as server:
         yield server
         server.stop()
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory, pki) -> Path:
-    folder = tmp_path_factory.mktemp("docs-cwd")
-    shutil.copy(pki.ca.cert, folder / "ca.pem")
-    return folder
+def _ports(code: str, server) -> str:
+    return code.replace("localhost:8500", f"localhost:{server.grpc_port}").replace(
+        "localhost:8501", f"localhost:{server.http_port}")
 
 
 @pytest.mark.parametrize("example", examples(), ids=lambda e: e.id)
-def test_doc_example(example: Example, request, workdir):
+def test_doc_example(example: Example, request, root):
     server = request.getfixturevalue("secure" if example.tls else "plain")
-    code = example.code.replace("localhost:8500", f"localhost:{server.grpc_port}").replace(
-        "localhost:8501", f"localhost:{server.http_port}")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    command = [sys.executable, "-c", code] if example.kind == "python" else ["bash", "-c", code]
-    done = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
-    actual = (done.stdout + (done.stderr if example.kind == "console" else "")).splitlines()
+    code = _ports(example.code, server)
     if example.kind == "python":
+        script = root / f"example_{example.line}.py"
+        script.write_text(code)
+        done = run(f".venv/bin/python {script.name}", root)
         assert done.returncode == 0, done.stderr[-3000:]
+        actual = done.stdout.splitlines()
+    else:
+        done = run(code, root)
+        actual = (done.stdout + done.stderr).splitlines()
     assert matches(example.expected.splitlines(), actual), (
         f"docs/clients.md line {example.line}: output differs; got:\n" + "\n".join(actual))
+
+
+def test_the_tls_section_makes_the_certificates_it_serves_with(secure, root):
+    """The certificate the TLS server presents is the one the section's openssl commands
+    made, for localhost, signed by `tls/ca.pem` (the clients above trusted nothing else)."""
+    import ssl
+
+    pem = ssl.get_server_certificate(("localhost", secure.grpc_port), ca_certs=str(root / "tls" / "ca.pem"))
+    assert pem.strip() == (root / "tls" / "server.pem").read_text().strip()
+
+
+@pytest.mark.parametrize("command", readme_predicts(), ids=lambda c: c.text.split("#")[0][:40])
+def test_readme_predict(command: Command, plain, root):
+    """README's quick start, against `make serve`'s server (its address appended)."""
+    done = run(f"{command.text.split('#')[0]} --address localhost:{plain.grpc_port}", root)
+    assert done.returncode == 0, done.stderr
+    vote, header, *members = [line for line in done.stdout.splitlines() if line.strip()]
+    label = re.match(r"digits: (\S+)  confidence [\d.]+  agreement [\d.]+  policy stacked(?:  \(expected (\S+)\))?$", vote)
+    assert label, done.stdout
+    assert label.group(2) in (None, label.group(1)), vote  # --digits-index knows the true label
+    assert header.split()[0] == "member" and len(members) == 5, done.stdout  # each member's vote
+    if "--values" in command.text:
+        assert vote.startswith("digits: 0 "), vote  # README: the row is a zero
+
+
+@pytest.mark.parametrize("command", runbook_commands(), ids=lambda c: c.text[:60])
+def test_runbook_command(command: Command, plain, root):
+    done = run(command.text.replace("POD:8500", f"localhost:{plain.grpc_port}").replace("MODEL", "digits"), root)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert '"status": "SERVING"' in done.stdout or '"name": "digits"' in done.stdout, done.stdout
 
 
 def test_the_page_has_an_example_of_every_client():
