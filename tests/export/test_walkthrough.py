@@ -1,20 +1,22 @@
-"""docs/walkthrough.md, run as written: its code blocks in order, in an empty folder, with
-`quorum` on the PATH. The `quorum serve` line is the one exception: the real server is started
-on free ports by tests/server.py with the walkthrough's repository, and the walkthrough's
-`localhost:8500` is pointed at it."""
+"""docs/walkthrough.md, run as written: its code blocks in order, in a new shell without the
+virtual environment on its PATH (tests/docs/commands.py fresh_shell) whose home is a folder
+of this test's, from the repository root as commands see it. The page's set-up block
+(`source .venv/bin/activate`, then to an empty folder under ~) runs first, literally; each
+later block runs in a shell in the state it left (its environment and folder), as the page's
+"another shell, the two set-up lines again" does. The `quorum serve` line runs as written
+too, with only its ports changed (tests/docs/commands.py serving), and the clients' `localhost:8500`
+is pointed at it."""
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 
+from tests.docs.commands import Command, checkout, commands, fresh_shell, serving
 from tests.helpers import ROOT
-from tests.server import running_server
 
 DOC = ROOT / "docs" / "walkthrough.md"
 BLOCK = re.compile(r"```(\w+)\n(.*?)```", re.S)
@@ -25,16 +27,33 @@ def blocks() -> list[tuple[str, str]]:
     return [(lang, body) for lang, body in BLOCK.findall(DOC.read_text())]
 
 
+def documented() -> list[Command]:
+    """The documented commands this module runs (tests/docs/test_every_command.py)."""
+    return commands(DOC)
+
+
+def set_up(setup: str, root: Path, home: Path) -> tuple[dict[str, str], Path]:
+    """The page's set-up lines, run in a new shell in the repository root: the environment
+    and the folder they leave that shell in."""
+    env = {**fresh_shell(), "HOME": str(home)}
+    assert subprocess.run(["bash", "-c", "command -v quorum"], env=env, capture_output=True).returncode == 1
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", f"{setup}\nenv -0"], cwd=root, env=env,
+                          capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    state = dict(item.split("=", 1) for item in done.stdout.decode().split("\0") if "=" in item)
+    return state, Path(state["PWD"])
+
+
 def test_the_walkthrough_runs_as_written(tmp_path: Path) -> None:
-    work = tmp_path / "work"
-    work.mkdir()
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    wrapper = bin_dir / "quorum"  # the console script, running this checkout's code
-    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m service.cli "$@"\n')
-    wrapper.chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    home = tmp_path / "home"
+    home.mkdir()
+    found = blocks()
+    langs = [lang for lang, _ in found]
+    assert langs == ["bash", "python", "bash", "bash", "bash", "python", "bash"], langs
+    (_, setup), (_, train), (_, export), (_, ensemble), (_, serve), (_, query), (_, predict) = found
+    env, work = set_up(setup, checkout(tmp_path / "root"), home)
+    assert work.parent == home and not any(work.iterdir())  # an empty folder
+    assert Path(env["VIRTUAL_ENV"]).resolve() == (ROOT / ".venv").resolve()
 
     def sh(command: str) -> subprocess.CompletedProcess:
         done = subprocess.run(["bash", "-euo", "pipefail", "-c", command], cwd=work, env=env,
@@ -42,10 +61,6 @@ def test_the_walkthrough_runs_as_written(tmp_path: Path) -> None:
         assert done.returncode == 0, f"{command}\n{done.stdout}\n{done.stderr}"
         return done
 
-    found = blocks()
-    langs = [lang for lang, _ in found]
-    assert langs == ["python", "bash", "bash", "bash", "python", "bash"], langs
-    (_, train), (_, export), (_, ensemble), (_, serve), (_, query), (_, predict) = found
     (work / "train.py").write_text(train)
     sh("python train.py")
     exported = sh(export)
@@ -56,14 +71,15 @@ def test_the_walkthrough_runs_as_written(tmp_path: Path) -> None:
     assert "wrote my_models/cancer/ensemble.yaml: 3 members" in checked.stdout
     assert "4 models, 0 with something the server would refuse" in checked.stdout
     assert serve.strip() == SERVE
-    with running_server(tmp_path, work / "my_models") as server:
-        (work / "query.py").write_text(query.replace("localhost:8500", server.address))
+    with serving(serve, work, tmp_path / "server.log", shell_env=env) as server:
+        address = f"localhost:{server.grpc_port}"
+        (work / "query.py").write_text(query.replace("localhost:8500", address))
         answer = sh("python query.py").stdout.splitlines()
         assert 'name: "features"' in answer[0]
         labels = re.findall(r"b'(\w+)'", answer[-1])
         truth = _test_labels()
         assert len(labels) == 5 and np.mean(np.asarray(labels) == truth) >= 0.8
-        table = sh(predict.replace("localhost:8500", server.address)).stdout
+        table = sh(predict.replace("localhost:8500", address)).stdout
         assert table.count("cancer: ") == 5 and table.count("cancer_softmax") == 5
         assert server.stop() == 0
 
