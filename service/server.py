@@ -30,7 +30,7 @@ from service.api import reflection
 from service.api.context import ApiContext
 from service.api.engine import EngineUnavailable, add_servicer, build_server, resolve_engine, sends_grpc_trailers
 from service.api.ensemble import EnsembleServicer
-from service.api.health import LIVENESS, NOT_SERVING, SERVING, HealthServicer
+from service.api.health import COMPLETE, LIVENESS, NOT_SERVING, SERVING, HealthServicer
 from service.api.http import HttpServer, start_http
 from service.api.interceptors import Admission, HandlerWrapper
 from service.api.tfserving import ModelServicer, PredictionServicer
@@ -199,11 +199,22 @@ class QuorumServer:
         statuses = {service: ready for service in ["", *_service_names()]}
         manager = self.manager
         models = (set(manager.variants) | set(manager.ensembles)) - {LIVENESS, ""}
+        # "<ensemble>/complete": every member serves (NOT_SERVING while it answers degraded,
+        # or not at all); "<ensemble>" stays its readiness. "/" is in no model's name.
+        models |= {f"{name}/{COMPLETE}" for name in manager.ensembles}
         for name in models | self._models_in_health:  # a model removed from disk: NOT_SERVING
-            statuses[name] = SERVING if name in models and manager.is_ready(name) else NOT_SERVING
+            statuses[name] = SERVING if name in models and self._serving(name) else NOT_SERVING
         self._models_in_health |= models
         statuses[LIVENESS] = SERVING if self.watchdog.alive() else NOT_SERVING
         return statuses
+
+    def _serving(self, service: str) -> bool:
+        """A model's or ensemble's readiness, or for "<ensemble>/complete" whether it is ready
+        with every member serving."""
+        name, _, part = service.partition("/")
+        if not self.manager.is_ready(name):
+            return False
+        return not part or not self.manager.missing_members(name)
 
     async def _update_health(self) -> None:
         await self.health.update(self._health_statuses())

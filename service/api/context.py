@@ -9,6 +9,7 @@ from service.monitoring.stages import annotate
 from service.monitoring.statistics import Statistics
 from service.objectives.feedback import FeedbackStore
 from service.repository.manager import ModelManager, State
+from service.repository.members import degraded_reason
 
 STATE_NAMES = {State.START: "LOADING", State.LOADING: "LOADING", State.AVAILABLE: "READY",
                State.UNLOADING: "UNLOADING", State.END: "UNAVAILABLE", State.UNKNOWN: "UNAVAILABLE"}
@@ -63,7 +64,8 @@ class ApiContext:
             if model.unloaded_by_request and not model.versions:
                 rows.append((name, "", "UNAVAILABLE", "unloaded"))
         for name, ensemble in self.manager.ensembles.items():
-            state = "READY" if self.manager.is_ready(name) else "UNAVAILABLE"
-            reason = ensemble.error or ("unloaded" if ensemble.unloaded_by_request else "")
-            rows.append((name, "1", state, reason))
+            ready = self.manager.is_ready(name)
+            missing = self.manager.missing_members(name) if ready else {}
+            reason = degraded_reason(missing) if missing else self.manager.ensemble_problem(name)
+            rows.append((name, "1", "READY" if ready else "UNAVAILABLE", reason))
         return sorted(rows)

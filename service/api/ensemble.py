@@ -18,6 +18,7 @@ from service.codecs.dtypes import from_v2
 from service.errors import InvalidInput, QuorumError
 from service.repository.config import Policy
 from service.repository.manager import EnsembleModel, State
+from service.repository.members import degraded_reason
 
 POLICY_OF: dict[pb.VotingPolicy, Policy] = {pb.VOTING_POLICY_MAJORITY: "majority", pb.VOTING_POLICY_SOFT: "soft",
              pb.VOTING_POLICY_CONFIDENCE: "confidence", pb.VOTING_POLICY_ACCURACY: "accuracy",
@@ -143,8 +144,12 @@ class EnsembleServicer(pb_grpc.EnsembleServiceServicer):
         manager = self.api.manager
         status.ensemble = True
         ready = manager.is_ready(name)
+        missing = manager.missing_members(name)
+        status.degraded = ready and bool(missing)
+        status.members_missing.extend(missing)
+        reason = manager.ensemble_problem(name) or (degraded_reason(missing) if missing else "")
         status.versions.add(version=1, state=pb.VERSION_STATE_READY if ready else pb.VERSION_STATE_FAILED,
-                            reason=manager.ensemble_problem(name), serving=ready, framework="ensemble")
+                            reason=reason, serving=ready, framework="ensemble")
         if ensemble.config is None:
             return
         status.members.extend(ensemble.config.members)

@@ -3,7 +3,10 @@
 - service "" (and each API's service name): readiness, SERVING once the first load has
   finished and until the server drains (with --strict-readiness: only while every model
   and ensemble is ready);
-- a model's or ensemble's own name: that model's readiness;
+- a model's or ensemble's own name: that model's readiness (an ensemble: it answers, its
+  quorum of members serving);
+- "<ensemble>/complete": SERVING only while every member of the ensemble serves; NOT_SERVING
+  while it answers without some (degraded) or not at all;
 - "liveness": the event loop is turning (service.liveness); unaffected by models or drain.
 
 Watch streams end once the drain has delivered NOT_SERVING to them (the reference servicer
@@ -19,6 +22,8 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
 LIVENESS = "liveness"
+COMPLETE = "complete"
+"""Suffix of an ensemble's service name that is SERVING only while every member serves."""
 
 
 # grpc-stubs 1.53 has no grpc_health.v1.health.aio (grpcio-health-checking's asyncio servicer).

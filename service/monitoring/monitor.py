@@ -349,10 +349,11 @@ class Monitor:
                 info.append(([name, str(version), served.device, served.runtime.framework,
                               served.state.name], 1.0))
             ready.append(([name, "model"], float(manager.is_ready(name))))
-        calibration = []
+        calibration, missing = [], []
         for name, ensemble in list(manager.ensembles.items()):
             self.metrics.load_failures.labels(name)  # an ensemble's contract failures too
             ready.append(([name, "ensemble"], float(manager.is_ready(name))))
+            missing.append(([name], float(len(manager.missing_members(name)))))
             for policy, c in ensemble.calibration.policies.items():
                 calibration.append((name, policy, c))
             if ensemble.config is not None:
@@ -367,6 +368,9 @@ class Monitor:
                     ["model", "version", "device", "framework", "state"], info)
         yield gauge("quorum_model_ready", "1 when a model serves (an ensemble: its contract holds and at "
                     "least its quorum of members serves).", ["model", "kind"], ready)
+        yield gauge("quorum_ensemble_members_missing", "Members of an ensemble that serve no version now (folder "
+                    "gone, unloaded, failing): above 0 while it is ready, it answers degraded, without them.",
+                    ["ensemble"], missing)
         yield gauge("quorum_vote_calibration_temperature", "Temperature of an ensemble's vote under a policy, "
                     "fitted at load on the members' validation replay.", ["ensemble", "policy"],
                     (([e, p], c.temperature) for e, p, c in calibration))

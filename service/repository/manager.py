@@ -30,8 +30,11 @@ from service.errors import (
     InvalidInput, ModelLoadError, ModelNotFound, ModelNotReady, PermissionDenied, QuorumError)
 from service.repository.config import (
     Batching, EnsembleConfig, ModelConfig, load_ensemble_config, load_model_config)
-from service.repository.contract import EnsembleContractError, EnsembleSpec, check_ensemble
+from service.repository.contract import EnsembleContractError, EnsembleSpec
 from service.repository.manifest import VariantManifest, load_version_manifest
+from service.repository.members import (
+    NOT_IN_REPOSITORY, Missing, contract_of, degraded_reason, refusal, why_not_serving, would_break)
+from service.repository.version_plan import read_candidates, plan_refusals
 from service.repository.scan import ModelEntry, scan_model, scan_repository, valid_model_name
 from service.runtimes import Runtime, RuntimeOptions, create_runtime
 from service.runtimes.devices import place
@@ -190,6 +193,8 @@ class EnsembleModel:
     """Vote temperatures per policy, fitted on the members' validation replay."""
     checked: tuple = ()
     """What `spec` and `calibration` were derived from (recomputed only when it changes)."""
+    degraded: dict[str, str] = field(default_factory=dict)
+    """The members it was last logged answering without (empty: whole, or not ready)."""
 
     @property
     def error(self) -> str:
@@ -215,6 +220,9 @@ class ModelManager:
         self._errors: dict[str, tuple[str, int]] = {}
         """Last load error per model (or "model/version") and how often it repeated."""
         self._synced = False  # the first scan has registered every model's name
+        self._refusals: dict[str, dict[int, Exception]] = {}
+        """Member versions the first scan refuses (service.repository.version_plan), as a server
+        that had been running would have: model -> {version: why}."""
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -261,10 +269,23 @@ class ModelManager:
                 if entry.name not in self.variants:
                     with contextlib.suppress(ModelLoadError):
                         self.variants[entry.name] = VariantModel(entry, load_model_config(entry.path))
+            if not self._synced:
+                self._refusals = self._plan_refusals()
             self._synced = True
             for entry in variants:
                 await self._sync_variant(entry)
             self._check_ensembles()
+
+    def _plan_refusals(self) -> dict[str, dict[int, Exception]]:
+        """The member versions a server that had been running would have refused (the first
+        scan: the models are registered, none is loaded)."""
+        configs = {n: e.config for n, e in self.ensembles.items() if e.config is not None}
+        members = {m for c in configs.values() for m in c.members}
+        models = {m: (v.entry, v.config) for m, v in self.variants.items() if m in members}
+        return plan_refusals(
+            {n: c.members for n, c in configs.items()}, read_candidates(models),
+            {n: self._member_batch_sizes(c.members) for n, c in configs.items()},
+            {m: "it is an ensemble; members must be models" for m in members if m in self.ensembles})
 
     def _sync_ensemble(self, entry: ModelEntry) -> None:
         current = self.ensembles.get(entry.name)
@@ -291,15 +312,16 @@ class ModelManager:
             return "it is an ensemble; members must be models"
         model = self.variants.get(name)
         if model is None:
-            return self._config_errors.get(name)
+            error = self._config_errors.get(name)
+            return Missing(error) if error else NOT_IN_REPOSITORY
         serving = model.serving()
         if serving is not None:
             return serving.manifest
         if model.last_manifest is not None:
             return model.last_manifest
         if model.failed:
-            return "; ".join(f"version {v}: {e}" for v, e in sorted(model.failed.items()))
-        return "no version of it is loaded"
+            return Missing("; ".join(f"version {v}: {e}" for v, e in sorted(model.failed.items())))
+        return Missing("no version of it is loaded")
 
     def _member_batch_sizes(self, members) -> dict[str, int]:
         """Members' configured max batch sizes (as _start_version applies them); the others'
@@ -315,6 +337,18 @@ class ModelManager:
     def _check_ensembles(self) -> None:
         for ensemble in self.ensembles.values():
             self._check_ensemble(ensemble)
+            self._log_degradation(ensemble)
+
+    def _log_degradation(self, ensemble: EnsembleModel) -> None:
+        """One line when an ensemble starts answering without some members, or again with all."""
+        name = ensemble.entry.name
+        missing = self.missing_members(name) if self.is_ready(name) else {}
+        if missing != ensemble.degraded:
+            if missing:
+                log.warning("ensemble %s: %s", name, degraded_reason(missing))
+            elif ensemble.degraded:
+                log.info("ensemble %s: every member serves again", name)
+            ensemble.degraded = missing
 
     def _check_ensemble(self, ensemble: EnsembleModel) -> None:
         """Derive the ensemble's spec and vote calibration from its members' manifests, or
@@ -331,7 +365,7 @@ class ModelManager:
             return
         ensemble.checked = key
         try:
-            spec = check_ensemble(name, members, sizes)
+            spec = contract_of(name, members, sizes)  # members that are gone: degraded, not broken
         except EnsembleContractError as exc:
             if ensemble.contract_error != str(exc):
                 log.error("ensemble %s FAILED to load: %s", name, exc)
@@ -348,18 +382,19 @@ class ModelManager:
                       name, policy, c.temperature, c.ece_before, c.ece_after, c.nll_before, c.nll_after)
 
     def _check_new_member_version(self, manifest: VariantManifest) -> None:
-        """Refuse a new member version that would break an ensemble whose contract holds now."""
+        """Refuse a new member version that would break an ensemble whose contract holds now
+        (or, at startup, that a server running before it arrived would have refused)."""
+        planned = self._refusals.get(manifest.name, {}).pop(manifest.version, None)
+        if planned is not None:
+            raise planned
         for ensemble in self.ensembles.values():
             config = ensemble.config
             if config is None or ensemble.spec is None or manifest.name not in config.members:
                 continue
             members = {m: self._member_manifest(m) for m in config.members}
-            members[manifest.name] = manifest
-            try:
-                check_ensemble(ensemble.entry.name, members, self._member_batch_sizes(config.members))
-            except EnsembleContractError as exc:
-                raise ModelLoadError(f"{manifest.name} version {manifest.version}",
-                                     f"refused: it would break {exc}") from exc
+            broken = would_break(ensemble.entry.name, members, manifest, self._member_batch_sizes(config.members))
+            if broken is not None:
+                raise refusal(manifest, broken) from broken
 
     async def _sync_variant(self, entry: ModelEntry) -> None:
         model = self.variants.get(entry.name)
@@ -376,16 +411,21 @@ class ModelManager:
         model.entry, model.config = entry, config
         if model.unloaded_by_request:
             return
-        wanted = config.version_policy.select(set(entry.versions))
+        policy = config.version_policy
         # Forget failures of versions that were removed or whose files changed since (a
         # version copied in before its manifest was complete), so that they are retried.
         for version in list(model.failed):
             if version not in entry.versions or _fingerprint(entry.path / str(version)) != model.failed_files.get(version):
                 del model.failed[version]
                 model.failed_files.pop(version, None)
-        for version in sorted(wanted - set(model.versions) - set(model.failed)):
-            await self._load_version(model, version)
-        if wanted - set(model.versions):
+        # Among the versions that load: a failed (or refused) newest version leaves the one
+        # before it serving under `latest`, whether that one was serving already or not.
+        wanted = policy.select(set(entry.versions) - set(model.failed))
+        while todo := sorted(wanted - set(model.versions) - set(model.failed)):
+            for version in todo:
+                await self._load_version(model, version)
+            wanted = policy.select(set(entry.versions) - set(model.failed))
+        if policy.select(set(entry.versions)) & set(model.failed) or wanted - set(model.versions):
             return  # a wanted version failed: whatever serves now stays in place
         for version in sorted(set(model.versions) - wanted):
             await self._retire_version(model, version)
@@ -712,8 +752,16 @@ class ModelManager:
             return "its members are loading"
         serving, quorum = self.serving_members(name), ensemble.config.min_members
         if serving < quorum:
-            return f"{serving} of its {len(ensemble.config.members)} members serve, fewer than its quorum {quorum}"
+            return (f"{serving} of its {len(ensemble.config.members)} members serve, fewer than its quorum {quorum}; "
+                    + "; ".join(f"member '{m}': {why}" for m, why in self.missing_members(name).items()))
         return ""
+
+    def missing_members(self, ensemble: str) -> dict[str, str]:
+        """The ensemble's configured members that serve no version now, each with why: while
+        its quorum serves, it answers without them (degraded)."""
+        config = self.ensembles[ensemble].config
+        return {m: why_not_serving(self.variants.get(m), self._config_errors.get(m))
+                for m in (config.members if config else ()) if not self._variant_ready(m)}
 
     def serving_members(self, ensemble: str) -> int:
         """How many of an ensemble's configured members serve now."""

@@ -39,7 +39,6 @@ BROKEN = {
                    "['c0' at 0, 'c1' at 1, 'c2' at 2, 'c3' at 3, 'c4' at 4, 'c5' at 5, 'c6' at 6, 'c7' at 7, "
                    "'c8' at 8, 'c9' at 9] and lacks labels that 'digits_mlp_a' predicts: "
                    "['0' at 0, '1' at 1, '2' at 2, '3' at 3, '4' at 4, '5' at 5, '6' at 6, '7' at 7, '8' at 8, '9' at 9]"],
-    "ghost": ["member 'digits_nonexistent' is not in the repository"],
     "narrow": ["member 'digits_narrow' takes input float32 [32] per row but 'digits_mlp_a' takes float32 [64]"],
 }
 
@@ -151,6 +150,24 @@ def test_ensemble_whose_members_cannot_vote_together_is_refused_naming_them(clie
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
     assert f'quorum_model_load_failures_total{{model="{ensemble}"}} 1.0' in metrics
     assert server.output().count(f"ensemble {ensemble} FAILED to load: ") == 1
+
+
+def test_an_ensemble_below_its_quorum_for_a_member_not_in_the_repository_names_it(client, channel, quorum,
+                                                                                  server, test_split):
+    """A member that is not there is missing, not a broken contract: 'ghost' serves 1 of its 2
+    members, fewer than its majority quorum, and says which member is missing and why."""
+    expected = "1 of its 2 members serve, fewer than its quorum 2; member 'digits_nonexistent': it is not in the repository"
+    entry = _index(client)["ghost"]
+    assert entry["state"] == "UNAVAILABLE" and expected in entry["reason"], entry
+    tensor = grpcclient.InferInput("pixels", [1, 64], "FP32")
+    tensor.set_data_from_numpy(test_split[0][:1])
+    with pytest.raises(InferenceServerException) as err:
+        client.infer("ghost", [tensor])
+    assert err.value.status() == "StatusCode.UNAVAILABLE" and expected in err.value.message()
+    [model] = quorum.GetStatus(pb.GetStatusRequest(model="ghost"), timeout=10).models
+    assert model.versions[0].state == pb.VERSION_STATE_FAILED and expected in model.versions[0].reason
+    assert list(model.members_missing) == ["digits_nonexistent"]
+    assert "ensemble ghost FAILED to load" not in server.output()
 
 
 def _metadata(client, channel, ensemble: str):

@@ -48,7 +48,8 @@ class Failures:
 
 
 async def test_a_failed_contract_is_logged_and_counted_once_over_many_syncs(scratch_repo, caplog):
-    _repo(scratch_repo, MEMBERS + ["digits_ghost"])
+    _repo(scratch_repo, MEMBERS + ["digits_relabelled"])  # (a member that is gone only degrades it)
+    _relabel(copy_variant("digits_logreg", scratch_repo, as_name="digits_relabelled"), [f"c{i}" for i in range(10)])
     failures = Failures()
     manager = ModelManager(Settings(model_repository=scratch_repo, poll_interval_s=0, device="cpu"), failures)
     with caplog.at_level(logging.ERROR):
@@ -57,7 +58,7 @@ async def test_a_failed_contract_is_logged_and_counted_once_over_many_syncs(scra
             await manager.sync()
     try:
         ensemble = manager.ensemble("pair")
-        assert ensemble.spec is None and "member 'digits_ghost' is not in the repository" in ensemble.error
+        assert ensemble.spec is None and "member 'digits_relabelled' predicts labels that" in ensemble.error
         assert not manager.is_ready("pair")
         assert failures.counts == {"pair": 1}
         assert sum("ensemble pair FAILED" in r.message for r in caplog.records) == 1
