@@ -99,12 +99,16 @@ def fresh_shell() -> dict[str, str]:
 
 
 def checkout(folder: Path) -> Path:
-    """`folder` made into the repository root as commands see it: a link to each top-level
-    entry of this checkout (`.venv`, `models`, `service`...), `.git` left out."""
+    """`folder` made into the repository root as commands see it after the README's set-up:
+    a link to each top-level entry git tracks (`models`, `service`, `Makefile`...) and to
+    `.venv`, what `make serve` and `make test` add (their generated protobuf modules are in
+    `service/`). Nothing else of this checkout: no leftovers of an earlier run (a `tls/`
+    folder), and a command that makes a folder makes it here, not in the shared checkout."""
     folder.mkdir(parents=True, exist_ok=True)
-    for entry in ROOT.iterdir():
-        if entry.name != ".git" and not (folder / entry.name).exists():
-            (folder / entry.name).symlink_to(entry)
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    for name in sorted({path.split(b"/")[0].decode() for path in tracked.split(b"\0") if path} | {".venv"}):
+        if (ROOT / name).exists() and not (folder / name).exists():
+            (folder / name).symlink_to(ROOT / name)
     return folder
 
 

@@ -183,7 +183,8 @@ def test_readme_predict(command: Command, plain, root):
     done = run(f"{command.text.split('#')[0]} --address localhost:{plain.grpc_port}", root)
     assert done.returncode == 0, done.stderr
     vote, header, *members = [line for line in done.stdout.splitlines() if line.strip()]
-    label = re.match(r"digits: (\S+)  confidence [\d.]+  agreement [\d.]+  policy stacked(?:  \(expected (\S+)\))?$", vote)
+    label = re.match(r"digits: (\S+)  confidence [\d.]+  agreement [\d.]+  policy stacked"
+                     r"(?:  \(expected (\S+)\))?$", vote)
     assert label, done.stdout
     assert label.group(2) in (None, label.group(1)), vote  # --digits-index knows the true label
     assert header.split()[0] == "member" and len(members) == 5, done.stdout  # each member's vote
