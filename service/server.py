@@ -178,6 +178,10 @@ class QuorumServer:
         self._opened = True
         log.info("gRPC on port %d (%s), %s engine, %s event loop", self.port, "TLS" if self._tls else "plaintext",
                  self.engine, type(asyncio.get_running_loop()).__module__.partition(".")[0])
+        if self.engine == "native":  # measured by bench/engine_memory.py; docs/performance.md
+            log.warning("the native gRPC engine reads and inflates each request whole before the %d-byte message "
+                        "limit applies, so one request can take GiBs of memory: serve it to trusted clients or "
+                        "behind a proxy that bounds request bodies", self.settings.max_message_bytes)
         if self.settings.unauthenticated_control():  # allowed by --allow-unauthenticated-control only
             log.warning("model control is explicit without a bearer token (--allow-unauthenticated-control): "
                         "anyone who reaches the gRPC or HTTP port can load, unload and reconfigure models")

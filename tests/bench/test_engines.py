@@ -31,10 +31,16 @@ def test_engines_bench_reports_each_server(tmp_path):
     assert "quorum-native-uvloop" in (tmp_path / "results.md").read_text()
 
 
-@pytest.mark.timeout(120)
-def test_engine_memory_refuses_the_oversized_request_on_both_engines():
-    done = subprocess.run([sys.executable, str(BENCH / "engine_memory.py"), "--mib", "8"],
-                          check=True, capture_output=True, text=True, timeout=110)
-    rows = [line for line in done.stdout.splitlines() if line.startswith("| grpcio") or line.startswith("| native")]
-    assert len(rows) == 4, done.stdout
-    assert all("| RESOURCE_EXHAUSTED |" in row for row in rows), done.stdout
+@pytest.mark.timeout(300)
+def test_engine_memory_refuses_every_oversized_request_on_both_engines():
+    """Every case (plain, gzip, gzip 4x, four at once) on each engine, against a real server
+    with a 1 MiB limit: each answer RESOURCE_EXHAUSTED, and a growth figure printed."""
+    done = subprocess.run([sys.executable, str(BENCH / "engine_memory.py"), "--mib", "8", "--limit-mib", "1",
+                           "--model-repository", str(onnx_models())],
+                          check=True, capture_output=True, text=True, timeout=280)
+    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith(("| grpcio", "| native"))]
+    assert len(rows) == 8, done.stdout
+    assert {(engine.strip(), case.strip()) for engine, case, *_ in rows} == {
+        (engine, case) for engine in ("grpcio", "native") for case in ("plain", "gzip", "gzip x4 size", "gzip, 4 at once")}
+    assert all(answers.strip() == "RESOURCE_EXHAUSTED" for _, _, _, answers, _ in rows), done.stdout
+    assert all(grown.strip().startswith("+") and grown.strip().endswith(" MiB") for *_, grown in rows), done.stdout

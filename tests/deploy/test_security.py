@@ -73,3 +73,22 @@ def test_the_check_catches_what_it_is_for():
         with pytest.raises(AssertionError):
             _assert_hardened("bad", {**pod, "initContainers": [broken]})
     _assert_hardened("good", pod)
+
+
+@pytest.mark.parametrize("name", [name for name, _ in _workloads()])
+def test_no_workload_serves_on_the_native_grpc_engine(name):
+    """pygrpc-native buffers and inflates a whole request before the message limit applies
+    (bench/engine_memory.py, docs/performance.md): no manifest may pick it, by flag, variable
+    or settings ConfigMap."""
+    objects = dict(_workloads())[name]
+    chosen = []
+    for obj in objects:
+        if obj["kind"] == "ConfigMap":
+            chosen += [v for k, v in (obj.get("data") or {}).items() if k == "QUORUM_GRPC_ENGINE"]
+    for _, pod in _pods(objects):
+        for c in [*pod.get("initContainers", []), *pod["containers"]]:
+            args = [*c.get("command", []), *c.get("args", [])]
+            chosen += [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--grpc-engine"]
+            chosen += [a.split("=", 1)[1] for a in args if a.startswith("--grpc-engine=")]
+            chosen += [e.get("value", "") for e in c.get("env", []) if e["name"] == "QUORUM_GRPC_ENGINE"]
+    assert "native" not in chosen, f"{name} picks the native gRPC engine"

@@ -76,6 +76,9 @@ def _still_serving(server, v2, test_split) -> None:
 
 def test_server_runs_the_engine_under_test(server, grpc_engine):
     assert f"{grpc_engine} engine, asyncio event loop" in server.output()
+    # native's memory is not bounded by the message limit: said where it is chosen, at start
+    warned = "the native gRPC engine reads and inflates each request whole before the 1048576-byte message limit"
+    assert (warned in server.output()) == (grpc_engine == "native")
 
 
 def test_uvloop_event_loop(tmp_path, grpc_engine, test_split):
