@@ -61,3 +61,33 @@ def test_the_readme_table_is_the_committed_manifests():
                                            f"{validation['calibrated']['ece']:.4f}"), name
         assert (nll_before, nll_after) == (f"{validation['uncalibrated']['nll']:.4f}",
                                            f"{validation['calibrated']['nll']:.4f}"), name
+
+
+def _shape(value):
+    """A manifest's structure: its keys, nested, without the values."""
+    if isinstance(value, dict):
+        return {key: _shape(item) for key, item in value.items()}
+    if isinstance(value, list) and value and isinstance(value[0], dict):
+        return [_shape(value[0])]
+    return type(value).__name__
+
+
+def test_the_export_it_calls_writes_manifests_shaped_like_the_committed_ones(make_digits, tmp_path):
+    """The committed manifests are what today's export writes (models/README: a rerun gives
+    manifests equal in every field but `exported_at`): the same fields, nested alike. The
+    logistic regression, exported untrained as make_digits.py exports it."""
+    import numpy as np
+
+    name, fmt, architecture, build, seed, _ = next(v for v in make_digits.VARIANTS if v[0] == "digits_logreg")
+    data = load_digits()
+    x, y = data.data.astype(np.float32), data.target.astype(np.int64)
+    split = make_digits.make_split(y)
+    tr, va = np.asarray(split["train"]), np.asarray(split["val"])
+    make_digits.keras.utils.set_random_seed(seed)
+    folder = make_digits.export_variant(
+        build(), x_train=x[tr], y_train=y[tr], x_val=x[va], y_val=y[va], val_indices=va, repository=tmp_path,
+        name=name, labels=make_digits.LABELS, fmt=fmt, version=1, architecture=architecture, seed=seed,
+        source="models/make_digits.py")
+    written = json.loads((folder / "variant.json").read_text())
+    committed = json.loads((MODELS / name / "1" / "variant.json").read_text())
+    assert _shape(written) == _shape(committed)
