@@ -59,6 +59,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="the model output holding scores or probabilities, when it has several")
     parser.add_argument("--architecture", default="", help="free-text description, for provenance")
     parser.add_argument("--seed", type=int, default=None, help="training seed, for provenance")
+    parser.add_argument("--allow-breaking", action="store_true",
+                        help="write the version even when it would break an ensemble of the repository "
+                             "(another label set or input than the ensemble's other members); a server "
+                             "refuses such a version and keeps serving the one before it. Without it, "
+                             "export refuses (exit status 1)")
     parser.add_argument("--quiet", action="store_true",
                         help="print only the version folder (and warnings); no progress bar")
     parser.set_defaults(handler=run)
@@ -98,7 +103,7 @@ def export(args: argparse.Namespace) -> int:
         repository=args.repository, name=args.name, labels=labels, fmt=args.fmt,
         version=args.version, architecture=args.architecture, seed=args.seed,
         source=str(args.model), model_input=args.model_input, input_name=args.input_name,
-        output=args.output, progress=not args.quiet)
+        output=args.output, progress=not args.quiet, allow_breaking=args.allow_breaking)
     for warning in result.warnings:
         print(f"{PROG}: warning: {warning}", file=sys.stderr)
     if args.quiet:

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from service import __version__
 from service.export import calibration, checks, reference
 from service.export.errors import ExportError, UsageError
+from service.export.repository_check import ensembles_broken_by
 from service.export.labels import resolve as resolve_labels
 from service.export.source import OUTPUT_NAME, Source, fit_rows, load_source
 from service.repository.manifest import (
@@ -159,13 +160,15 @@ def export_model(model: Any, *, x_train: np.ndarray, y_train: np.ndarray, x_val:
                  fmt: Literal["onnx", "savedmodel"] = "onnx", version: int | None = None,
                  architecture: str = "", seed: int | None = None, source: str = "",
                  model_input: str | None = None, input_name: str | None = None,
-                 output: str | None = None, progress: bool = True) -> ExportResult:
+                 output: str | None = None, progress: bool = True, allow_breaking: bool = False) -> ExportResult:
     """Write `<repository>/<name>/<version>/` (checkpoint + variant.json).
 
     `model`: a Keras model, a fitted scikit-learn classifier, or a path (.keras, SavedModel
     folder, .onnx, .pkl/.joblib). `model_input`: whether the model takes rows normalised with
     the training split's statistics (the default for Keras and TensorFlow models) or raw rows
-    (the default for scikit-learn, whose pipelines carry their own scalers).
+    (the default for scikit-learn, whose pipelines carry their own scalers). A version that
+    would break an ensemble of the repository (another label set or input than its other
+    members) is refused, as a server refuses it, unless `allow_breaking` (then a warning).
     Raises ExportError (UsageError for the command line's own mistakes)."""
     if fmt not in ARTIFACTS:
         raise UsageError(f"--format {fmt}: must be one of {', '.join(ARTIFACTS)}")
@@ -264,6 +267,7 @@ def export_model(model: Any, *, x_train: np.ndarray, y_train: np.ndarray, x_val:
                                       quorum_version=__version__, family=src.family,
                                       output=src.output_kind, model_input=model_input),
                 warnings=tuple(found))
+            manifest = _check_ensembles(repository, manifest, allow_breaking, found)
             manifest.save(folder)
             written.append(manifest)
 
@@ -271,6 +275,23 @@ def export_model(model: Any, *, x_train: np.ndarray, y_train: np.ndarray, x_val:
         path = _publish(repository, name, version, write)
         step("publish")
     return ExportResult(path, written[0], tuple(notes), tuple(found))
+
+
+def _check_ensembles(repository: Path, manifest: VariantManifest, allow_breaking: bool,
+                     found: list[str]) -> VariantManifest:
+    """ExportError when the new version would break an ensemble of the repository (a server
+    would refuse it); with `allow_breaking`, a warning (added to `found` and the manifest)."""
+    broken = ensembles_broken_by(repository, manifest)
+    if not broken:
+        return manifest
+    what = (f"{manifest.name} version {manifest.version} would break "
+            + "; ".join(str(e) for e in broken)
+            + f": a server refuses it and keeps serving the {manifest.name} version before it")
+    if not allow_breaking:
+        raise ExportError(f"{what}. Export it with the labels and input the other members have, or pass "
+                          "--allow-breaking to write it anyway (see docs/repository.md)")
+    found.append(what)
+    return manifest.model_copy(update={"warnings": tuple(found)})
 
 
 def export_variant(model: Any, **kwargs: Any) -> Path:

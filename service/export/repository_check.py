@@ -10,6 +10,7 @@ from service.errors import ModelLoadError
 from service.repository.config import load_ensemble_config, load_model_config
 from service.repository.contract import EnsembleContractError, check_ensemble
 from service.repository.manifest import VariantManifest, load_version_manifest
+from service.repository.members import Missing, would_break
 from service.repository.scan import ModelEntry, scan_model, valid_model_name
 
 
@@ -99,7 +100,7 @@ def member_manifests(root: Path, members: list[str]) -> tuple[dict[str, VariantM
             found[member] = "it is an ensemble; members are single models"
         else:
             manifest, _, batch = served_manifest(entry)
-            found[member] = manifest
+            found[member] = Missing(manifest) if isinstance(manifest, str) else manifest  # as the server sees it
             if batch is not None:
                 sizes[member] = batch
     return found, sizes
@@ -136,3 +137,27 @@ def check_repository(root: Path) -> list[ModelReport]:
                 report.refused.append(str(exc))
         reports.append(report)
     return reports
+
+
+def ensembles_broken_by(root: Path, manifest: VariantManifest) -> list[EnsembleContractError]:
+    """The ensembles of the repository at `root` that work now and that `manifest`, a new
+    version of one of their members, would break: the versions a server refuses (it keeps
+    serving the member's version before), by the server's own check (would_break)."""
+    broken: list[EnsembleContractError] = []
+    if not root.is_dir():
+        return broken
+    for path in sorted(root.iterdir()):
+        entry = scan_model(root, path.name)
+        if entry is None or entry.kind != "ensemble":
+            continue
+        try:
+            config = load_ensemble_config(entry.path)
+        except ModelLoadError:
+            continue  # a broken ensemble.yaml: the server serves no configuration of it to break
+        if manifest.name not in config.members:
+            continue
+        members, sizes = member_manifests(root, list(config.members))
+        error = would_break(entry.name, members, manifest, sizes)
+        if error is not None:
+            broken.append(error)
+    return broken
