@@ -3,6 +3,7 @@ used by `quorum validate` and `quorum ensemble create`."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,7 +11,8 @@ from service.errors import ModelLoadError
 from service.repository.config import load_ensemble_config, load_model_config
 from service.repository.contract import EnsembleContractError, check_ensemble
 from service.repository.manifest import VariantManifest, load_version_manifest
-from service.repository.members import Missing, would_break
+from service.repository.members import Missing, contract_of, missing, would_break
+from service.repository.version_plan import plan_refusals, read_candidates
 from service.repository.scan import ModelEntry, scan_model, valid_model_name
 
 
@@ -25,6 +27,8 @@ class ModelReport:
     ignored: str = ""
     """Why the server would not even see this folder as a model."""
     notes: list[str] = field(default_factory=list)
+    degraded: list[str] = field(default_factory=list)
+    """Members an ensemble would answer without (its quorum serves), and why."""
     """What the server serves differently from what a manifest says (a copied version folder)."""
 
 
@@ -56,40 +60,50 @@ def check_artifact(folder: Path, manifest: VariantManifest) -> None:
         raise ModelLoadError(str(folder), f"manifest output '{manifest.output.name}' not in graph outputs {outputs}")
 
 
-def served_manifest(entry: ModelEntry, notes: list[str] | None = None
+def served_manifest(entry: ModelEntry, notes: list[str] | None = None,
+                    refused: Mapping[int, Exception] | None = None
                     ) -> tuple[VariantManifest | str, list[str], int | None]:
     """(the newest served version's manifest, or why there is none; problems of every version
-    the policy wants; that model's max batch size from model.yaml, if set). Copied version
-    folders, served as the folder's name and version, are added to `notes`."""
+    the policy wants; that model's max batch size from model.yaml, if set). As the server
+    does, a version that fails (or is in `refused`, see version_plan) leaves the newest
+    earlier one that loads serving under `latest`. Copied version folders, served as the
+    folder's name and version, are added to `notes`."""
     try:
         config = load_model_config(entry.path)
     except ModelLoadError as exc:
         return str(exc), [str(exc)], None
     batch = config.batching.max_batch_size if config.batching else None
-    wanted = sorted(config.version_policy.select(set(entry.versions)))
-    if not wanted:
+    policy = config.version_policy
+    if not policy.select(set(entry.versions)):
         why = f"{entry.path}: the version policy selects none of versions {sorted(entry.versions)}"
         return why, [why], batch
     problems: list[str] = []
     good: dict[int, VariantManifest] = {}
-    for version in wanted:
-        folder = entry.path / str(version)
-        try:
-            manifest, copied_from = load_version_manifest(folder)
-            check_artifact(folder, manifest)
-            if copied_from and notes is not None:
-                notes.append(f"{entry.name}/{version} is a copy of {copied_from}: served as {entry.name} "
-                             f"version {version}")
-            good[version] = manifest
-        except ModelLoadError as exc:
-            problems.append(str(exc))
+    failed: set[int] = set()
+    while todo := sorted(policy.select(set(entry.versions) - failed) - set(good)):
+        for version in reversed(todo):
+            folder = entry.path / str(version)
+            try:
+                if refused and version in refused:
+                    raise refused[version]
+                manifest, copied_from = load_version_manifest(folder)
+                check_artifact(folder, manifest)
+                if copied_from and notes is not None:
+                    notes.append(f"{entry.name}/{version} is a copy of {copied_from}: served as {entry.name} "
+                                 f"version {version}")
+                good[version] = manifest
+            except ModelLoadError as exc:
+                problems.append(str(exc))
+                failed.add(version)
     if good:
         return good[max(good)], problems, batch
     return "; ".join(problems), problems, batch
 
 
-def member_manifests(root: Path, members: list[str]) -> tuple[dict[str, VariantManifest | str | None], dict[str, int]]:
-    """What check_ensemble takes: each member's manifest, or why it has none, or None."""
+def member_manifests(root: Path, members: list[str], refusals: Mapping[str, Mapping[int, Exception]] | None = None
+                     ) -> tuple[dict[str, VariantManifest | str | None], dict[str, int]]:
+    """What check_ensemble takes: each member's manifest, or why it has none (Missing), or
+    None; with `refusals` (see version_plan), the versions a server starting now serves."""
     found: dict[str, VariantManifest | str | None] = {}
     sizes: dict[str, int] = {}
     for member in members:
@@ -99,16 +113,43 @@ def member_manifests(root: Path, members: list[str]) -> tuple[dict[str, VariantM
         elif entry.kind == "ensemble":
             found[member] = "it is an ensemble; members are single models"
         else:
-            manifest, _, batch = served_manifest(entry)
+            manifest, _, batch = served_manifest(entry, refused=(refusals or {}).get(member))
             found[member] = Missing(manifest) if isinstance(manifest, str) else manifest  # as the server sees it
             if batch is not None:
                 sizes[member] = batch
     return found, sizes
 
 
+def _refusals(root: Path, entries: list[ModelEntry]) -> dict[str, dict[int, Exception]]:
+    """The member versions a server starting on this repository refuses (version_plan)."""
+    ensembles: dict[str, tuple[str, ...]] = {}
+    for entry in entries:
+        if entry.kind == "ensemble":
+            try:
+                ensembles[entry.name] = tuple(load_ensemble_config(entry.path).members)
+            except ModelLoadError:
+                pass
+    members = {m for names in ensembles.values() for m in names}
+    kinds = {e.name: e for e in entries}
+    models = {}
+    for name in members:
+        member = kinds.get(name)
+        if member is not None and member.kind == "variant":
+            try:
+                models[name] = (member, load_model_config(member.path))
+            except ModelLoadError:
+                pass
+    problems = {m: "it is an ensemble; members are single models" for m in members
+                if m in kinds and kinds[m].kind == "ensemble"}
+    return plan_refusals(ensembles, read_candidates(models), None, problems)
+
+
 def check_repository(root: Path) -> list[ModelReport]:
+    """What a server starting on `root` would serve, refuse and serve degraded, model by model."""
     reports: list[ModelReport] = []
     children = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    entries = [e for e in (scan_model(root, p.name) for p in children) if e is not None]
+    refusals = _refusals(root, entries)
     for path in children:
         entry = scan_model(root, path.name)
         if entry is None:
@@ -118,25 +159,42 @@ def check_repository(root: Path) -> list[ModelReport]:
             continue
         report = ModelReport(entry.name, entry.kind)
         if entry.kind == "variant":
-            manifest, problems, _ = served_manifest(entry, report.notes)
+            manifest, problems, _ = served_manifest(entry, report.notes, refusals.get(entry.name))
             report.refused += problems
             if not isinstance(manifest, str):
                 report.served.append(f"version {manifest.version} ({manifest.framework}, "
                                      f"{manifest.input.name} {manifest.input.dtype} {list(manifest.input.shape)}, "
                                      f"{len(manifest.labels)} labels)")
         else:
-            try:
-                config = load_ensemble_config(entry.path)
-                members, sizes = member_manifests(root, list(config.members))
-                spec = check_ensemble(entry.name, members, sizes)
-                report.served.append(f"{len(config.members)} members ({', '.join(config.members)}), "
-                                     f"policy {config.policy}, {len(spec.labels)} labels")
-            except EnsembleContractError as exc:
-                report.refused += [f"ensemble '{entry.name}': {p}" for p in exc.problems]
-            except ModelLoadError as exc:
-                report.refused.append(str(exc))
+            _check_ensemble(root, entry, refusals, report)
         reports.append(report)
     return reports
+
+
+def _check_ensemble(root: Path, entry: ModelEntry, refusals: Mapping[str, Mapping[int, Exception]],
+                    report: ModelReport) -> None:
+    """The server's rules: the contract over the members that are there; fewer than the
+    quorum of them is a refusal (naming the missing members), more is degraded."""
+    try:
+        config = load_ensemble_config(entry.path)
+        members, sizes = member_manifests(root, list(config.members), refusals)
+        spec = contract_of(entry.name, members, sizes)
+    except EnsembleContractError as exc:
+        report.refused += [f"ensemble '{entry.name}': {p}" for p in exc.problems]
+        return
+    except ModelLoadError as exc:
+        report.refused.append(str(exc))
+        return
+    gone = missing(members)
+    lines = [f"member '{m}' has no loadable version ({why})" for m, why in gone.items()]
+    if len(config.members) - len(gone) < config.min_members:
+        report.refused += [f"ensemble '{entry.name}': {len(config.members) - len(gone)} of its "
+                           f"{len(config.members)} members serve, fewer than its quorum {config.min_members}"]
+        report.refused += [f"ensemble '{entry.name}': {line}" for line in lines]
+        return
+    report.served.append(f"{len(config.members)} members ({', '.join(config.members)}), "
+                         f"policy {config.policy}, {len(spec.labels)} labels")
+    report.degraded += lines
 
 
 def ensembles_broken_by(root: Path, manifest: VariantManifest) -> list[EnsembleContractError]:

@@ -64,10 +64,13 @@ def validate(args: argparse.Namespace) -> int:
         if report.ignored:
             print(f"ignored  {report.name}: {report.ignored}")
             continue
-        status = "REFUSED" if report.refused and not report.served else ("partly" if report.refused else "ok")
-        print(f"{status:7}  {report.name} ({report.kind}){': ' + '; '.join(report.served) if report.served else ''}")
+        status = "REFUSED" if report.refused and not report.served else (
+            "partly" if report.refused else "degraded" if report.degraded else "ok")
+        print(f"{status:8} {report.name} ({report.kind}){': ' + '; '.join(report.served) if report.served else ''}")
         for why in report.refused:
             print(f"         refused: {why}")
+        for why in report.degraded:
+            print(f"         serves without: {why}")
         for note in report.notes:
             print(f"         note: {note}")
         refused += bool(report.refused)

@@ -125,3 +125,22 @@ async def test_a_member_folder_gone_degrades_its_ensemble_and_its_return_restore
         assert manager.ensemble("trio").spec.labels == spec.labels
     finally:
         await manager.stop()
+
+
+async def test_validate_reports_what_a_fresh_manager_refuses_and_serves(scratch_repo, tmp_path):
+    from service.export.repository_check import check_repository
+
+    root = _repo(scratch_repo)
+    _relabelled(root, "digits_mlp_a", 2)
+    _without_manifest(root, "digits_cnn_a", 2)
+    running, fresh = await _both(root, lambda root: None)
+    reports = {r.name: r for r in check_repository(root)}
+    for name in ("digits_mlp_a", "digits_cnn_a"):
+        versions, failed = fresh[name]
+        assert reports[name].served[0].startswith(f"version {versions[-1]} ")
+        assert reports[name].refused == [failed[2]]
+    assert reports["trio"].refused == [] and reports["trio"].degraded == []
+    shutil.move(root / "digits_logreg", tmp_path / "digits_logreg")
+    trio = {r.name: r for r in check_repository(root)}["trio"]
+    assert trio.served and trio.degraded == ["member 'digits_logreg' has no loadable version "
+                                             "(it is not in the repository)"]
