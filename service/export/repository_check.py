@@ -123,12 +123,14 @@ def member_manifests(root: Path, members: list[str], refusals: Mapping[str, Mapp
 def _refusals(root: Path, entries: list[ModelEntry]) -> dict[str, dict[int, Exception]]:
     """The member versions a server starting on this repository refuses (version_plan)."""
     ensembles: dict[str, tuple[str, ...]] = {}
+    quorums: dict[str, int] = {}
     for entry in entries:
         if entry.kind == "ensemble":
             try:
-                ensembles[entry.name] = tuple(load_ensemble_config(entry.path).members)
+                config = load_ensemble_config(entry.path)
             except ModelLoadError:
-                pass
+                continue
+            ensembles[entry.name], quorums[entry.name] = tuple(config.members), config.min_members
     members = {m for names in ensembles.values() for m in names}
     kinds = {e.name: e for e in entries}
     models = {}
@@ -141,7 +143,7 @@ def _refusals(root: Path, entries: list[ModelEntry]) -> dict[str, dict[int, Exce
                 pass
     problems = {m: "it is an ensemble; members are single models" for m in members
                 if m in kinds and kinds[m].kind == "ensemble"}
-    return plan_refusals(ensembles, read_candidates(models), None, problems)
+    return plan_refusals(ensembles, read_candidates(models), None, problems, quorums)
 
 
 def check_repository(root: Path) -> list[ModelReport]:

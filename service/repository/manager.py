@@ -274,6 +274,7 @@ class ModelManager:
             self._synced = True
             for entry in variants:
                 await self._sync_variant(entry)
+            self._refusals = {}  # the first scan's: every version it refused was tried by now
             self._check_ensembles()
 
     def _plan_refusals(self) -> dict[str, dict[int, Exception]]:
@@ -285,7 +286,8 @@ class ModelManager:
         return plan_refusals(
             {n: c.members for n, c in configs.items()}, read_candidates(models),
             {n: self._member_batch_sizes(c.members) for n, c in configs.items()},
-            {m: "it is an ensemble; members must be models" for m in members if m in self.ensembles})
+            {m: "it is an ensemble; members must be models" for m in members if m in self.ensembles},
+            {n: c.min_members for n, c in configs.items()})
 
     def _sync_ensemble(self, entry: ModelEntry) -> None:
         current = self.ensembles.get(entry.name)

@@ -31,15 +31,20 @@ MAX_CHECKS = 4096
 def plan_refusals(ensembles: Mapping[str, Sequence[str]],
                   candidates: Mapping[str, Sequence[VariantManifest]],
                   max_batch_sizes: Mapping[str, Mapping[str, int]] | None = None,
-                  problems: Mapping[str, str] | None = None) -> dict[str, dict[int, Exception]]:
+                  problems: Mapping[str, str] | None = None,
+                  quorums: Mapping[str, int] | None = None) -> dict[str, dict[int, Exception]]:
     """model -> {version: the error it is refused with}.
 
     `ensembles`: each ensemble's members, in configuration order. `candidates`: each model's
     versions that the server may serve, with a manifest that loads, newest first (the versions
     its policy selects, and the earlier ones it falls back to). `max_batch_sizes`: per
     ensemble, its members' model.yaml batch sizes. `problems`: members that are not models
-    (an ensemble named as a member), which fail the contract whatever is chosen."""
-    chosen: dict[str, int] = {}  # model -> index into its candidates, once an ensemble decided it
+    (an ensemble named as a member), which fail the contract whatever is chosen. `quorums`:
+    per ensemble, the fewest members that must serve; when no earlier versions fit, members
+    whose every version would break the ensemble are left out (all their versions refused,
+    as a running server refuses a member that comes back with another label set), provided
+    that many still serve."""
+    chosen: dict[str, int] = {}  # model -> index into its candidates (its count: left out), once decided
     refused: dict[str, dict[int, Exception]] = {}
     for name in sorted(ensembles):
         members = list(ensembles[name])
@@ -49,15 +54,19 @@ def plan_refusals(ensembles: Mapping[str, Sequence[str]],
         def at(assignment: Mapping[str, int]) -> Members:
             out: dict[str, VariantManifest | str | None] = {}
             for m in members:
+                index = assignment.get(m, chosen.get(m, 0))
                 if problems and m in problems:
                     out[m] = problems[m]
-                elif candidates.get(m):
-                    out[m] = candidates[m][assignment.get(m, chosen.get(m, 0))]
+                elif candidates.get(m) and index < len(candidates[m]):
+                    out[m] = candidates[m][index]
                 else:
                     out[m] = NOT_IN_REPOSITORY
             return out
 
-        found = _search(name, free, candidates, at, sizes)
+        quorum = (quorums or {}).get(name, 1)
+        found = _search(name, free, candidates, at, sizes, 0)
+        if found is None:
+            found = _search(name, free, candidates, at, sizes, quorum)
         for m in free:
             chosen[m] = (found or {}).get(m, 0)
         for m, index in (found or {}).items():
@@ -70,15 +79,21 @@ def plan_refusals(ensembles: Mapping[str, Sequence[str]],
 
 
 def _search(name: str, free: list[str], candidates: Mapping[str, Sequence[VariantManifest]], at,
-            sizes: Mapping[str, int]) -> dict[str, int] | None:
+            sizes: Mapping[str, int], quorum: int) -> dict[str, int] | None:
     """The assignment that takes the fewest members back (the earliest members in
     configuration order, then their newest earlier versions, first) for which the contract
-    holds; {} when it holds as it is; None when none does."""
+    holds; {} when it holds as it is; None when none does. With `quorum` (> 0), a member
+    may also be left out (index: its number of candidates) if `quorum` members still have one."""
     checks = 0
     for k in range(len(free) + 1):
         for subset in itertools.combinations(free, k):
-            for indices in itertools.product(*(range(1, len(candidates[m])) for m in subset)):
+            options = [range(1, len(candidates[m]) + (1 if quorum else 0)) for m in subset]
+            for indices in itertools.product(*options):
                 assignment = dict(zip(subset, indices))
+                if quorum and (all(i < len(candidates[m]) for m, i in assignment.items())
+                               or sum(not isinstance(v, str) and v is not None
+                                      for v in at(assignment).values()) < quorum):
+                    continue  # (the first pass tried it) or too few members would be left
                 checks += 1
                 if checks > MAX_CHECKS:
                     return None

@@ -48,7 +48,7 @@ class Failures:
 
 
 async def test_a_failed_contract_is_logged_and_counted_once_over_many_syncs(scratch_repo, caplog):
-    _repo(scratch_repo, MEMBERS + ["digits_relabelled"])  # (a member that is gone only degrades it)
+    _repo(scratch_repo, ["digits_mlp_a", "digits_relabelled"])  # (one that is gone only degrades it)
     _relabel(copy_variant("digits_logreg", scratch_repo, as_name="digits_relabelled"), [f"c{i}" for i in range(10)])
     failures = Failures()
     manager = ModelManager(Settings(model_repository=scratch_repo, poll_interval_s=0, device="cpu"), failures)

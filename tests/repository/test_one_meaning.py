@@ -28,6 +28,7 @@ def _relabelled(root, name, version):
     manifest = json.loads((staged / "variant.json").read_text())
     manifest["labels"] = [f"c{i}" for i in range(10)]
     (staged / "variant.json").write_text(json.dumps(manifest))
+    (root / name).mkdir(exist_ok=True)
     return staged.rename(root / name / str(version))
 
 
@@ -144,3 +145,27 @@ async def test_validate_reports_what_a_fresh_manager_refuses_and_serves(scratch_
     trio = {r.name: r for r in check_repository(root)}["trio"]
     assert trio.served and trio.degraded == ["member 'digits_logreg' has no loadable version "
                                              "(it is not in the repository)"]
+
+
+async def test_a_member_back_with_another_label_set_is_refused_by_a_fresh_manager_as_by_a_running_one(
+        scratch_repo, tmp_path):
+    root = _repo(scratch_repo)
+    running = _manager(root)
+    await running.start()
+    try:
+        shutil.move(root / "digits_logreg", tmp_path / "digits_logreg")
+        await running.sync()
+        _relabelled(root, "digits_logreg", 1)  # back, as another model
+        await running.sync()
+        fresh = _manager(root)
+        await fresh.start()
+        try:
+            assert _served(running) == _served(fresh)
+            for m in (running, fresh):
+                assert m.is_ready("trio") and list(m.missing_members("trio")) == ["digits_logreg"]
+            [(version, error)] = fresh.variants["digits_logreg"].failed.items()
+            assert version == 1 and "refused: it would break ensemble 'trio'" in error
+        finally:
+            await fresh.stop()
+    finally:
+        await running.stop()
