@@ -13,6 +13,7 @@ import urllib.request
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tensorflow_serving.apis import (
     get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc, predict_pb2,
     prediction_service_pb2_grpc)
@@ -207,9 +208,29 @@ def test_with_any_one_member_unloaded_the_ensemble_answers_on_every_protocol(cli
         [status] = quorum.GetStatus(pb.GetStatusRequest(model="aligned"), timeout=10).models
         assert (status.quorum, status.serving_members) == (2, 2)
         assert status.versions[0].state == pb.VERSION_STATE_READY
+        assert status.degraded and list(status.members_missing) == [member]  # reported as degraded
+        assert status.versions[0].reason == f"degraded: answering without member '{member}' (it was unloaded)"
+        _wait_health(channel, "aligned/complete", health_pb2.HealthCheckResponse.NOT_SERVING)
+        assert _health(channel, "aligned") == health_pb2.HealthCheckResponse.SERVING
     finally:
         client.load_model(member)
     assert client.is_model_ready(member)
+    _wait_health(channel, "aligned/complete", health_pb2.HealthCheckResponse.SERVING)  # whole again
+    [status] = quorum.GetStatus(pb.GetStatusRequest(model="aligned"), timeout=10).models
+    assert not status.degraded and list(status.members_missing) == []
+
+
+def _health(channel, service: str) -> int:
+    return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+
+def _wait_health(channel, service: str, status: int, timeout: float = 30) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if _health(channel, service) == status:
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"health of {service!r} not {status} after {timeout}s")
 
 
 def _wait_selection_without(quorum, ensemble: str, member: str, timeout: float = 60) -> None:

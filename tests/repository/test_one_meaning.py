@@ -169,3 +169,16 @@ async def test_a_member_back_with_another_label_set_is_refused_by_a_fresh_manage
             await fresh.stop()
     finally:
         await running.stop()
+
+
+async def test_a_member_that_fails_to_load_degrades_its_ensemble(scratch_repo):
+    root = _repo(scratch_repo)
+    (root / "digits_cnn_a" / "1" / "model.onnx").write_bytes(b"not an onnx graph")
+    manager = _manager(root)
+    await manager.start()
+    try:
+        assert manager.is_ready("trio")
+        [(member, why)] = manager.missing_members("trio").items()
+        assert member == "digits_cnn_a" and why.startswith("version 1 failed to load (")
+    finally:
+        await manager.stop()
