@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 PROTO_STAMP := service/_proto/.generated
 
-.PHONY: serve test venv test-venv protos models bench lint clean prometheus image image-gpu image-test image-tools
+.PHONY: serve test venv test-venv protos models bench lint clean prometheus redis image image-gpu image-test image-tools
 
 # What serving needs (`make serve`): the package and its dependencies, no test toolchain.
 venv: $(STAMP) $(PROTO_STAMP)
@@ -44,6 +44,12 @@ prometheus:
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus; }
 
+# redis-server for the shared feedback store's tests (tests/redis_server.py starts one per test on a free port).
+redis:
+	@command -v redis-server >/dev/null || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server; }
+
 # Static checks, one command a line; `make test` runs them first and stops on a failure.
 # mypy: types over service/ (settings in pyproject.toml, [tool.mypy]).
 lint: test-venv
@@ -60,7 +66,7 @@ ifndef SEED
 SEED := $(shell od -An -N4 -tu4 /dev/urandom | tr -d ' ')
 endif
 TEST_WORKERS ?= 3
-test: test-venv lint prometheus
+test: test-venv lint prometheus redis
 	rm -f .coverage .coverage.*
 	@echo "test order seed $(SEED) (make test SEED=$(SEED) runs the same order)"
 	COVERAGE_FILE=$(CURDIR)/.coverage $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile \

@@ -23,6 +23,7 @@ from service.ensemble.voting import Vote, calibrate, vote
 from service.errors import DeadlineExceeded, FailedPrecondition, ModelNotFound, ModelNotReady
 from service.monitoring.stages import COLLECTOR, Stage, record
 from service.objectives.feedback import FeedbackStore
+from service.objectives.store import Store
 from service.objectives.selection import blend
 from service.objectives.tracker import MemberInfo, ObjectiveTracker
 from service.repository.config import Policy
@@ -98,12 +99,12 @@ class AnswerObserver(Protocol):
 
 
 class DataPlane:
-    def __init__(self, manager: ModelManager, feedback: FeedbackStore | None = None,
+    def __init__(self, manager: ModelManager, feedback: Store | None = None,
                  observer: AnswerObserver | None = None) -> None:
         self.manager = manager
         self.clock = manager.clock  # the manager's (its batchers'): deadlines compare on one clock
         self.observer = observer
-        self.feedback = feedback or FeedbackStore()
+        self.feedback: Store = feedback or FeedbackStore()
         self.trackers: dict[str, ObjectiveTracker] = {}
         self._shadow_tasks: set[asyncio.Task] = set()
         self._info: dict[str, tuple] = {}  # model -> (what it was built from..., ModelInfo)
@@ -393,7 +394,7 @@ class DataPlane:
                 infos[member] = self._member_info(served, spec.labels)
         if not infos:
             return
-        rows = list(self.feedback.rows.get(name, ()))
+        rows = self.feedback.live_rows(name)
         live = {m: self.feedback.live(f"{name}/{m}") for m in infos}
         tracker.stacked_weights = ensemble.calibration.weights
         await asyncio.to_thread(tracker.evaluate, infos, rows, live)

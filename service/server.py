@@ -40,6 +40,7 @@ from service.liveness import LoopWatchdog
 from service.monitoring.monitor import Monitor
 from service.monitoring.tracing import Tracing
 from service.monitoring.statistics import Statistics
+from service.objectives.state import open_store, startup_line
 from service.repository.manager import ModelManager
 from service.settings import Settings
 from service.workers import WorkerBarrier
@@ -87,7 +88,9 @@ class QuorumServer:
         # The monitor observes the manager and forwards to the statistics (ModelStatistics RPC).
         self.monitor = Monitor(settings, self.statistics) if settings.monitoring else None
         self.manager = ModelManager(settings, self.monitor or self.statistics)
-        data = DataPlane(self.manager, observer=self.monitor)
+        store = open_store(settings.state_url, password_file=settings.state_password_file, ttl_s=settings.state_ttl_s,
+                           refresh_s=settings.state_refresh_s, queue_size=settings.state_queue)
+        data = DataPlane(self.manager, store, observer=self.monitor)
         self.api = ApiContext(self.manager, data, self.statistics)
         if self.monitor:
             self.monitor.attach(self.manager, self.api.feedback, data.trackers, data.queued)
@@ -126,6 +129,7 @@ class QuorumServer:
             self.metrics_port = self.monitor.start_http(self.settings.metrics_host, self.settings.metrics_port)
             log.info("Prometheus /metrics on port %d", self.metrics_port)
         self.watchdog.start()
+        await self._start_store()
         if barrier is None:
             await self._open_ports()
             await self._load()
@@ -139,6 +143,20 @@ class QuorumServer:
         self._health_task = asyncio.create_task(self._follow_health(), name="health")
         self._objectives_task = asyncio.create_task(
             self.api.data.run_objectives(self.settings.objective_interval_s), name="objectives")
+
+    async def _start_store(self) -> None:
+        """The feedback store: a malformed or unreachable one is one line, then a refusal to
+        start with --state-required, else the server serves and Feedback answers UNAVAILABLE."""
+        problem = await self.api.feedback.start()
+        if problem is None:
+            log.info("feedback store: %s", self.api.feedback.name)
+            return
+        line = startup_line(self.api.feedback, problem)
+        if self.settings.state_required:
+            await self.api.feedback.stop()
+            raise RuntimeError(f"{line} (--state-required)")
+        log.error("%s; serving without it (Feedback answers UNAVAILABLE until it answers; "
+                  "--state-required refuses to start instead)", line)
 
     def _build_grpc(self) -> None:
         """The gRPC server with every service registered; no port yet."""
@@ -276,6 +294,7 @@ class QuorumServer:
         if http_stopped:
             await http_stopped
         await self.manager.stop()
+        await self.api.feedback.stop()  # after the last request: what they recorded is written
         if self.monitor:
             await self.monitor.stop()
         await asyncio.to_thread(self.tracing.shutdown)  # flushes the spans still queued

@@ -140,6 +140,24 @@ class Settings(BaseSettings):
     """Share of new traces sampled (parent-based: a caller's sampled trace always continues);
     OTEL_TRACES_SAMPLER/OTEL_TRACES_SAMPLER_ARG, when set, win."""
 
+    state_url: str | None = None
+    """Redis URL of the store shared by every replica (redis://host:port/db, rediss:// for TLS):
+    predictions awaiting ground truth and the fleet's live accuracy. Unset: in process, so a
+    Feedback call counts only on the replica that answered the request."""
+    state_password_file: Path | None = None
+    """File holding the Redis password (wins over one in the URL)."""
+    state_ttl_s: float = Field(86400.0, gt=0)
+    """Seconds a prediction waits in the shared store for its label."""
+    state_required: bool = False
+    """Refuse to start when the shared store's URL is malformed or it is unreachable at
+    start; off, the server starts, says so in one line and serves (Feedback UNAVAILABLE)."""
+    state_refresh_s: float = Field(1.0, gt=0)
+    """Seconds between reads of the fleet's live accuracy from the shared store."""
+    state_queue: int = Field(10_000, ge=1)
+    """Predictions waiting for the shared store's writer; beyond, they are counted as unstored."""
+    max_feedback_labels: int = Field(100_000, ge=1)
+    """Most labels one Feedback call may carry (more: INVALID_ARGUMENT)."""
+
     @field_validator("auth_token")
     @classmethod
     def _token_not_empty(cls, value: str | None) -> str | None:

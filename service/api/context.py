@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from service.dataplane import DataPlane, InferenceResult
 from service.monitoring.stages import annotate
 from service.monitoring.statistics import Statistics
-from service.objectives.feedback import FeedbackStore
+from service.objectives.store import Store
 from service.repository.manager import ModelManager, State
 from service.repository.members import degraded_reason
 
@@ -25,7 +25,7 @@ class ApiContext:
     """The first load of the repository has finished."""
 
     @property
-    def feedback(self) -> FeedbackStore:
+    def feedback(self) -> Store:
         return self.data.feedback
 
     def ready(self) -> bool:

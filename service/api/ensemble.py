@@ -16,6 +16,7 @@ from service.logs import REQUEST_ID
 from service.codecs import v2 as codec
 from service.codecs.dtypes import from_v2
 from service.errors import InvalidInput, QuorumError
+from service.objectives.store import check_label_count
 from service.repository.config import Policy
 from service.repository.manager import EnsembleModel, State
 from service.repository.members import degraded_reason
@@ -87,18 +88,11 @@ class EnsembleServicer(pb_grpc.EnsembleServiceServicer):
         return response
 
     async def Feedback(self, request: pb.FeedbackRequest, context: grpc.aio.ServicerContext) -> pb.FeedbackResponse:
-        now = time.time()
-        accepted, rejected = 0, 0
-        unknown: dict[str, None] = {}  # a dict: ordered, and O(1) to deduplicate
-        for item in request.labels:
-            try:
-                if self.api.feedback.add(item.request_id, item.row, item.label, now):
-                    accepted += 1
-                else:
-                    rejected += 1
-            except KeyError:
-                unknown[item.request_id] = None
-        return pb.FeedbackResponse(accepted=accepted, unknown_ids=list(unknown), rejected=rejected)
+        # bounded, then a chunk per turn of the loop (the store's): a large call never holds it
+        check_label_count(len(request.labels), self.api.manager.settings.max_feedback_labels)
+        outcome = await self.api.feedback.add_labels(request.labels, time.time())
+        return pb.FeedbackResponse(accepted=outcome.accepted, unknown_ids=list(outcome.unknown),
+                                   rejected=outcome.rejected)
 
     async def GetStatus(self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext) -> pb.GetStatusResponse:
         manager = self.api.manager

@@ -24,13 +24,14 @@ import numpy as np
 from prometheus_client.core import CounterMetricFamily
 
 from service.monitoring import drift
+from service.monitoring.feedback_metrics import feedback_counters
 from service.monitoring.metrics import (Catalogue, GpuCollector, HeldObservations, MetricsServer, StateCollector, gauge,
                                         observe_many)
 from service.monitoring.statistics import Statistics
 
 if TYPE_CHECKING:  # no import cycles at run time; nothing here imports grpc
     from service.dataplane import InferenceResult
-    from service.objectives.feedback import FeedbackStore
+    from service.objectives.store import Store
     from service.objectives.tracker import ObjectiveTracker
     from service.repository.manager import ModelManager
     from service.settings import Settings
@@ -79,7 +80,7 @@ class Monitor:
         self.queued: Callable[[], dict[str, int]] = dict
         self.gpus = GpuCollector()
         self.manager: ModelManager | None = None
-        self.feedback: FeedbackStore | None = None
+        self.feedback: Store | None = None
         self.window = settings.drift_window
         self.min_rows = min(settings.drift_min_rows, settings.drift_window)
         self.drift_windows: dict[str, drift.DriftWindow] = {}
@@ -104,7 +105,7 @@ class Monitor:
         self.registry.register(self.gpus)
 
     # -- lifecycle -------------------------------------------------------------------------
-    def attach(self, manager: "ModelManager", feedback: "FeedbackStore",
+    def attach(self, manager: "ModelManager", feedback: "Store",
                trackers: dict[str, "ObjectiveTracker"] | None = None,
                queued: Callable[[], dict[str, int]] | None = None) -> None:
         """The state exported at scrape time: models, feedback and satisficing trackers, and
@@ -388,11 +389,11 @@ class Monitor:
         if feedback is None:
             return
         accuracy, samples = [], []
-        for key, window in list(feedback.accuracy.items()):
+        for key, (value, count) in feedback.live_all().items():  # the fleet's, with a shared store
             model, _, member = key.partition("/")
-            if window.value is not None:
-                accuracy.append(([model, member], window.value))
-            samples.append(([model, member], float(window.samples)))
+            if value is not None:
+                accuracy.append(([model, member], value))
+            samples.append(([model, member], float(count)))
         yield gauge("quorum_live_accuracy", "Accuracy on the last labelled live rows (feedback), for a "
                     "model, or for one member's own vote within an ensemble (member label).",
                     ["model", "member"], accuracy)
@@ -401,6 +402,7 @@ class Monitor:
         if feedback.last_feedback_at is not None:
             yield gauge("quorum_feedback_last_timestamp_seconds", "Unix time of the last accepted feedback label.",
                         [], [([], feedback.last_feedback_at)])
+        yield from feedback_counters(feedback)
 
     def _collect_drift(self) -> Iterable:
         fill = [([name], w.fill) for name, w in list(self.drift_windows.items())]

@@ -1,4 +1,4 @@
-"""Ground-truth feedback: a bounded store of recent predictions by request id, and live
+"""The in-process feedback store (the default): recent predictions by request id, and live
 accuracy over a sliding window of labelled rows, for each model and ensemble member.
 
 The store is bounded by count and by bytes, and costs O(1) per stored prediction and per
@@ -15,11 +15,15 @@ from typing import Any
 
 import numpy as np
 
+from service.objectives.store import FEEDBACK_CHUNK, FeedbackOutcome, LiveRow, PodCounters, per_member, score
+
+__all__ = ["FeedbackStore", "LiveRow", "SlidingAccuracy"]
 
 
 @dataclass(frozen=True)
 class _Prediction:
     model: str
+    version: int
     labels: tuple[str, ...]
     predicted: np.ndarray
     """(n,) the answer's class index per row."""
@@ -30,14 +34,6 @@ class _Prediction:
     """Bytes this entry holds (arrays and id), for the store's byte bound."""
     labelled: set[int] = field(default_factory=set)
     """Rows already labelled (each row is scored once)."""
-
-
-@dataclass(frozen=True)
-class LiveRow:
-    """One labelled row: the truth and what each member (at its version) said."""
-
-    truth: int
-    members: dict[str, tuple[int, np.ndarray]]
 
 
 class SlidingAccuracy:
@@ -63,6 +59,11 @@ class SlidingAccuracy:
 
 
 class FeedbackStore:
+    """One process's predictions and labels (service.objectives.store.Store): with N
+    replicas, a label counts only on the replica that answered its request."""
+
+    name = "in-process"
+
     def __init__(self, capacity: int = 20_000, window: int = 1000, max_bytes: int = 256 * 1024 * 1024) -> None:
         self._capacity = capacity
         self._max_bytes = max_bytes
@@ -75,6 +76,7 @@ class FeedbackStore:
         self.rows: dict[str, deque[LiveRow]] = {}
         """Labelled rows by model, for replaying member subsets (satisficing selection)."""
         self.last_feedback_at: float | None = None
+        self.counters = PodCounters()
 
     def record(self, request_id: str, result) -> None:  # result: service.dataplane.InferenceResult
         """Remember a request's answers (oldest forgotten first beyond the capacity)."""
@@ -87,7 +89,8 @@ class FeedbackStore:
         old = self._predictions.pop(request_id, None)  # an id sent again: the latest answer counts
         if old is not None:
             self.bytes -= old.size
-        self._predictions[request_id] = _Prediction(result.model, result.labels, vote.label_index, members, size)
+        self._predictions[request_id] = _Prediction(result.model, result.version, result.labels, vote.label_index,
+                                                    members, size)
         self.bytes += size
         while len(self._predictions) > self._capacity or (self.bytes > self._max_bytes and len(self._predictions) > 1):
             _, forgotten = self._predictions.popitem(last=False)
@@ -95,6 +98,22 @@ class FeedbackStore:
 
     def __len__(self) -> int:
         return len(self._predictions)
+
+    async def add_labels(self, labels, now: float) -> FeedbackOutcome:
+        """Score each label (request_id, row, label), a chunk per turn of the event loop."""
+        outcome = FeedbackOutcome()
+        for start in range(0, len(labels), FEEDBACK_CHUNK):
+            if start:
+                await asyncio.sleep(0)  # let requests in between chunks
+            for item in labels[start:start + FEEDBACK_CHUNK]:
+                try:
+                    if self.add(item.request_id, item.row, item.label, now):
+                        outcome.accepted += 1
+                    else:
+                        outcome.rejected += 1
+                except KeyError:
+                    outcome.unknown[item.request_id] = None
+        return outcome
 
     def add(self, request_id: str, row: int, label: str, now: float) -> bool:
         """Score one labelled row; False when the row or label is out of range or the row is
@@ -108,16 +127,21 @@ class FeedbackStore:
             return False
         truth = prediction.labels.index(label)
         prediction.labelled.add(row)
-        self._window_for(prediction.model).add(bool(prediction.predicted[row] == truth))
-        live = LiveRow(truth, {})
-        per_member = len(prediction.members) > 1 or prediction.model not in prediction.members
+        separate = per_member(prediction.model, prediction.members)
+        ready = {}
         for member, (version, answer) in prediction.members.items():
             if isinstance(answer, asyncio.Future) and not answer.done():
-                # A shadow call still running: score it when it finishes.
-                answer.add_done_callback(functools.partial(
-                    self._score, prediction.model, live, member, version, row=row, per_member=per_member))
-            else:
-                self._score(prediction.model, live, member, version, answer, row, per_member)
+                continue  # a shadow call still running: scored when it finishes (below)
+            probs = _resolved(answer)
+            if probs is not None:
+                ready[member] = (version, probs[row])
+        live, outcomes = score(prediction.model, prediction.version, int(prediction.predicted[row]), truth, ready,
+                               separate)
+        self._count(outcomes)
+        for member, (version, answer) in prediction.members.items():
+            if isinstance(answer, asyncio.Future) and not answer.done():
+                answer.add_done_callback(functools.partial(self._score_shadow, prediction.model, live, member,
+                                                           version, row, separate))
         rows = self.rows.get(prediction.model)
         if rows is None:
             rows = self.rows[prediction.model] = deque(maxlen=self._window)
@@ -125,17 +149,20 @@ class FeedbackStore:
         self.last_feedback_at = now
         return True
 
-    def _score(self, model: str, live: LiveRow, member: str, version: int, answer: Any, row: int,
-               per_member: bool) -> None:
-        """Add one member's answer on a labelled row (a shadow task's result once it is done)."""
-        if isinstance(answer, asyncio.Future):
-            if answer.cancelled() or answer.exception() is not None or answer.result() is None:
-                return
-            answer = answer.result()
-        probs = answer[row]
-        live.members[member] = (version, probs)
-        if per_member:
-            self._window_for(f"{model}/{member}").add(bool(probs.argmax() == live.truth))
+    def _score_shadow(self, model: str, live: LiveRow, member: str, version: int, row: int, separate: bool,
+                      answer: asyncio.Future) -> None:
+        """A shadow member's answer on a labelled row, once its call has finished."""
+        probs = _resolved(answer)
+        if probs is None:
+            return
+        live.members[member] = (version, probs[row])
+        if separate:
+            self._count([(model, member, version, int(probs[row].argmax()) == live.truth)])
+
+    def _count(self, outcomes: list[tuple[str, str, int, bool]]) -> None:
+        for model, member, _, correct in outcomes:
+            self._window_for(f"{model}/{member}" if member else model).add(correct)
+        self.counters.add(outcomes)
 
     def _window_for(self, key: str) -> SlidingAccuracy:
         window = self.accuracy.get(key)
@@ -147,3 +174,27 @@ class FeedbackStore:
         """(accuracy, samples) for a model, or for "ensemble/member"."""
         window = self.accuracy.get(key)
         return (window.value, window.samples) if window else (None, 0)
+
+    def live_all(self) -> dict[str, tuple[float | None, int]]:
+        return {key: (window.value, window.samples) for key, window in list(self.accuracy.items())}
+
+    def live_rows(self, model: str) -> list[LiveRow]:
+        return list(self.rows.get(model, ()))
+
+    def available(self) -> bool:
+        return True
+
+    async def start(self) -> str | None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+
+def _resolved(answer: Any) -> np.ndarray | None:
+    """A member's probabilities: the array, or a finished shadow task's result (None if it failed)."""
+    if isinstance(answer, asyncio.Future):
+        if answer.cancelled() or answer.exception() is not None:
+            return None
+        return answer.result()
+    return answer

@@ -1,0 +1,302 @@
+"""The Redis feedback store: predictions awaiting ground truth, the fleet's window of labelled
+rows and its counters in one Redis, so that any replica accepts Feedback for any prediction.
+
+The request path only appends to a bounded queue; a background writer stores each batch of
+queued predictions in one pipeline (SET with a TTL). Live accuracy is read back on a period,
+never per request. When Redis is slow or down, inference goes on: predictions that cannot be
+stored are counted (and logged once per episode), Feedback raises StoreUnavailable, and both
+resume by themselves when Redis answers again.
+
+Keys (prefix quorum:): p:<id> a prediction (TTL), l:<id> its labelled rows (a set: a row is
+scored once across the fleet; TTL), r:<model> the last `window` labelled rows (a list),
+s:<model> rows ever pushed (read to skip unchanged windows), c:<model> labelled/correct
+counters per member and version (a hash: "labelled|<member>|<version>"), models (a set).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter, deque
+from collections.abc import Awaitable
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from service.objectives.state_codec import (StoredPrediction, decode_prediction, decode_row, encode_prediction,
+                                            encode_row, window_accuracy)
+from service.objectives.store import (FEEDBACK_CHUNK, FeedbackOutcome, LiveRow, PodCounters, StoreUnavailable,
+                                      per_member, score)
+
+log = logging.getLogger(__name__)
+KEY = "quorum:"
+ERRORS = (RedisError, OSError, TimeoutError)
+WRITE_BATCH = 256
+"""Predictions stored per pipeline."""
+SHADOW_WAIT_S = 1.0
+"""How long the writer waits for a prediction's background (shadow) members to answer."""
+QUIET_S = 5.0
+"""An episode of unstored predictions ends once writes succeed this long after the last drop."""
+
+
+def _why(exc: BaseException, timeout_s: float) -> str:
+    if isinstance(exc, TimeoutError) and not str(exc):
+        return f"no answer within {timeout_s:g} s"
+    return str(exc) or type(exc).__name__
+
+
+class RedisStore:
+    def __init__(self, url: str, name: str, *, password: str | None = None, ttl_s: float = 86400.0,
+                 refresh_s: float = 1.0, queue_size: int = 10_000, queue_bytes: int = 64 * 1024 * 1024,
+                 window: int = 1000, timeout_s: float = 1.0, broken: str | None = None) -> None:
+        self.name = name
+        self.counters = PodCounters()
+        self.last_feedback_at: float | None = None
+        self._broken = broken  # why the URL cannot work (malformed): never connects
+        self._client: Redis | None = None if broken else Redis.from_url(
+            url, password=password, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 0))  # no retries: a request never waits, a write that fails is counted
+        self._ttl = max(1, round(ttl_s))
+        self._refresh_s, self._timeout_s, self._window = refresh_s, timeout_s, window
+        self._queue: deque[tuple[str, Any, int]] = deque()
+        self._queue_size, self._queue_bytes, self._queued = queue_size, queue_bytes, 0
+        self._wake = asyncio.Event()
+        self._writing = False
+        self._reachable = False
+        self._episode = 0  # predictions unstored since the episode began (0: none going on)
+        self._last_drop = 0.0
+        self._seq: dict[str, int] = {}
+        self._rows: dict[str, list[LiveRow]] = {}
+        self._live: dict[str, dict[str, tuple[float | None, int]]] = {}  # model -> key -> (accuracy, samples)
+        self._tasks: list[asyncio.Task] = []
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> str | None:
+        if self._broken is not None:
+            return self._broken
+        problem = None
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await self._redis().ping()
+            self._reachable = True
+        except ERRORS as exc:
+            problem = f"unreachable ({_why(exc, self._timeout_s)})"
+        self._tasks = [asyncio.create_task(self._write_loop(), name="state-writer"),
+                       asyncio.create_task(self._refresh_loop(), name="state-refresh")]
+        return problem
+
+    async def stop(self) -> None:
+        """Give the writer a moment to store what is queued, then close."""
+        deadline = time.monotonic() + 2 * self._timeout_s
+        while (self._queue or self._writing) and self._tasks and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._client is not None:
+            await self._client.aclose()
+
+    def _redis(self) -> Redis:
+        assert self._client is not None  # a broken store never gets this far
+        return self._client
+
+    def available(self) -> bool:
+        return self._reachable
+
+    # -- predictions: the request path and the writer ------------------------------------------
+    def record(self, request_id: str, result: Any) -> None:
+        """Queue a request's answers for the writer; never waits. A full queue (or no store)
+        counts the prediction as unstored."""
+        size = result.vote.label_index.nbytes + result.member_probabilities.nbytes + len(request_id)
+        if not self._tasks or len(self._queue) >= self._queue_size or self._queued + size > self._queue_bytes:
+            self._unstored(1, self._broken or "the write queue is full")
+            return
+        self._queue.append((request_id, result, size))
+        self._queued += size
+        self._wake.set()
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                self._writing = True
+                batch = [self._queue.popleft() for _ in range(min(WRITE_BATCH, len(self._queue)))]
+                self._queued -= sum(size for _, _, size in batch)
+                try:
+                    await self._write(batch)
+                finally:
+                    self._writing = False
+
+    async def _write(self, batch: list[tuple[str, Any, int]]) -> None:
+        pending = [task for _, result, _ in batch for _, task in result.shadow.values() if not task.done()]
+        if pending:  # shadow members usually answer within milliseconds
+            await asyncio.wait(pending, timeout=SHADOW_WAIT_S)
+        pipe = self._redis().pipeline(transaction=False)
+        for request_id, result, _ in batch:
+            pipe.set(f"{KEY}p:{request_id}", encode_prediction(_stored(result)), ex=self._ttl)
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await pipe.execute()
+        except ERRORS as exc:
+            self._unreachable(exc)
+            self._unstored(len(batch), _why(exc, self._timeout_s))
+            return
+        self._answered()
+
+    def _unstored(self, count: int, why: str) -> None:
+        self.counters.unstored += count
+        self._last_drop = time.monotonic()
+        if not self._episode:
+            log.warning("feedback store %s: predictions are not being stored (%s); inference goes on, they are "
+                        "counted in quorum_feedback_unstored_predictions_total until the store takes them again",
+                        self.name, why)
+        self._episode += count
+
+    def _unreachable(self, exc: BaseException) -> None:
+        if self._reachable:
+            log.warning("feedback store %s is unreachable (%s): Feedback answers UNAVAILABLE until it answers",
+                        self.name, _why(exc, self._timeout_s))
+        self._reachable = False
+
+    def _answered(self) -> None:
+        if not self._reachable:
+            log.info("feedback store %s answers again", self.name)
+        self._reachable = True
+        if self._episode and time.monotonic() - self._last_drop >= QUIET_S:
+            log.info("feedback store %s stores predictions again; %d were not stored meanwhile",
+                     self.name, self._episode)
+            self._episode = 0
+
+    # -- the fleet's live accuracy, read on a period ------------------------------------------
+    async def _refresh_loop(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except ERRORS as exc:
+                self._unreachable(exc)
+            await asyncio.sleep(self._refresh_s)
+
+    async def refresh(self) -> None:
+        """Read the fleet's windows of labelled rows, only those that changed since the last read."""
+        redis = self._redis()
+        async with asyncio.timeout(self._timeout_s):
+            members: Awaitable[set[bytes]] = redis.smembers(f"{KEY}models")  # type: ignore[assignment]
+            models = sorted(m.decode() for m in await members)
+            pipe = redis.pipeline(transaction=False)
+            for model in models:
+                pipe.get(f"{KEY}s:{model}")
+            seqs = [int(s or 0) for s in await pipe.execute()] if models else []
+            changed = [m for m, s in zip(models, seqs) if s != self._seq.get(m)]
+            pipe = redis.pipeline(transaction=True)  # a window and its count read together
+            for model in changed:
+                pipe.get(f"{KEY}s:{model}")
+                pipe.lrange(f"{KEY}r:{model}", -self._window, -1)
+            read = await pipe.execute() if changed else []
+        for gone in set(self._seq) - set(models):  # the store was emptied
+            for table in (self._seq, self._rows, self._live):
+                table.pop(gone, None)
+        for i, model in enumerate(changed):
+            rows = [decode_row(blob) for blob in read[2 * i + 1]]
+            self._rows[model] = [live for live, _, _ in rows]
+            self._live[model] = window_accuracy(model, rows)
+            self._seq[model] = int(read[2 * i] or 0)
+        self._answered()
+
+    def live(self, key: str) -> tuple[float | None, int]:
+        return self._live.get(key.partition("/")[0], {}).get(key, (None, 0))
+
+    def live_all(self) -> dict[str, tuple[float | None, int]]:
+        return {key: value for table in list(self._live.values()) for key, value in table.items()}
+
+    def live_rows(self, model: str) -> list[LiveRow]:
+        return list(self._rows.get(model, ()))
+
+    # -- feedback ------------------------------------------------------------------------------
+    async def add_labels(self, labels: Any, now: float) -> FeedbackOutcome:
+        outcome = FeedbackOutcome()
+        if self._broken is not None:
+            raise StoreUnavailable(f"the feedback store {self.name} cannot be used ({self._broken}): "
+                                   "no label can be checked or counted until the server restarts with a valid URL")
+        try:
+            for start in range(0, len(labels), FEEDBACK_CHUNK):
+                async with asyncio.timeout(3 * self._timeout_s):
+                    await self._add_chunk(labels[start:start + FEEDBACK_CHUNK], outcome)
+        except ERRORS as exc:
+            self._unreachable(exc)
+            counted = f"; {outcome.accepted} labels of this call were counted before it failed" if outcome.accepted else ""
+            raise StoreUnavailable(f"the feedback store {self.name} is unavailable ({_why(exc, self._timeout_s)}): "
+                                   f"labels cannot be checked or counted now, send them again later{counted}") from None
+        self._answered()
+        if outcome.accepted:
+            self.last_feedback_at = now
+        return outcome
+
+    async def _add_chunk(self, chunk: Any, outcome: FeedbackOutcome) -> None:
+        redis = self._redis()
+        ids = list(dict.fromkeys(item.request_id for item in chunk))
+        pipe = redis.pipeline(transaction=False)
+        for request_id in ids:
+            pipe.get(f"{KEY}p:{request_id}")
+        known = {i: decode_prediction(blob) for i, blob in zip(ids, await pipe.execute()) if blob is not None}
+        candidates, seen = [], set()
+        for item in chunk:
+            prediction = known.get(item.request_id)
+            if prediction is None:
+                outcome.unknown[item.request_id] = None
+            elif (not 0 <= item.row < len(prediction.predicted) or item.label not in prediction.labels
+                  or (item.request_id, item.row) in seen):
+                outcome.rejected += 1
+            else:
+                seen.add((item.request_id, item.row))
+                candidates.append((item.request_id, item.row, prediction.labels.index(item.label)))
+        if not candidates:
+            return
+        pipe = redis.pipeline(transaction=False)
+        for request_id, row, _ in candidates:  # SADD answers 1 only to the first replica to label the row
+            pipe.sadd(f"{KEY}l:{request_id}", row)
+        for request_id in dict.fromkeys(c[0] for c in candidates):
+            pipe.expire(f"{KEY}l:{request_id}", self._ttl)
+        added = (await pipe.execute())[:len(candidates)]
+        fresh = [c for c, new in zip(candidates, added) if new]
+        outcome.rejected += len(candidates) - len(fresh)
+        rows: dict[str, list[bytes]] = {}
+        counts: Counter[tuple[str, str]] = Counter()
+        outcomes = []
+        for request_id, row, truth in fresh:
+            p = known[request_id]
+            separate = per_member(p.model, p.members)
+            live, scored = score(p.model, p.version, int(p.predicted[row]), truth,
+                                 {m: (v, probs[row]) for m, (v, probs) in p.members.items()}, separate)
+            rows.setdefault(p.model, []).append(encode_row(live, scored[0][3], separate))
+            for model, member, version, correct in scored:
+                counts[model, f"labelled|{member}|{version}"] += 1
+                counts[model, f"correct|{member}|{version}"] += int(correct)
+            outcomes += scored
+        pipe = redis.pipeline(transaction=True)
+        for model, blobs in rows.items():
+            pipe.rpush(f"{KEY}r:{model}", *blobs)
+            pipe.ltrim(f"{KEY}r:{model}", -self._window, -1)
+            pipe.incrby(f"{KEY}s:{model}", len(blobs))
+            pipe.sadd(f"{KEY}models", model)
+        for (model, field), value in counts.items():
+            pipe.hincrby(f"{KEY}c:{model}", field, value)
+        if rows:
+            await pipe.execute()
+        self.counters.add(outcomes)
+        outcome.accepted += len(fresh)
+
+
+def _stored(result: Any) -> StoredPrediction:
+    """What a prediction keeps: the answer and each member's probabilities, shadow members'
+    included once their call has answered."""
+    versions = {m.name: m.version for m in result.members}
+    members = {name: (versions[name], result.member_probabilities[i]) for i, name in enumerate(result.vote.members)}
+    for name, (version, task) in result.shadow.items():
+        if task.done() and not task.cancelled() and task.exception() is None and task.result() is not None:
+            members[name] = (version, task.result())
+    return StoredPrediction(result.model, result.version, result.labels, result.vote.label_index, members)
