@@ -303,11 +303,17 @@ class QuorumServer:
 
 
 async def serve(settings: Settings) -> None:
-    server = QuorumServer(settings)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, server.request_stop)
-    await server.start()
+    from service.startup import StartupError
+
+    try:
+        server = QuorumServer(settings)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, server.request_stop)
+        await server.start()
+    except Exception as exc:  # one line, no traceback (service/startup.py); the process ends, closing what was bound
+        log.debug("start failed", exc_info=True)
+        raise StartupError(f"could not start: {str(exc) or type(exc).__name__}") from None
     await server.wait()
     await server.stop()
 

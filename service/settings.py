@@ -1,20 +1,43 @@
-"""Server settings: parsed once in `main` (flags over env `QUORUM_*` over defaults), then passed down."""
+"""Server settings: parsed once in `main` (flags over env `QUORUM_*` over defaults), then passed down.
+
+Each field's flag and variable are named by service.setting_names (`poll_interval_s`:
+`--poll-interval`, `QUORUM_POLL_INTERVAL`); its docstring is its `--help`."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
+from service.setting_names import env_name, field_environment
 from service.tls_files import check_tls_files
 
 BUNDLED_MODELS = Path(__file__).resolve().parent.parent / "models"
 
 
+class _NamedEnvironment(EnvSettingsSource):
+    """QUORUM_* variables by their names (service.setting_names), old names included: each
+    field's value is presented to pydantic-settings as QUORUM_<FIELD>, which it then parses."""
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        fields = self.settings_cls.model_fields
+        return {key.lower(): value for key, value in field_environment(fields, os.environ).items()}
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="QUORUM_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="QUORUM_", extra="ignore", use_attribute_docstrings=True)
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource,
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, _NamedEnvironment(settings_cls)  # keyword arguments (the flags) win
 
     grpc_host: str = "[::]"
     """Address the gRPC server binds."""
@@ -182,7 +205,7 @@ class Settings(BaseSettings):
     @classmethod
     def _tls_path_not_empty(cls, value: object, info: ValidationInfo) -> object:
         if isinstance(value, str) and not value.strip():
-            raise ValueError(f"{info.field_name} (QUORUM_{str(info.field_name).upper()}) is set but empty: "
+            raise ValueError(f"{info.field_name} ({env_name(str(info.field_name))}) is set but empty: "
                              "give the path of a PEM file, or unset it")
         return value
 

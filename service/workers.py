@@ -24,6 +24,7 @@ import sys
 import time
 from typing import Any
 
+from service.setting_names import env_name, old_env_name
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,9 @@ def worker_env(settings: Settings, index: int) -> dict[str, str]:
     """The environment that makes a child `quorum serve` worker `index` of `settings`."""
     env = dict(os.environ)
     for name, value in settings.model_dump(mode="json").items():
-        key = f"QUORUM_{name.upper()}"
+        key, old = env_name(name), old_env_name(name)
+        if old:
+            env.pop(old, None)  # its value is in `key` now; the parent warned about the name once
         if value is None:
             env.pop(key, None)
         else:

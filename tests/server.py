@@ -99,7 +99,7 @@ def running_server(tmp_path: Path, repository: Path | None = None, *, wait: bool
                "--http-port", str(http_port), "--device", "cpu",
                *(["--grpc-engine", engine] if engine else []), *args]
     inherited = {k: v for k, v in os.environ.items() if not k.startswith("QUORUM_TEST_")}  # the suite's own, not settings
-    full_env = {**inherited, "QUORUM_POLL_INTERVAL_S": "0.5", "QUORUM_DRAIN_DELAY_S": "0.2",
+    full_env = {**inherited, "QUORUM_POLL_INTERVAL": "0.5", "QUORUM_DRAIN_DELAY": "0.2",
                 "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
     with open(log, "wb") as out:
         process = subprocess.Popen(command, cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT)

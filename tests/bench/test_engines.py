@@ -22,7 +22,7 @@ def test_engines_bench_reports_each_server(tmp_path):
                     "--rounds", "1", "--concurrency", "4", "--variants", "native-uvloop",
                     "--model-repository", str(onnx_models()),
                     "--out", str(tmp_path)], check=True, capture_output=True, timeout=380,
-                   env={**os.environ, "QUORUM_DRAIN_DELAY_S": "0"})  # the server it starts exits at once
+                   env={**os.environ, "QUORUM_DRAIN_DELAY": "0"})  # the server it starts exits at once
     report = json.loads((tmp_path / "results.json").read_text())
     rows = {r["server"]: r for r in report["results"]}
     assert set(rows) == {"floor", "quorum-native-uvloop"}

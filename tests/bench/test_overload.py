@@ -16,7 +16,7 @@ from tests.helpers import onnx_models
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 EXPECTED = {"OK", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "CANCELLED"}
-NO_DRAIN_DELAY = {**os.environ, "QUORUM_DRAIN_DELAY_S": "0"}  # the server it starts exits at once when done
+NO_DRAIN_DELAY = {**os.environ, "QUORUM_DRAIN_DELAY": "0"}  # the server it starts exits at once when done
 
 
 @pytest.mark.timeout(300)

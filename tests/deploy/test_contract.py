@@ -10,6 +10,7 @@ import tomllib
 import pytest
 import yaml
 
+from service.setting_names import env_name
 from service.settings import Settings
 from tests.deploy.manifests import (K8S, OVERLAYS, ROOT, base_metric, container, find, metric_catalogue, render,
                                     settings_data)
@@ -17,7 +18,7 @@ from tests.deploy.manifests import (K8S, OVERLAYS, ROOT, base_metric, container,
 DEFAULTS = Settings()
 # QUORUM_MODEL_CONTROL: the setting the lead fixed for the operability work (GUIDE shared
 # interfaces), which the PVC variant turns to `poll`; a Settings field once that is merged.
-ENV_NAMES = {f"QUORUM_{name.upper()}" for name in Settings.model_fields} | {"QUORUM_MODEL_CONTROL"}
+ENV_NAMES = {env_name(name) for name in Settings.model_fields} | {"QUORUM_MODEL_CONTROL"}  # current names only
 HTTP_PORT = 8501  # QUORUM_HTTP_PORT's default (the HTTP work; shared interface)
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
 HEALTHCHECK = ["python", "/opt/quorum/healthcheck.py"]
@@ -109,7 +110,7 @@ def test_pod_hardening_and_shutdown(overlay):
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
     tmp = next(v for v in pod["volumes"] if v["name"] == "tmp")
     assert "emptyDir" in tmp and {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
-    grace = float(settings_data(objects)["QUORUM_GRACE_PERIOD_S"])
+    grace = float(settings_data(objects)["QUORUM_GRACE_PERIOD"])
     assert pod["terminationGracePeriodSeconds"] > grace + c["lifecycle"]["preStop"]["sleep"]["seconds"]
     hpa = find(objects, "HorizontalPodAutoscaler", "quorum")["spec"]
     assert hpa["scaleTargetRef"]["name"] == "quorum" and hpa["minReplicas"] >= 2

@@ -43,7 +43,7 @@ def _body(row: np.ndarray) -> dict:
 def test_sigterm_answers_every_accepted_http_request(tmp_path, test_split):
     repo = onnx_ensemble(tmp_path / "repo", linger_s=LINGER_S, name=ENSEMBLE)
     x = test_split[0]
-    with running_server(tmp_path, repo, env={"QUORUM_GRACE_PERIOD_S": "30"}) as server:
+    with running_server(tmp_path, repo, env={"QUORUM_GRACE_PERIOD": "30"}) as server:
         url = f"{server.http_url}/v2/models/{ENSEMBLE}/infer"
         results: list[int] = []
 

@@ -31,8 +31,8 @@ WAIT_S = 60  # how long a socket read may block before the test gives up: a fail
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, grpc_engine):
-    env = {"QUORUM_AUTH_TOKEN": TOKEN, "QUORUM_HTTP_HEADER_TIMEOUT_S": str(TIMEOUT_S),
-           "QUORUM_HTTP_BODY_TIMEOUT_S": str(TIMEOUT_S)}
+    env = {"QUORUM_AUTH_TOKEN": TOKEN, "QUORUM_HTTP_HEADER_TIMEOUT": str(TIMEOUT_S),
+           "QUORUM_HTTP_BODY_TIMEOUT": str(TIMEOUT_S)}
     with module_server(tmp_path_factory, "http-strict", env=env) as s:
         yield s
 

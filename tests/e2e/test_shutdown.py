@@ -131,7 +131,7 @@ def test_sigterm_during_a_burst_answers_every_accepted_request(tmp_path, lingeri
     x, y = test_split
     pixels = [x[i % len(x)][None] for i in range(BURST)]
     timeline = Timeline()
-    with running_server(tmp_path, lingering_repo, env={"QUORUM_GRACE_PERIOD_S": str(GRACE_S)}) as server:
+    with running_server(tmp_path, lingering_repo, env={"QUORUM_GRACE_PERIOD": str(GRACE_S)}) as server:
         threads = _start_watchers(server, timeline)
 
         async def scenario() -> tuple[list[Outcome], float, Outcome, Outcome]:
@@ -189,8 +189,8 @@ def test_drain_delay_keeps_accepting_after_not_serving(tmp_path, test_split):
     x, _ = test_split
     delay = 6.0  # wide: under full load, NOT_SERVING and the late call still fit well inside it
     timeline = Timeline()
-    with running_server(tmp_path, env={"QUORUM_DRAIN_DELAY_S": str(delay),
-                                       "QUORUM_GRACE_PERIOD_S": str(GRACE_S)}) as server:
+    with running_server(tmp_path, env={"QUORUM_DRAIN_DELAY": str(delay),
+                                       "QUORUM_GRACE_PERIOD": str(GRACE_S)}) as server:
         threads = _start_watchers(server, timeline)
         signalled = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
@@ -259,7 +259,7 @@ def test_sigterm_under_load_again_and_again_loses_nothing(tmp_path, test_split, 
     for round_ in range(ROUNDS):
         (tmp_path / f"round{round_}").mkdir()
         with running_server(tmp_path / f"round{round_}", repo, args=args, env={
-                "QUORUM_DRAIN_DELAY_S": "1.0", "QUORUM_GRACE_PERIOD_S": str(GRACE_S)}) as server:
+                "QUORUM_DRAIN_DELAY": "1.0", "QUORUM_GRACE_PERIOD": str(GRACE_S)}) as server:
             end = time.monotonic() + 120
             while server.output().count("ensemble digits (") < workers:  # every worker has loaded
                 assert time.monotonic() < end, server.output()[-3000:]

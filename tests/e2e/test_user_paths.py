@@ -218,7 +218,7 @@ def test_an_edited_objective_is_reported_at_once_not_at_the_next_evaluation(tmp_
     members = "members: [digits_mlp_a, digits_cnn_a, digits_logreg]\npolicy: confidence\n"
     config.write_text(members + "objective: {optimize: accuracy, latency_p99_ms: 20}\n")
     with running_server(tmp_path, repository=repo, args=["--model-control", "poll"],
-                        env={"QUORUM_OBJECTIVE_INTERVAL_S": "3600"}) as server, \
+                        env={"QUORUM_OBJECTIVE_INTERVAL": "3600"}) as server, \
             grpc.insecure_channel(server.address) as channel:
         stub = pb_grpc.EnsembleServiceStub(channel)
         assert len(stub.Predict(_predict("trio", test_split[0][:4]), timeout=30).predictions) == 4

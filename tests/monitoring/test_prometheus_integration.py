@@ -146,7 +146,7 @@ def _traffic(address: str, stop: threading.Event) -> None:
 
 @pytest.mark.timeout(300)
 def test_every_dashboard_and_rule_query_returns_data(tmp_path):
-    env = {"QUORUM_DRIFT_INTERVAL_S": "1", "QUORUM_DRIFT_MIN_ROWS": "20", "QUORUM_DRIFT_WINDOW": "200"}
+    env = {"QUORUM_DRIFT_INTERVAL": "1", "QUORUM_DRIFT_MIN_ROWS": "20", "QUORUM_DRIFT_WINDOW": "200"}
     with running_server(tmp_path, env=env) as server:
         prometheus, port = start_prometheus(tmp_path, server.metrics_port)
         stop, problems = threading.Event(), []

@@ -1,0 +1,117 @@
+"""A server that cannot start says why in one line on stderr, naming the path, port or
+setting, with exit code 2 for a setting to fix and 1 for a port another process holds; no
+traceback, and none of its ports left listening. The cases are the ones an operator meets:
+a repository that is not there, a second server on the same ports (each port alone too),
+out-of-range and malformed values, an unknown flag, one port for two roles, a bind address
+this host does not have. (TLS files and explicit control without a token: test_refuse_to_start.)"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+from grpc_health.v1 import health_pb2
+
+from tests.helpers import ROOT, free_ports
+from tests.server import RunningServer
+
+
+def _serve(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`quorum serve` with only these QUORUM_* variables, expected to exit before serving."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("QUORUM_")}
+    return subprocess.run([sys.executable, "-m", "service.cli", "serve", "--device", "cpu", *args], cwd=ROOT,
+                          env={**clean, **(env or {})}, capture_output=True, text=True, timeout=60)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _one_line(done: subprocess.CompletedProcess, code: int) -> str:
+    """The refusal's only line on stderr (nothing on stdout), checked for its exit code."""
+    assert done.returncode == code, (done.returncode, done.stderr[-3000:])
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, lines
+    assert done.stdout == ""
+    assert lines[0].startswith("quorum serve: "), lines[0]
+    return lines[0]
+
+
+# -- settings to fix: exit code 2, nothing bound --------------------------------------------------
+def test_a_missing_repository_is_one_line_naming_it(tmp_path):
+    ports = free_ports(3)
+    nope = tmp_path / "nope"
+    done = _serve(["--model-repository", str(nope), "--grpc-port", str(ports[0]), "--http-port", str(ports[1]),
+                   "--metrics-port", str(ports[2])])
+    assert _one_line(done, 2) == (f"quorum serve: model repository {str(nope)!r} (--model-repository, "
+                                  "QUORUM_MODEL_REPOSITORY) does not exist")
+    assert not any(_listening(p) for p in ports)
+
+
+def test_a_repository_that_is_a_file_is_one_line_naming_it(tmp_path):
+    afile = tmp_path / "models.tar"
+    afile.write_bytes(b"not a folder")
+    done = _serve(["--model-repository", str(afile), "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0"],
+                  env={"QUORUM_MODEL_REPOSITORY": "/also/ignored"})  # the flag wins over its variable
+    assert _one_line(done, 2).endswith(f"{str(afile)!r} (--model-repository, QUORUM_MODEL_REPOSITORY) is not a folder")
+
+
+BAD_SETTINGS = {
+    # case: (args, env, what the one line says)
+    "port-out-of-range": (["--grpc-port", "70000"], {},
+                          "grpc_port (--grpc-port, QUORUM_GRPC_PORT): Input should be less than or equal to 65535, "
+                          "not 70000"),
+    "not-a-number-env": ([], {"QUORUM_MAX_REQUEST_ROWS": "many"},
+                         "max_request_rows (--max-request-rows, QUORUM_MAX_REQUEST_ROWS): Input should be a valid "
+                         "integer, unable to parse string as an integer, not 'many'"),
+    "port-not-a-number-flag": (["--grpc-port", "abc"], {}, "argument --grpc-port: invalid int value: 'abc'"),
+    "unknown-flag": (["--pol-interval", "1"], {}, "unrecognized arguments: --pol-interval 1"),
+    "bad-choice": (["--model-control", "sometimes"], {}, "argument --model-control: invalid choice: 'sometimes'"),
+    "negative-duration": ([], {"QUORUM_GRACE_PERIOD": "-1"},
+                          "grace_period_s (--grace-period, QUORUM_GRACE_PERIOD): Input should be greater than or "
+                          "equal to 0, not '-1'"),
+    "one-port-two-roles": (["--http-port", "{grpc}"], {},
+                           "the gRPC port (--grpc-port, QUORUM_GRPC_PORT) and the HTTP port (--http-port, QUORUM_HTTP_PORT) "
+                           "are both {grpc}: give each its own"),
+    "address-not-of-this-host": ([], {"QUORUM_GRPC_HOST": "192.0.2.1"},  # TEST-NET-1: never a local address
+                                 "gRPC address '192.0.2.1' (--grpc-host, QUORUM_GRPC_HOST) is not an address of "
+                                 "this host"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SETTINGS))
+def test_a_bad_setting_is_one_line_naming_it_exit_code_2(case):
+    grpc, http, metrics = free_ports(3)
+    args, env, expected = BAD_SETTINGS[case]
+    args = [a.format(grpc=grpc) for a in args]
+    done = _serve(["--grpc-port", str(grpc), "--http-port", str(http), "--metrics-port", str(metrics), *args], env)
+    line = _one_line(done, 2)
+    assert expected.format(grpc=grpc) in line, line
+    assert not any(_listening(p) for p in (grpc, http, metrics))
+
+
+# -- a port another process holds: exit code 1, the running server unharmed ------------------------
+TAKEN = {"all": ("gRPC", "grpc"), "grpc": ("gRPC", "grpc"), "http": ("HTTP", "http"), "metrics": ("metrics", "metrics")}
+
+
+@pytest.mark.parametrize("taken", list(TAKEN))
+def test_a_taken_port_is_one_line_naming_it_exit_code_1(server: RunningServer, taken):
+    """A second server on the running one's ports ("all"), or on one of them with the others free."""
+    held = {"grpc": server.grpc_port, "http": server.http_port, "metrics": server.metrics_port}
+    fresh = dict(zip(held, free_ports(3)))
+    ports = held if taken == "all" else {**fresh, taken: held[taken]}
+    done = _serve(["--model-repository", str(ROOT / "models"), "--grpc-port", str(ports["grpc"]),
+                   "--http-port", str(ports["http"]), "--metrics-port", str(ports["metrics"])])
+    what, flag = TAKEN[taken]
+    line = _one_line(done, 1)
+    assert line.startswith(f"quorum serve: {what} port {ports[flag]} (--{flag}-port, QUORUM_{flag.upper()}_PORT) "), line
+    assert line.endswith(" is already in use (another server on the same ports?)"), line
+    for name, port in ports.items():  # the refused server's own ports were never opened
+        if port != held[name]:
+            assert not _listening(port), (name, port)
+    assert server.health() == health_pb2.HealthCheckResponse.SERVING  # the running server is unharmed
