@@ -155,8 +155,8 @@ class QuorumServer:
         if self.settings.state_required:
             await self.api.feedback.stop()
             raise RuntimeError(f"{line} (--state-required)")
-        log.error("%s; serving without it (Feedback answers UNAVAILABLE until it answers; "
-                  "--state-required refuses to start instead)", line)
+        log.error("%s; serving without it: Feedback answers UNAVAILABLE while it cannot be used "
+                  "(--state-required refuses to start instead)", line)
 
     def _build_grpc(self) -> None:
         """The gRPC server with every service registered; no port yet."""
