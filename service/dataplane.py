@@ -30,6 +30,7 @@ from service.repository.config import Policy
 from service.repository.contract import EnsembleSpec
 from service.repository.manager import ModelManager, ServedVersion
 from service.repository.manifest import TensorSpec
+from service.uncertainties import Uncertainties
 
 log = logging.getLogger(__name__)
 PRIOR_STRENGTH = 200  # validation accuracy counts as this many live rows (single models)
@@ -82,6 +83,8 @@ class ModelInfo:
     """Rows the model computes in one batch (larger requests are split into such pieces)."""
     max_request_rows: int = 65536
     """Most rows one request may carry (the max_request_rows setting)."""
+    default_coverage: float | None = None
+    """The coverage of the prediction sets every answer carries (its configuration's), if any."""
     row_shape: tuple[int, ...] = dataclasses.field(init=False)
     """One row's shape (the input's, less its batch dimension)."""
     features: int = dataclasses.field(init=False)
@@ -105,6 +108,7 @@ class DataPlane:
         self.clock = manager.clock  # the manager's (its batchers'): deadlines compare on one clock
         self.observer = observer
         self.feedback: Store = feedback or FeedbackStore()
+        self.uncertainties = Uncertainties(manager)  # prediction sets and selective answers, when asked
         self.trackers: dict[str, ObjectiveTracker] = {}
         self._shadow_tasks: set[asyncio.Task] = set()
         self._info: dict[str, tuple] = {}  # model -> (what it was built from..., ModelInfo)
@@ -433,7 +437,8 @@ class DataPlane:
             config = ensemble.config
             assert config is not None  # ready: its ensemble.yaml has loaded
             info = ModelInfo(model, "ensemble", (1,), spec.input, spec.labels, config.members,
-                             config.policy, spec.max_batch_size, self.manager.settings.max_request_rows)
+                             config.policy, spec.max_batch_size, self.manager.settings.max_request_rows,
+                             config.uncertainty.coverage)
             self._info[model] = (config, spec, info)
             return info
         served = self.manager.resolve(model)
@@ -443,7 +448,8 @@ class DataPlane:
             return cached[2]
         m = served.manifest
         info = ModelInfo(model, "model", versions, m.input, m.labels, (model,), "soft",
-                         served.batching.max_batch_size, self.manager.settings.max_request_rows)
+                         served.batching.max_batch_size, self.manager.settings.max_request_rows,
+                         self.manager.variants[model].config.uncertainty.coverage)
         self._info[model] = (served, versions, info)
         return info
 

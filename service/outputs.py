@@ -43,19 +43,32 @@ ENSEMBLE_OUTPUTS = (
     Output("agreement", _F32, False, "share of answering members whose own vote is the winner"),
 )
 SINGLE_OUTPUTS = ENSEMBLE_OUTPUTS[:-1] + (Output("logits", _F32, True, "the model's raw scores"),)
-BY_NAME = {o.name: o for o in SINGLE_OUTPUTS + ENSEMBLE_OUTPUTS}
+_BOOL = np.dtype(np.bool_)
+UNCERTAINTY_OUTPUTS = (  # answered when a request asks a coverage or a risk (or the model sets a default coverage)
+    Output("prediction_set", _BOOL, True, "the classes in the row's conformal prediction set, in label order"),
+    Output("set_size", _I64, False, "how many classes the prediction set holds"),
+    Output("abstained", _BOOL, False, "the answer would exceed the asked max_risk: the label is given, marked"),
+)
+UNCERTAINTY_NAMES = frozenset(o.name for o in UNCERTAINTY_OUTPUTS)
+BY_NAME = {o.name: o for o in SINGLE_OUTPUTS + ENSEMBLE_OUTPUTS + UNCERTAINTY_OUTPUTS}
 
 
-def outputs_of(kind: str) -> tuple[Output, ...]:
-    """The outputs of a model of `kind` ("ensemble", or "model" for a single model)."""
-    return ENSEMBLE_OUTPUTS if kind == "ensemble" else SINGLE_OUTPUTS
+def outputs_of(kind: str, sets: bool = False) -> tuple[Output, ...]:
+    """The outputs a model of `kind` ("ensemble", or "model" for a single model) answers
+    every request with, as its metadata lists them: with `sets` (the model sets a default
+    coverage), prediction_set and set_size too. A client that asks every output metadata
+    lists gets an answer; the uncertainty outputs a request asks for by name are answered
+    whenever its coverage or max_risk is given."""
+    base = ENSEMBLE_OUTPUTS if kind == "ensemble" else SINGLE_OUTPUTS
+    return base + UNCERTAINTY_OUTPUTS[:2] if sets else base
 
 
 def output_names(kind: str) -> tuple[str, ...]:
     return _NAMES[kind == "ensemble"]
 
 
-_NAMES = {True: tuple(o.name for o in ENSEMBLE_OUTPUTS), False: tuple(o.name for o in SINGLE_OUTPUTS)}
+_NAMES = {True: tuple(o.name for o in ENSEMBLE_OUTPUTS + UNCERTAINTY_OUTPUTS),
+          False: tuple(o.name for o in SINGLE_OUTPUTS + UNCERTAINTY_OUTPUTS)}
 
 
 def check_requested(model: str, kind: str, requested: Sequence[str]) -> None:
@@ -78,7 +91,8 @@ def tensors(result: "InferenceResult", requested: Sequence[str] = ()) -> dict[st
     by check_requested beforehand). Views of the vote where its dtype already fits."""
     vote = result.vote
     out: dict[str, np.ndarray] = {}
-    for name in requested or output_names("model" if result.logits is not None else "ensemble"):
+    kind = "model" if result.logits is not None else "ensemble"
+    for name in requested or [n for n in output_names(kind) if n not in UNCERTAINTY_NAMES]:
         if name == "probabilities":
             out[name] = vote.probabilities.astype(np.float32, copy=False)
         elif name == "label":

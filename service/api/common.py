@@ -70,3 +70,18 @@ def model_rows(info: ModelInfo, inputs: Mapping[str, np.ndarray], declared_check
     if rows.dtype.kind == "f" and not np.isfinite(rows).all():
         raise InvalidInput(f"model '{info.name}' input '{info.input.name}' holds NaN or Inf values")
     return rows
+
+
+UNCERTAINTY_PARAMETERS = ("coverage", "max_risk")
+
+
+def fraction_parameters(values: Mapping[str, object]) -> tuple[float | None, float | None]:
+    """(coverage, max_risk) from a request's parameters (plain values: JSON, or a v2 gRPC
+    InferParameter's chosen field), None when absent; their range is checked by the data plane."""
+    out: dict[str, float | None] = {}
+    for key in UNCERTAINTY_PARAMETERS:
+        value = values.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise InvalidInput(f"parameter '{key}' must be a number strictly between 0 and 1, got {value!r}")
+        out[key] = None if value is None else float(value)
+    return out["coverage"], out["max_risk"]

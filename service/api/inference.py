@@ -13,7 +13,7 @@ from service.api.common import model_rows
 from service.api.context import ApiContext
 from service.dataplane import InferenceResult, ModelInfo
 from service.errors import ModelNotFound, QuorumError
-from service.outputs import check_requested, tensors as named_tensors
+from service.outputs import UNCERTAINTY_NAMES, check_requested, tensors as named_tensors
 
 
 @dataclass(frozen=True)
@@ -27,14 +27,17 @@ async def infer(api: ApiContext, model: str, inputs: Mapping[str, np.ndarray], *
                 version: int | None = None, deadline: float | None = None,
                 outputs: Sequence[str] = (), request_id: str = "",
                 rows: np.ndarray | None = None, info: ModelInfo | None = None,
-                declared_checked: bool = False) -> Answer:
+                declared_checked: bool = False, coverage: float | None = None,
+                max_risk: float | None = None) -> Answer:
     """Validate `inputs` against the model (or take prepared `rows`), infer, and name the
     outputs (all of them unless `outputs` asks for some). `deadline` is time.monotonic();
     `info`: the model's, when the caller already has it; `declared_checked`: the caller
-    checked the inputs' declared names, dtypes and shapes (check_declared) before decoding."""
+    checked the inputs' declared names, dtypes and shapes (check_declared) before decoding.
+    `coverage` and `max_risk` ask for prediction sets and abstention (service/uncertainties.py)."""
     start = time.perf_counter()
     info = info or api.data.info(model)
     check_requested(model, info.kind, outputs)  # before any inference
+    asked = api.data.uncertainties.asked(model, version, coverage, max_risk, list(outputs))
     if rows is None:
         rows = model_rows(info, inputs, declared_checked)
     try:
@@ -42,7 +45,13 @@ async def infer(api: ApiContext, model: str, inputs: Mapping[str, np.ndarray], *
     except QuorumError:
         api.on_failure(model, time.perf_counter() - start)
         raise
-    tensors = named_tensors(result, outputs)
+    tensors = named_tensors(result, [o for o in outputs if o not in UNCERTAINTY_NAMES])
+    if asked.anything:
+        uncertain = api.data.uncertainties.answer(result, asked)
+        if outputs:  # in the order asked
+            tensors = {o: tensors[o] if o in tensors else uncertain[o] for o in outputs}
+        else:
+            tensors.update(uncertain)
     if request_id:
         api.feedback.record(request_id, result)
     api.on_inference(result, rows.shape[0], time.perf_counter() - start)

@@ -160,7 +160,7 @@ def _signature_def(info: ModelInfo) -> meta_graph_pb2.SignatureDef:
     tensor.dtype = from_numpy(np.dtype(info.input.dtype)).tf
     tensor.tensor_shape.CopyFrom(_shape(info.input.shape))
     classes = len(info.labels)
-    for output in outputs_of(info.kind):
+    for output in outputs_of(info.kind, info.default_coverage is not None):
         out = signature.outputs[output.name]
         out.name, out.dtype = f"{output.name}:0", from_numpy(output.dtype).tf
         out.tensor_shape.CopyFrom(_shape(output.shape(classes)))

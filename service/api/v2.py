@@ -12,7 +12,7 @@ from service._proto.inference import grpc_service_pb2 as pb
 from service._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from service._proto.inference import model_config_pb2 as mc
 from service.api import inference
-from service.api.common import check_declared, deadline_of
+from service.api.common import UNCERTAINTY_PARAMETERS, check_declared, deadline_of, fraction_parameters
 from service.api.context import ApiContext
 from service.api.limits import short
 from service.codecs import v2 as codec
@@ -50,7 +50,7 @@ def model_config(api: ApiContext, name: str, version: int | None) -> mc.ModelCon
         max_batch_size=info.max_batch_size)
     config.input.add(name=info.input.name, data_type=_data_type(info.input.dtype), dims=list(info.input.shape[1:]))
     classes = len(info.labels)
-    for output in outputs_of(info.kind):
+    for output in outputs_of(info.kind, info.default_coverage is not None):
         config.output.add(name=output.name, data_type=_data_type(output.dtype), dims=output.shape(classes)[1:])
     config.parameters["labels"].string_value = ",".join(info.labels)
     config.parameters["voting_policy"].string_value = info.policy
@@ -115,6 +115,12 @@ def _version(text: str) -> int | None:
     return int(text)
 
 
+def _plain(parameters) -> dict[str, object]:
+    """The request parameters Quorum reads, as plain values (whichever field each one set)."""
+    return {key: getattr(parameters[key], parameters[key].WhichOneof("parameter_choice") or "string_param")
+            for key in UNCERTAINTY_PARAMETERS if key in parameters}
+
+
 def _parameters(answer: inference.Answer) -> dict[str, str]:
     left_out = answer.result.left_out
     return {"members_left_out": ",".join(left_out)} if left_out else {}
@@ -166,7 +172,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             self.api.manager.resolve(request.name).runtime.framework]
         classes = len(info.labels)
         outputs = []
-        for output in outputs_of(info.kind):
+        for output in outputs_of(info.kind, info.default_coverage is not None):
             outputs.append(pb.ModelMetadataResponse.TensorMetadata(
                 name=output.name, datatype=codec.from_numpy(output.dtype).v2, shape=output.shape(classes)))
         return pb.ModelMetadataResponse(
@@ -188,10 +194,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         version = _version(request.model_version)
         info = self.api.data.info(request.model_name, version)  # NOT_FOUND before the inputs are decoded
         check_declared(info, codec.declared_inputs(request))  # before decoding anything
+        coverage, max_risk = fraction_parameters(_plain(request.parameters))
         return await inference.infer(
             self.api, request.model_name, codec.decode_inputs(request), version=version,
             deadline=deadline, outputs=[o.name for o in request.outputs], request_id=request.id, info=info,
-            declared_checked=True)
+            declared_checked=True, coverage=coverage, max_risk=max_risk)
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest],
                                context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ModelStreamInferResponse]:

@@ -30,7 +30,7 @@ EPSILON = 1e-8  # MAPIE's tolerance in the set comparisons
 SEED = 0  # APS's randomised calibration scores: fixed, so every replica computes the same sets
 
 
-def _check_fraction(name: str, value: float) -> float:
+def check_fraction(name: str, value: float) -> float:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 < float(value) < 1.0:
         raise InvalidInput(f"{name} must be a number strictly between 0 and 1, got {value!r}")
     return float(value)
@@ -121,7 +121,7 @@ class ConformalCalibration:
     def threshold(self, coverage: float) -> np.ndarray | float:
         """The quantile for `coverage` (per class with Mondrian); InvalidInput when the rows
         cannot support it. Cached per coverage: a request asks for a handful of values."""
-        coverage = _check_fraction("coverage", coverage)
+        coverage = check_fraction("coverage", coverage)
         if coverage not in self._cache:
             if self.mondrian:
                 self._cache[coverage] = np.asarray([
@@ -166,7 +166,7 @@ class SelectiveCalibration:
 
     def threshold(self, max_risk: float) -> float:
         """The lowest confidence still answered at `max_risk`; InvalidInput when none is certified."""
-        max_risk = _check_fraction("max_risk", max_risk)
+        max_risk = check_fraction("max_risk", max_risk)
         k = self.candidates()
         e = self.errors[k - 1]
         level = 1 - self.DELTA / k.size

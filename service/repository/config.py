@@ -63,11 +63,27 @@ class Batching(_Strict):
     max_queue_size: int = Field(1024, ge=1)
 
 
+class UncertaintyDefaults(_Strict):
+    """What a request that asks for no coverage gets (a TF Serving Predict cannot ask)."""
+
+    coverage: float | None = Field(None, gt=0, lt=1, description=(
+        "default coverage of the prediction sets: answers carry prediction_set and set_size"))
+    score: Literal["lac", "aps"] = Field("lac", description="conformity score: lac (smallest sets) or aps (adaptive)")
+    class_conditional: bool = Field(False, description="coverage per class (Mondrian; lac only)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "UncertaintyDefaults":
+        if self.class_conditional and self.score != "lac":
+            raise ValueError("class_conditional sets are computed for score lac only")
+        return self
+
+
 class ModelConfig(_Strict):
     version_policy: VersionPolicy = VersionPolicy()
     version_labels: dict[str, int] = Field(default_factory=dict, description="e.g. stable: 1, canary: 2")
     device: str | None = None
     batching: Batching | None = None
+    uncertainty: UncertaintyDefaults = UncertaintyDefaults()
 
 
 class Objective(_Strict):
@@ -96,6 +112,7 @@ class EnsembleConfig(_Strict):
         "so that one member alone never passes for the vote of five"))
     deadline_margin_ms: float = Field(5.0, ge=0, description="safety margin before a deadline (vote and reply)")
     objective: Objective | None = Field(None, description="without one, every member votes")
+    uncertainty: UncertaintyDefaults = UncertaintyDefaults()
 
     @model_validator(mode="after")
     def _check(self) -> "EnsembleConfig":

@@ -13,6 +13,7 @@ from google.protobuf.message import Message
 
 from service._proto.inference import grpc_service_pb2 as pb
 from service.api import inference
+from service.api.common import fraction_parameters
 from service.api.http import bodies
 from service.api.http.app import API, DECODER, MAX_BODY, SERVICERS, deadline, json_response, read_body
 from service.api.http.bodies import HEADER_LENGTH, parse_json
@@ -152,9 +153,11 @@ async def infer(request: web.Request) -> web.Response:
     decoded = await request.app[DECODER].run(len(body), bodies.v2_infer, header, binary)
     parameters, request_id, inputs = decoded.parameters, decoded.request_id, decoded.inputs
     outputs, binary_out = decoded.outputs, decoded.binary_out
+    coverage, max_risk = fraction_parameters(parameters)
     answer = await inference.infer(
         request.app[API], name, inputs, version=version,
-        deadline=deadline(request, parameters.get("timeout")), outputs=list(outputs), request_id=request_id)
+        deadline=deadline(request, parameters.get("timeout")), outputs=list(outputs), request_id=request_id,
+        coverage=coverage, max_risk=max_risk)
     result = answer.result
     response: dict[str, Any] = {"model_name": name, "model_version": str(result.version)}
     if request_id:

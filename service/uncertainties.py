@@ -1,0 +1,114 @@
+"""Which sets and selective threshold an answer gets: the request's coverage and risk (or its
+model's defaults), checked before inference, and each model's and member subset's
+Uncertainty, fitted once from its members' manifests and kept while those versions serve."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from service.ensemble.calibration import aligned_validation
+from service.ensemble.conformal import check_fraction
+from service.ensemble.uncertainty import Uncertainty
+from service.errors import InvalidInput
+from service.repository.config import UncertaintyDefaults
+
+if TYPE_CHECKING:
+    from service.dataplane import InferenceResult
+    from service.repository.manager import ModelManager
+
+KEPT = 64  # fitted Uncertainty objects kept (a few per model: one per member subset that answers)
+
+
+@dataclass(frozen=True)
+class Asked:
+    """What one request asks of its answer's uncertainty (None: nothing)."""
+
+    coverage: float | None
+    max_risk: float | None
+    score: str
+    class_conditional: bool
+
+    @property
+    def anything(self) -> bool:
+        return self.coverage is not None or self.max_risk is not None
+
+
+class Uncertainties:
+    def __init__(self, manager: ModelManager) -> None:
+        self.manager = manager
+        self._fitted: OrderedDict[tuple, Uncertainty] = OrderedDict()
+
+    def _defaults(self, model: str) -> UncertaintyDefaults:
+        ensemble = self.manager.ensemble(model)
+        if ensemble is not None:
+            return ensemble.config.uncertainty if ensemble.config else UncertaintyDefaults()
+        variant = self.manager.variants.get(model)
+        return variant.config.uncertainty if variant is not None else UncertaintyDefaults()
+
+    def asked(self, model: str, version: int | None, coverage: float | None, max_risk: float | None,
+              outputs: list[str]) -> Asked:
+        """The request's ask, its model's default coverage filling in; InvalidInput before any
+        inference for a value out of range, a coverage or risk the model's calibration rows
+        cannot support (naming the limit), or an uncertainty output asked without its value."""
+        defaults = self._defaults(model)
+        coverage = defaults.coverage if coverage is None else check_fraction("coverage", coverage)
+        max_risk = None if max_risk is None else check_fraction("max_risk", max_risk)
+        asked = Asked(coverage, max_risk, defaults.score, defaults.class_conditional)
+        if coverage is None and {"prediction_set", "set_size"} & set(outputs):
+            raise InvalidInput(f"model '{model}': outputs prediction_set and set_size need a coverage (the request "
+                               f"parameter 'coverage', or 'uncertainty: coverage' in its configuration)")
+        if max_risk is None and "abstained" in outputs:
+            raise InvalidInput(f"model '{model}': output abstained needs the request parameter 'max_risk'")
+        if asked.anything:
+            self.for_model(model, version, asked).check(coverage, max_risk)
+        return asked
+
+    def answer(self, result: InferenceResult, asked: Asked) -> dict[str, np.ndarray]:
+        if not asked.anything:
+            return {}
+        uncertainty = self._for(result.model, self._versions(result), result.policy, asked)
+        return uncertainty.answer(list(result.member_probabilities), asked.coverage, asked.max_risk)
+
+    def for_model(self, model: str, version: int | None, asked: Asked) -> Uncertainty:
+        """The model's Uncertainty over every member it is configured with (an ensemble) or
+        over the version that would answer (a single model)."""
+        ensemble = self.manager.ensemble(model)
+        if ensemble is None:
+            served = self.manager.resolve(model, version)
+            return self._for(model, ((model, served.version),), "soft", asked)
+        assert ensemble.config is not None  # asked of a ready ensemble: the data plane checked
+        members = tuple((m, self.manager.resolve(m).version) for m in ensemble.config.members
+                        if self.manager.is_ready(m))
+        return self._for(model, members, ensemble.config.policy, asked)
+
+    @staticmethod
+    def _versions(result: InferenceResult) -> tuple[tuple[str, int], ...]:
+        version = {m.name: m.version for m in result.members}
+        return tuple((m, version[m]) for m in result.vote.members)
+
+    def _for(self, model: str, members: tuple[tuple[str, int], ...], policy: str, asked: Asked) -> Uncertainty:
+        key = (model, members, str(policy), asked.score, asked.class_conditional)
+        fitted = self._fitted.get(key)
+        if fitted is None:
+            fitted = self._fitted[key] = self._fit(model, members, str(policy), asked)
+            while len(self._fitted) > KEPT:
+                self._fitted.popitem(last=False)
+        else:
+            self._fitted.move_to_end(key)
+        return fitted
+
+    def _fit(self, model: str, members: tuple[tuple[str, int], ...], policy: str, asked: Asked) -> Uncertainty:
+        manifests = {m: self.manager.resolve(m, v).manifest for m, v in members}
+        ensemble = self.manager.ensemble(model)
+        if ensemble is None:
+            validation = manifests[model].validation
+            probabilities = {model: np.asarray(validation.probabilities, dtype=np.float64)}
+            labels = np.asarray(validation.labels, dtype=np.int64)
+        else:
+            assert ensemble.spec is not None
+            probabilities, labels = aligned_validation(ensemble.spec, manifests)
+        return Uncertainty.fit(policy, probabilities, labels, asked.score, asked.class_conditional)
