@@ -33,6 +33,8 @@ def files(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("secret-files")
     pki = make_pki(folder / "pki")
     (folder / "token").write_text("s3cret-token\n")
+    (folder / "redis-password").write_text("r3dis-password\n")  # components/redis-state
+    (folder / "state-url").write_text("rediss://:r3dis-password@redis.example.internal:6380/0\n")  # external-state
     for name, source in {"server.pem": pki.server.cert, "server-key.pem": pki.server.key,
                          "tls.crt": pki.server.cert, "tls.key": pki.server.key, "ca.crt": pki.ca.cert}.items():
         shutil.copyfile(source, folder / name)

@@ -110,6 +110,7 @@ def test_documented_release_label_patch_takes_effect(tmp_path):
 def test_model_sources_and_model_control_per_overlay():
     expected = {"cpu": ("/opt/quorum/models", None), "gpu": ("/opt/quorum/models", None),
                 "cpu-secured": ("/opt/quorum/models", None),
+                "cpu-shared-state": ("/opt/quorum/models", None), "cpu-external-state": ("/opt/quorum/models", None),
                 "gpu-pvc": ("/models", "poll"),  # versions are written into the volume: picked up by polling
                 "cpu-object-storage": ("/models", None)}  # copied once at start: a restart brings new ones
     assert set(expected) == {p.name for p in OVERLAYS}

@@ -42,6 +42,12 @@ NOT_RUN: dict[tuple[str, str], str] = {
     ("docs/deploy.md", "kubectl -n quorum create secret generic quorum-tls --from-file=tls.crt --from-file=tls.key "
                        "--from-file=ca.crt"):
         CLUSTER + "; tests/deploy/test_documented_secrets.py runs it as a client-side dry run",
+    ("docs/deploy.md", "kubectl -n quorum create secret generic quorum-redis --from-file=password=./redis-password"):
+        CLUSTER + "; tests/deploy/test_documented_secrets.py runs it as a client-side dry run",
+    ("docs/deploy.md", "kubectl -n quorum create secret generic quorum-state --from-file=url=./state-url"):
+        CLUSTER + "; tests/deploy/test_documented_secrets.py runs it as a client-side dry run",
+    ("docs/deploy.md", "kubectl apply -k deploy/k8s/overlays/cpu-shared-state"): CLUSTER,
+    ("docs/deploy.md", "kubectl apply -k deploy/k8s/overlays/cpu-external-state"): CLUSTER,
     ("docs/performance.md", "make bench"): "about 10 minutes of load on every core, and installs MLServer from PyPI "
                                            "into bench/.venv-mlserver; tests/bench runs each benchmark briefly",
     ("docs/performance.md", ".venv/bin/pip install -e '.[bench]'"): "installs packages from PyPI into the shared venv",
