@@ -54,7 +54,8 @@ class CallContext:
         return False
 
 
-async def measure(model: str, calls: int, repeats: int, profile: bool) -> dict:
+async def measure(model: str, calls: int, repeats: int, profile: bool, concurrency: int = 1,
+                  parameters: dict[str, float] | None = None) -> dict:
     server = QuorumServer(Settings())
     await server.manager.start()
     try:
@@ -70,20 +71,27 @@ async def measure(model: str, calls: int, repeats: int, profile: bool) -> dict:
         request.inputs.add(name=info.input.name, datatype="FP32", shape=[1, *info.input.shape[1:]])
         rng = np.random.default_rng(0)
         request.raw_input_contents.append(rng.random((1, *info.input.shape[1:]), dtype=np.float32).tobytes())
+        for key, value in (parameters or {}).items():
+            request.parameters[key].double_param = value
         data, context = request.SerializeToString(), CallContext()
 
         async def one() -> bytes:
             answer = await wrapped.unary_unary(wrapped.request_deserializer(data), context)
             return wrapped.response_serializer(answer)
 
-        for _ in range(max(10, calls // 10)):  # warm: first batches, caches
-            await one()
+        async def loop(n: int) -> None:
+            for _ in range(n):
+                await one()
+
+        async def run(n: int) -> None:  # `concurrency` callers, n calls in all (they batch together)
+            await asyncio.gather(*(loop(n // concurrency) for _ in range(concurrency)))
+
+        await run(max(10 * concurrency, calls // 10))  # warm: first batches, caches
         per_request_us = []
         for _ in range(repeats):
             start = time.perf_counter()
-            for _ in range(calls):
-                await one()
-            per_request_us.append((time.perf_counter() - start) / calls * 1e6)
+            await run(calls)
+            per_request_us.append((time.perf_counter() - start) / (calls // concurrency * concurrency) * 1e6)
         if profile:
             profiler = cProfile.Profile()
             profiler.enable()
@@ -91,7 +99,8 @@ async def measure(model: str, calls: int, repeats: int, profile: bool) -> dict:
                 await one()
             profiler.disable()
             pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
-        return {"model": model, "calls": calls, "repeats": repeats, "per_request_us": per_request_us,
+        return {"model": model, "calls": calls, "repeats": repeats, "concurrency": concurrency,
+                "parameters": parameters or {}, "per_request_us": per_request_us,
                 "best_us": min(per_request_us), "median_us": statistics.median(per_request_us)}
     finally:
         await server.manager.stop()

@@ -66,6 +66,9 @@ class InferenceResult:
     shadow: dict[str, tuple[int, asyncio.Task]] = dataclasses.field(default_factory=dict)
     """Members asked in the background (exploration): member -> (version, task giving its
     calibrated probabilities, or None if it failed)."""
+    set_probabilities: np.ndarray | None = None
+    """(n, C) the probabilities behind prediction sets (service/ensemble/uncertainty.py),
+    computed per batch for the requests that ask a coverage or a risk."""
 
 
 @dataclass(frozen=True)
@@ -122,7 +125,7 @@ class DataPlane:
     async def infer(self, model: str, rows: np.ndarray, *, version: int | None = None,
                     deadline: float | None = None, policy: Policy | None = None,
                     min_accuracy: float | None = None, latency_budget_s: float | None = None,
-                    members: Sequence[str] | None = None) -> InferenceResult:
+                    members: Sequence[str] | None = None, sets: bool = False) -> InferenceResult:
         """Vote of `model` (an ensemble or a single model) on `rows`.
 
         `deadline` is an absolute instant on the manager's clock (time.monotonic() in
@@ -131,14 +134,15 @@ class DataPlane:
         members, and votes with those that answered before it (less the ensemble's safety
         margin). `latency_budget_s` and `min_accuracy` are the client's explicit objectives:
         when no subset meets them, FailedPrecondition. `members` names the subset
-        explicitly instead (offline evaluation)."""
+        explicitly instead (offline evaluation). `sets`: the answer carries the probabilities
+        behind prediction sets, computed per batch (such requests share batches with each other)."""
         start = time.perf_counter()
         now = self.clock()
         if deadline is not None and deadline <= now:
             raise DeadlineExceeded(f"model '{model}': the deadline passed before the request started")
         ensemble = self.manager.ensemble(model)
         if ensemble is None:
-            return await self._infer_single(model, rows, version, deadline, policy, min_accuracy)
+            return await self._infer_single(model, rows, version, deadline, policy, min_accuracy, sets)
         if version not in (None, 0, 1):
             raise ModelNotFound(f"ensemble '{model}' has no version {version} (only version 1)")
         config, spec = ensemble.config, ensemble.spec
@@ -180,9 +184,10 @@ class DataPlane:
             raise ModelNotReady(f"ensemble '{model}': only {len(served)} of {len(members)} members are "
                                 f"serving, fewer than its quorum {quorum} ({'; '.join(map(str, missing.values()))})")
         policy = policy or config.policy
-        key = (policy, quorum, tuple((m, id(s)) for m, s in served.items()), tuple(missing), id(ensemble), id(spec))
+        key = (policy, quorum, tuple((m, id(s)) for m, s in served.items()), tuple(missing), id(ensemble), id(spec),
+               sets)
         plan = Plan(served, missing, quorum, config.deadline_margin_ms / 1000.0,
-                    (model, ensemble, spec, policy, tracker), key)
+                    (model, ensemble, spec, policy, tracker, sets), key)
         held = tuple(served.values())
         for member in held:  # held while queued: a reload waits for the request
             member.acquire()
@@ -216,9 +221,11 @@ class DataPlane:
     def _answer(self, plan: Plan, outcomes: FanOut, rows: np.ndarray,
                 spans: Sequence[tuple[int, int]]) -> list[InferenceResult]:
         """One batch's vote, over all its rows at once, then each request's slice of it."""
-        model, ensemble, spec, policy, tracker = plan.context
+        model, ensemble, spec, policy, tracker, sets = plan.context
         result = self._combine(model, ensemble, spec, policy, plan.members, outcomes, rows, plan.missing)
         tracker.observe({m.name: m.latency_s for m in result.members if m.in_time}, None)
+        if sets:  # once per batch: each request then compares its own coverage's threshold
+            result = dataclasses.replace(result, set_probabilities=self.uncertainties.probabilities(result))
         return self._slices(result, spans)
 
     def _slices(self, result: InferenceResult, spans: Sequence[tuple[int, int]]) -> list[InferenceResult]:
@@ -278,7 +285,7 @@ class DataPlane:
 
     async def _infer_single(self, model: str, rows: np.ndarray, version: int | None,
                             deadline: float | None, policy: Policy | None,
-                            min_accuracy: float | None) -> InferenceResult:
+                            min_accuracy: float | None, sets: bool = False) -> InferenceResult:
         served = self.manager.resolve(model, version)
         if min_accuracy is not None:
             live, samples = self.feedback.live(model)
@@ -288,7 +295,7 @@ class DataPlane:
                     f"model '{model}': min_accuracy {min_accuracy:.4f} exceeds its expected accuracy {expected:.4f}")
         # An ensemble of one: requests queue at the model and a batch of them is calibrated,
         # voted and sliced once (its member's batcher still merges, pads and splits).
-        plan = Plan({model: served}, {}, 1, 0.0, (model, served, policy or "soft"), (id(served), policy))
+        plan = Plan({model: served}, {}, 1, 0.0, (model, served, policy or "soft", sets), (id(served), policy, sets))
         pipeline = self._pipelines.get(("model", model))
         config = served.batching
         if pipeline is None:
@@ -307,7 +314,7 @@ class DataPlane:
                        spans: Sequence[tuple[int, int]]) -> list[InferenceResult]:
         """One batch of a single model: calibrated and voted over all its rows at once, then
         each request's slice of it."""
-        model, served, policy = plan.context
+        model, served, policy, sets = plan.context
         outcome = outcomes[model]
         logits = outcome.result
         assert logits is not None  # answered: the pipeline answers only once its quorum (1) has
@@ -319,6 +326,8 @@ class DataPlane:
         member = MemberResult(model, served.version, served.device, outcome.latency_s, True)
         result = InferenceResult(model, served.version, policy, served.manifest.labels, voted, (member,), (),
                                  probs[None].astype(np.float32), logits, inputs=rows, vote_s=vote_s)
+        if sets:
+            result = dataclasses.replace(result, set_probabilities=self.uncertainties.probabilities(result))
         return self._slices(result, spans)
 
     def _combine(self, model: str, ensemble, spec: EnsembleSpec, policy: Policy,
@@ -464,7 +473,8 @@ def result_rows(result: InferenceResult, start: int, stop: int) -> InferenceResu
     return InferenceResult(
         result.model, result.version, result.policy, result.labels, vote_rows, result.members, result.left_out,
         result.member_probabilities[:, start:stop], None if result.logits is None else result.logits[start:stop],
-        None if result.inputs is None else result.inputs[start:stop], result.vote_s, result.shadow)
+        None if result.inputs is None else result.inputs[start:stop], result.vote_s, result.shadow,
+        None if result.set_probabilities is None else result.set_probabilities[start:stop])
 
 
 def _record_vote(seconds: float, policy: str, left_out: tuple[str, ...]) -> None:

@@ -37,6 +37,9 @@ class Asked:
         return self.coverage is not None or self.max_risk is not None
 
 
+_ANY = Asked(None, None, "lac", False)  # the score function does not depend on what is asked
+
+
 class Uncertainties:
     def __init__(self, manager: ModelManager) -> None:
         self.manager = manager
@@ -67,11 +70,20 @@ class Uncertainties:
             self.for_model(model, version, asked).check(coverage, max_risk)
         return asked
 
+    def probabilities(self, result: InferenceResult) -> np.ndarray:
+        """A batch's probabilities behind the sets (its answering members' score function:
+        the same whatever the coverage, score or risk a request asks)."""
+        scorer = self._for(result.model, self._versions(result), result.policy, _ANY).scorer
+        return scorer.probabilities(list(result.member_probabilities))
+
     def answer(self, result: InferenceResult, asked: Asked) -> dict[str, np.ndarray]:
         if not asked.anything:
             return {}
         uncertainty = self._for(result.model, self._versions(result), result.policy, asked)
-        return uncertainty.answer(list(result.member_probabilities), asked.coverage, asked.max_risk)
+        p = result.set_probabilities
+        if p is None:  # not computed with its batch (a request that did not say it would ask)
+            p = uncertainty.scorer.probabilities(list(result.member_probabilities))
+        return uncertainty.answer_from(p, asked.coverage, asked.max_risk)
 
     def for_model(self, model: str, version: int | None, asked: Asked) -> Uncertainty:
         """The model's Uncertainty over every member it is configured with (an ensemble) or

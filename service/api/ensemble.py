@@ -7,6 +7,7 @@ import time
 import uuid
 
 import grpc
+import numpy as np
 
 from service._proto.quorum.v1 import ensemble_pb2 as pb
 from service._proto.quorum.v1 import ensemble_pb2_grpc as pb_grpc
@@ -49,11 +50,14 @@ class EnsembleServicer(pb_grpc.EnsembleServiceServicer):
         min_accuracy = _min_accuracy(request)
         latency_budget_s = (_latency_budget_s(request.latency_budget_ms)
                             if request.HasField("latency_budget_ms") else None)
+        asked = self.api.data.uncertainties.asked(
+            request.model, request.version or None, request.coverage if request.HasField("coverage") else None,
+            request.max_risk if request.HasField("max_risk") else None, [])
         try:
             result = await self.api.data.infer(
                 request.model, rows, version=request.version or None, deadline=deadline_of(context),
                 policy=POLICY_OF.get(request.policy),
-                min_accuracy=min_accuracy, latency_budget_s=latency_budget_s)
+                min_accuracy=min_accuracy, latency_budget_s=latency_budget_s, sets=asked.anything)
         except QuorumError:
             self.api.on_failure(request.model, time.perf_counter() - start)
             raise
@@ -64,12 +68,18 @@ class EnsembleServicer(pb_grpc.EnsembleServiceServicer):
             members_left_out=result.left_out, policy=ENUM_OF[result.policy])
         vote = result.vote
         by_name = {m.name: m for m in result.members}
+        uncertain = self.api.data.uncertainties.answer(result, asked)
+        sets, abstained = uncertain.get("prediction_set"), uncertain.get("abstained")
         for row in range(vote.label_index.shape[0]):
             winner = int(vote.label_index[row])
             prediction = response.predictions.add(
                 label=result.labels[winner], class_index=winner,
                 probabilities=vote.probabilities[row].tolist(),
                 confidence=float(vote.confidence[row]), agreement=float(vote.agreement[row]))
+            if sets is not None:
+                prediction.prediction_set.extend(result.labels[c] for c in np.flatnonzero(sets[row]))
+            if abstained is not None:
+                prediction.abstained = bool(abstained[row])
             if not request.return_member_votes:
                 continue
             for m, name in enumerate(vote.members):

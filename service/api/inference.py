@@ -41,7 +41,7 @@ async def infer(api: ApiContext, model: str, inputs: Mapping[str, np.ndarray], *
     if rows is None:
         rows = model_rows(info, inputs, declared_checked)
     try:
-        result = await api.data.infer(model, rows, version=version, deadline=deadline)
+        result = await api.data.infer(model, rows, version=version, deadline=deadline, sets=asked.anything)
     except QuorumError:
         api.on_failure(model, time.perf_counter() - start)
         raise

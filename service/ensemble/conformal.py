@@ -150,6 +150,7 @@ class SelectiveCalibration:
     """Calibration rows' confidence, in decreasing order."""
     errors: np.ndarray
     """Cumulative count of wrong answers among the rows down to each confidence."""
+    _cache: dict[float, float] = field(default_factory=dict, compare=False, repr=False)
     DELTA = 0.05
     GRID = 50
 
@@ -167,6 +168,11 @@ class SelectiveCalibration:
     def threshold(self, max_risk: float) -> float:
         """The lowest confidence still answered at `max_risk`; InvalidInput when none is certified."""
         max_risk = check_fraction("max_risk", max_risk)
+        if max_risk not in self._cache:
+            self._cache[max_risk] = self._threshold(max_risk)
+        return self._cache[max_risk]
+
+    def _threshold(self, max_risk: float) -> float:
         k = self.candidates()
         e = self.errors[k - 1]
         level = 1 - self.DELTA / k.size

@@ -153,3 +153,30 @@ def test_asking_for_a_set_without_a_coverage_is_invalid_argument(server, test_sp
         client.infer(ENSEMBLE, [tensor], outputs=[grpcclient.InferRequestedOutput("prediction_set")])
     with pytest.raises(InferenceServerException, match="output abstained needs the request parameter 'max_risk'"):
         client.infer(ENSEMBLE, [tensor], outputs=[grpcclient.InferRequestedOutput("abstained")])
+
+
+def test_quorum_v1_predictions_carry_their_sets_labels_and_abstention(server, test_split):
+    x, _ = test_split
+    from service._proto.quorum.v1 import ensemble_pb2 as qpb
+    from service._proto.quorum.v1 import ensemble_pb2_grpc as qpb_grpc
+
+    answer = _grpc_infer(server, ENSEMBLE, x, coverage=0.9, max_risk=0.05)
+    labels = [str(i) for i in range(10)]
+    with grpc.insecure_channel(server.address) as channel:
+        response = qpb_grpc.EnsembleServiceStub(channel).Predict(qpb.PredictRequest(
+            model=ENSEMBLE, inputs=qpb.Tensor(dtype="FP32", shape=list(x.shape), content=x.tobytes()),
+            coverage=0.9, max_risk=0.05), timeout=30)
+        plain = qpb_grpc.EnsembleServiceStub(channel).Predict(qpb.PredictRequest(
+            model=ENSEMBLE, inputs=qpb.Tensor(dtype="FP32", shape=list(x[:3].shape), content=x[:3].tobytes())),
+            timeout=30)
+    sets, abstained = answer.as_numpy("prediction_set"), answer.as_numpy("abstained")
+    assert [list(p.prediction_set) for p in response.predictions] == [
+        [labels[c] for c in np.flatnonzero(row)] for row in sets]
+    assert [p.abstained for p in response.predictions] == abstained.tolist()
+    assert all(not p.prediction_set and not p.abstained for p in plain.predictions)
+    with pytest.raises(grpc.RpcError) as error, grpc.insecure_channel(server.address) as channel:
+        qpb_grpc.EnsembleServiceStub(channel).Predict(qpb.PredictRequest(
+            model=ENSEMBLE, inputs=qpb.Tensor(dtype="FP32", shape=[1, 64], content=x[:1].tobytes()), coverage=1.0),
+            timeout=30)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "coverage must be a number strictly between 0 and 1, got 1.0" in error.value.details()

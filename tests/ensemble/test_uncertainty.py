@@ -55,3 +55,18 @@ def test_a_members_refitted_temperature_does_not_depend_on_the_exported_one():
     answers = [s.probabilities([softmax(new / t, axis=1)]) for s, t in zip(scorers, (0.5, 1.0, 3.0))]
     for answer in answers[1:]:
         np.testing.assert_allclose(answer, answers[0], atol=1e-4)
+
+
+def test_the_per_batch_shortcut_gives_the_votes_numbers():
+    """soft, stacked and accuracy weigh each member alike in every row: the scorer's weighted
+    mean equals the full vote it stands for."""
+    import dataclasses
+
+    probabilities, labels = _replay()
+    rows = [p[:50].astype(np.float32) for p in probabilities.values()]
+    for policy in ("soft", "stacked", "accuracy"):
+        scorer = SetScorer.fit(policy, probabilities, labels)
+        assert scorer.row_weights is not None
+        full = dataclasses.replace(scorer, row_weights=None)
+        np.testing.assert_allclose(scorer.probabilities(rows), full.probabilities(rows), rtol=1e-9, atol=1e-12)
+    assert SetScorer.fit("confidence", probabilities, labels).row_weights is None
