@@ -9,7 +9,8 @@ import numpy as np
 
 from service.dataplane import DataPlane
 from service.ensemble.voting import Policy, calibrate
-from service.export.calibration import accuracy, ece
+from service.ensemble.calibration import ece
+from service.export.calibration import accuracy
 
 POLICIES = tuple(p.value for p in Policy)
 

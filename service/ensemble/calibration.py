@@ -29,11 +29,11 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 
 from service.ensemble.voting import Policy, Vote, vote
-from service.export.calibration import ece
 from service.repository.contract import EnsembleSpec
 from service.repository.manifest import VariantManifest
 
 EPS = 1e-6
+ECE_BINS = 15
 T_BOUNDS = (0.05, 20.0)
 
 
@@ -59,6 +59,23 @@ def scale(probabilities: np.ndarray, temperature: float) -> np.ndarray:
     np.exp(z, out=z)
     z /= z.sum(axis=-1, keepdims=True)
     return z
+
+
+def ece(probs: np.ndarray, labels: np.ndarray, n_bins: int = ECE_BINS) -> float:
+    """Expected calibration error over equal-width confidence bins (lo, hi]:
+    sum over bins of (bin share of rows) * |bin accuracy - bin mean confidence|."""
+    probs = np.asarray(probs, dtype=np.float64)
+    confidence = probs.max(axis=1)
+    correct = np.argmax(probs, axis=1) == np.asarray(labels)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    # right=True puts a confidence exactly on an edge into the bin it closes: (lo, hi].
+    bins = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, n_bins - 1)
+    total = 0.0
+    for b in range(n_bins):
+        mask = bins == b
+        if mask.any():
+            total += mask.mean() * abs(correct[mask].mean() - confidence[mask].mean())
+    return float(total)
 
 
 def _nll(probabilities: np.ndarray, labels: np.ndarray) -> float:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import minimize_scalar
 
-ECE_BINS = 15
+from service.ensemble.calibration import ece  # the maths lives with the server, which runs it too
+
 T_BOUNDS = (0.05, 20.0)
 
 
@@ -32,23 +33,6 @@ def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> flo
 
 def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(np.argmax(probs, axis=1) == np.asarray(labels)))
-
-
-def ece(probs: np.ndarray, labels: np.ndarray, n_bins: int = ECE_BINS) -> float:
-    """Expected calibration error over equal-width confidence bins (lo, hi]:
-    sum over bins of (bin share of rows) * |bin accuracy - bin mean confidence|."""
-    probs = np.asarray(probs, dtype=np.float64)
-    confidence = probs.max(axis=1)
-    correct = np.argmax(probs, axis=1) == np.asarray(labels)
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    # right=True puts a confidence exactly on an edge into the bin it closes: (lo, hi].
-    bins = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, n_bins - 1)
-    total = 0.0
-    for b in range(n_bins):
-        mask = bins == b
-        if mask.any():
-            total += mask.mean() * abs(correct[mask].mean() - confidence[mask].mean())
-    return float(total)
 
 
 def metrics(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> dict[str, float]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from service.monitoring.drift import bin_counts
 from service.repository.manifest import DriftReference, FeatureReference, Histogram
 
 FEATURE_BINS = 10
@@ -26,13 +27,6 @@ def quantile_edges(values: np.ndarray, n_bins: int = FEATURE_BINS) -> np.ndarray
     if len(edges) < 2:
         edges = np.array([edges[0] - 0.5, edges[0] + 0.5])
     return edges
-
-
-def bin_counts(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    """Counts per bin, values outside the edges clipped into the outer bins; bins are
-    [lo, hi) except the last, [lo, hi] (numpy.histogram's convention)."""
-    clipped = np.clip(np.asarray(values, dtype=np.float64), edges[0], edges[-1])
-    return np.histogram(clipped, bins=edges)[0]
 
 
 def monitored_features(x: np.ndarray, max_features: int = MAX_FEATURES) -> list[int]:

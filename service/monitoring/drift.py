@@ -52,10 +52,16 @@ import numpy.typing as npt
 from scipy import stats
 from scipy.spatial.distance import jensenshannon
 
-from service.export.reference import bin_counts
 from service.repository.manifest import DriftReference, FeatureReference, VariantManifest
 
 log = logging.getLogger(__name__)
+
+
+def bin_counts(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Counts per bin, values outside the edges clipped into the outer bins; bins are
+    [lo, hi) except the last, [lo, hi] (numpy.histogram's convention)."""
+    clipped = np.clip(np.asarray(values, dtype=np.float64), edges[0], edges[-1])
+    return np.histogram(clipped, bins=edges)[0]
 
 PSI_THRESHOLD = 0.2
 FEATURE_ALPHA = 0.01

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.export.reference import bin_counts, quantile_edges
+from service.export.reference import quantile_edges
+from service.monitoring.drift import bin_counts
 from service.monitoring import drift
 from service.repository.manifest import FeatureReference, Histogram
 
