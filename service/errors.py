@@ -60,7 +60,9 @@ class ManifestError(ModelLoadError):
     """A version folder's manifest is missing, unreadable or invalid; names the field."""
 
     def __init__(self, folder: str, field: str, message: str) -> None:
-        super().__init__(folder, f"variant.json field '{field}': {message}")
+        # field "variant.json": the file itself (missing, not JSON), not a field within it
+        super().__init__(folder, f"variant.json {message}" if field == "variant.json"
+                         else f"variant.json field '{field}': {message}")
         self.field = field
 
 

@@ -248,18 +248,21 @@ class QuorumServer:
             await self._update_health()
 
     def _log_models(self) -> None:
+        """What serves once loaded; each failure was logged once by the manager, as it happened."""
         for status in self.manager.statuses():
-            if status.error:
-                log.error("model %s version %d FAILED: %s", status.model, status.version, status.error)
-            else:
+            if not status.error:
                 log.info("model %s version %d %s on %s: %s", status.model, status.version,
                          self.manager.resolve(status.model, status.version).runtime.framework,
                          status.device, status.state.name)
         for name, ensemble in self.manager.ensembles.items():
-            if ensemble.config is None or ensemble.error:
-                log.error("ensemble %s FAILED: %s", name, ensemble.error)
-            else:
+            if ensemble.config is not None and not ensemble.error:
                 log.info("ensemble %s (%s): %s", name, ensemble.config.policy, ", ".join(ensemble.config.members))
+        # The one line an operator looks for: loaded, and what is served (readiness turns SERVING next).
+        manager = self.manager
+        ready = sorted(n for n in set(manager.variants) | set(manager.ensembles) if manager.is_ready(n))
+        not_ready = sorted(manager.named - set(ready))
+        log.info("serving %d models and ensembles from %s: %s%s", len(ready), self.settings.model_repository,
+                 ", ".join(ready) or "none", f"; not ready: {', '.join(not_ready)} (why: above)" if not_ready else "")
 
     def request_stop(self) -> None:
         self._stopping.set()

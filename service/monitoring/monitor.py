@@ -120,7 +120,8 @@ class Monitor:
         manager = self.manager
         if manager is None:
             return
-        for name in list(manager.variants) + list(manager.ensembles):
+        # Every name the repository holds, a model whose model.yaml does not load included
+        for name in set(manager.named) | set(manager.variants) | set(manager.ensembles):
             self.metrics.load_failures.labels(name)
         for name, ensemble in list(manager.ensembles.items()):
             if ensemble.config is not None:

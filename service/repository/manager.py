@@ -220,6 +220,9 @@ class ModelManager:
         self._errors: dict[str, tuple[str, int]] = {}
         """Last load error per model (or "model/version") and how often it repeated."""
         self._synced = False  # the first scan has registered every model's name
+        self._started = False  # the first sync is over (start() returned)
+        self.named: set[str] = set()
+        """Every model and ensemble the repository names (the last scan), loadable or not."""
         self._refusals: dict[str, dict[int, Exception]] = {}
         """Member versions the first scan refuses (service.repository.version_plan), as a server
         that had been running would have: model -> {version: why}."""
@@ -227,6 +230,7 @@ class ModelManager:
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
         await self.sync()
+        self._started = True  # from now on each load and recovery logs its own line
         if self.settings.model_control == "poll" and self.settings.poll_interval_s > 0:
             self._poller = asyncio.create_task(self._poll(), name="repository-poller")
 
@@ -257,10 +261,12 @@ class ModelManager:
         """Bring loaded versions in line with the disk and the version policies."""
         async with self._lock:
             entries = scan_repository(self.root)
+            self.named = set(entries)  # every model and ensemble of the repository, loadable or not
             for name in [n for n in self.variants if n not in entries]:
                 await self._retire(self.variants.pop(name))
             for name in [n for n in self.ensembles if n not in entries]:
                 del self.ensembles[name]
+                log.info("ensemble %s: removed from the repository, unloaded", name)
             for entry in entries.values():
                 if entry.kind == "ensemble":
                     self._sync_ensemble(entry)
@@ -300,7 +306,10 @@ class ModelManager:
             else:
                 current.config_error = str(exc)  # keep serving the last good configuration
             return
-        self._cleared(entry.name)
+        if current is not None and current.config is None:  # it never loaded: its "loaded" line is the one
+            self._errors.pop(entry.name, None)
+        else:
+            self._cleared(entry.name)
         if current is None:
             self.ensembles[entry.name] = EnsembleModel(entry, config)
         else:
@@ -376,6 +385,8 @@ class ModelManager:
             return
         if ensemble.contract_error:
             log.info("ensemble %s: its members' contract holds again", name)
+        elif ensemble.spec is None and self._started:  # at startup, the server lists what it serves
+            log.info("ensemble %s loaded (%s vote of %s)", name, config.policy, ", ".join(config.members))
         manifests = {m: v for m, v in members.items() if isinstance(v, VariantManifest)}
         ensemble.calibration = fit_vote_calibration(spec, manifests)
         ensemble.spec, ensemble.contract_error = spec, ""
@@ -558,7 +569,7 @@ class ModelManager:
     def _cleared(self, key: str) -> None:
         if key in self._errors:
             _, repeats = self._errors.pop(key)
-            log.info("%s: loads again (its last error repeated %d times)", key, repeats)
+            log.info("%s: loads again, after %d failed attempt%s", key, repeats + 1, "s" if repeats else "")
 
     # -- explicit load / unload ------------------------------------------------------------
     def check_control(self, rpc: str) -> None:
@@ -591,7 +602,7 @@ class ModelManager:
             ensemble = self.ensembles[name]
             if ensemble.config is None:
                 raise ModelLoadError(str(entry.path), ensemble.error)
-            ensemble.unloaded_by_request = False
+            reloaded, ensemble.unloaded_by_request = ensemble.unloaded_by_request, False
             for member in ensemble.config.members:
                 if member in self.variants:
                     self.variants[member].unloaded_by_request = False
@@ -603,6 +614,8 @@ class ModelManager:
             self._check_ensembles()
             if ensemble.spec is None:
                 raise ModelLoadError(str(entry.path), ensemble.error)
+            if reloaded:
+                log.info("ensemble %s loaded (RepositoryModelLoad)", name)
             return
         model = self.variants.get(name)
         if model:
@@ -626,6 +639,7 @@ class ModelManager:
     async def _unload(self, name: str) -> None:
         if name in self.ensembles:
             self.ensembles[name].unloaded_by_request = True
+            log.info("ensemble %s unloaded (RepositoryModelUnload)", name)
             return
         model = self.variants.get(name)
         if model is None:
@@ -707,8 +721,19 @@ class ModelManager:
             return served
         served = model.serving()
         if served is None:
-            raise ModelNotReady(f"model '{name}' has no version ready")
+            raise ModelNotReady(f"model '{name}' has no version ready: {self._not_ready_reason(name, model)}")
         return served
+
+    def _not_ready_reason(self, name: str, model: VariantModel) -> str:
+        """Why no version of a registered model serves, as the operator fixes it."""
+        if model.unloaded_by_request:
+            return "it was unloaded (RepositoryModelUnload); load it to serve it again"
+        if name in self._config_errors:
+            return f"its model.yaml does not load: {self._config_errors[name]}"
+        if model.failed:
+            version = max(model.failed)
+            return f"version {version} failed to load: {model.failed[version]}"
+        return "no version folder is selected by its version policy" if self._started else "it is loading"
 
     def check_known(self, name: str, version: int | None = None) -> None:
         """ModelNotFound, naming the model (and the version), unless this server knows them:

@@ -206,11 +206,12 @@ def load_manifest(folder: Path) -> VariantManifest:
     folder = Path(folder)
     path = folder / MANIFEST_FILE
     if not path.is_file():
-        raise ManifestError(str(folder), MANIFEST_FILE, "file is missing")
+        raise ManifestError(str(folder), MANIFEST_FILE, f"is missing: there is no file {path} (every version "
+                            "folder needs the manifest that quorum export writes)")
     try:
         raw = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ManifestError(str(folder), MANIFEST_FILE, f"not readable JSON ({exc})") from exc
+        raise ManifestError(str(folder), MANIFEST_FILE, f"is not readable JSON ({exc})") from exc
     if not isinstance(raw, dict):
         raise ManifestError(str(folder), MANIFEST_FILE, "must hold a JSON object")
     version = raw.get("schema_version")
