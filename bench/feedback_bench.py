@@ -1,4 +1,5 @@
-"""Predict + Feedback throughput with an empty feedback store vs a full one, in one run.
+"""Predict + Feedback throughput: the in-process store empty vs full, and the Redis store
+(--state-url, issue 38) vs the in-process one, in one run.
 
 Starts two `quorum serve` processes (digits_logreg: the cheapest model, so the store's own
 cost is what shows), fills the second one's store with --fill predictions (past its
@@ -11,6 +12,14 @@ at capacity shows as a collapse of the full server's figure.
     .venv/bin/python bench/feedback_bench.py --seconds 15 --concurrency 8 --fill 50000
 
 Also prints the store's own cost per record() and add() in process, empty and at capacity.
+
+Then (unless --no-redis) a redis-server on a free port and two more servers, one with the
+in-process store and one with --state-url, driven interleaved: Predict+Feedback (each worker
+labels the answer it got --lag requests before, as ground truth comes later: a label sent at
+once could overtake the background writer) and Predict alone, with the share of labels
+accepted. Needs redis-server on PATH (`make test` installs it).
+
+    .venv/bin/python bench/feedback_bench.py --seconds 10 --rounds 2 --fill 30000
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -44,13 +54,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start() -> tuple[subprocess.Popen, int]:
+def start(*args: str) -> tuple[subprocess.Popen, int]:
     port = free_port()
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     process = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "serve", "--grpc-port", str(port), "--metrics-port", "0",
-         "--http-port", "0", "--device", "cpu", "--log-level", "WARNING"], cwd=ROOT, env=env)
+         "--http-port", "0", "--device", "cpu", "--log-level", "WARNING", *args], cwd=ROOT, env=env)
     return process, port
+
+
+def start_redis(folder: Path) -> tuple[subprocess.Popen, str]:
+    """A throwaway redis-server (no persistence) on a free port; its URL once it answers."""
+    import redis
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server is not on PATH (make test installs Debian's), or pass --no-redis")
+    port = free_port()
+    process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir",
+                                str(folder), "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    for _ in range(200):
+        try:
+            redis.Redis(port=port).ping()
+            return process, f"redis://127.0.0.1:{port}/0"
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    raise TimeoutError("redis-server did not start")
 
 
 async def wait_ready(address: str) -> None:
@@ -75,8 +104,11 @@ def _predict(request_id: str) -> pb.PredictRequest:
                              inputs=pb.Tensor(dtype="FP32", shape=[1, 64], content=ROW))
 
 
-async def drive(address: str, seconds: float, concurrency: int, tag: str, feedback: bool = True) -> float:
-    """RPC/s (Predict and Feedback both counted) over `seconds` of closed-loop traffic."""
+async def drive(address: str, seconds: float, concurrency: int, tag: str, feedback: bool = True,
+                lag: int = 0, accepted: list[int] | None = None, per_call: int = 1) -> float:
+    """RPC/s (Predict and Feedback both counted) over `seconds` of closed-loop traffic; with
+    `lag`, each Feedback labels the answer of `lag` requests before (counted in `accepted`);
+    with `per_call` > 1, one Feedback call every `per_call` Predicts labels that many."""
     count = 0
     stop = time.monotonic() + seconds
 
@@ -89,10 +121,14 @@ async def drive(address: str, seconds: float, concurrency: int, tag: str, feedba
                 request_id = f"{tag}-{w}-{i}"
                 await stub.Predict(_predict(request_id), timeout=30)
                 count += 1
-                if feedback:
-                    await stub.Feedback(pb.FeedbackRequest(labels=[pb.FeedbackRequest.Label(
-                        request_id=request_id, row=0, label=str(i % 10))]), timeout=30)
+                if feedback and i >= lag + per_call - 1 and (i - lag + 1) % per_call == 0:
+                    reply = await stub.Feedback(pb.FeedbackRequest(labels=[pb.FeedbackRequest.Label(
+                        request_id=f"{tag}-{w}-{j}", row=0, label=str(j % 10))
+                        for j in range(i - lag - per_call + 1, i - lag + 1)]), timeout=30)
                     count += 1
+                    if accepted is not None:
+                        accepted[0] += reply.accepted
+                        accepted[1] += per_call
                 i += 1
 
     start = time.monotonic()
@@ -114,7 +150,8 @@ def in_process(n: int = 50_000) -> None:
     """The store alone: microseconds per record() and add(), empty and at capacity."""
     labels = tuple("0123456789")
     probs = np.full((1, 1, 10), 0.1, np.float32)
-    results = SimpleNamespace(model="m", labels=labels, vote=SimpleNamespace(members=("m",), label_index=np.zeros(1, int)),
+    vote = SimpleNamespace(members=("m",), label_index=np.zeros(1, int))
+    results = SimpleNamespace(model="m", version=1, labels=labels, vote=vote,
                               members=(SimpleNamespace(name="m", version=1),), member_probabilities=probs, shadow={})
     store = FeedbackStore()
     for phase, count in (("empty", 1000), ("at capacity", 5000)):
@@ -138,8 +175,17 @@ async def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--fill", type=int, default=50_000)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--lag", type=int, default=4, help="Feedback labels the answer this many requests back")
+    parser.add_argument("--batch", type=int, default=16, help="labels per Feedback call in the batched run")
+    parser.add_argument("--no-redis", action="store_true", help="skip the Redis-vs-in-process comparison")
     args = parser.parse_args()
     in_process(args.fill)
+    await empty_vs_full(args)
+    if not args.no_redis:
+        await redis_vs_in_process(args)
+
+
+async def empty_vs_full(args: argparse.Namespace) -> None:
     servers = [start(), start()]
     fresh, full = (f"127.0.0.1:{port}" for _, port in servers)
     try:
@@ -159,6 +205,44 @@ async def main() -> None:
         for process, _ in servers:
             process.terminate()
             process.wait(timeout=60)
+
+
+
+async def redis_vs_in_process(args: argparse.Namespace) -> None:
+    """The same traffic on the in-process store and on the Redis store, interleaved rounds."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="feedback-bench-redis-") as folder:
+        redis_process, url = start_redis(Path(folder))
+        servers = {"in-process": start(), "redis": start("--state-url", url)}
+        addresses = {name: f"127.0.0.1:{port}" for name, (_, port) in servers.items()}
+        try:
+            for address in addresses.values():
+                await wait_ready(address)
+                await drive(address, 2.0, args.concurrency, "warm", lag=args.lag)
+            kinds = {"Predict alone": 0, "Predict+Feedback, 1 label a call": 1,
+                     f"Predict+Feedback, {args.batch} labels a call": args.batch}
+            rates = {(kind, name): [] for kind in kinds for name in servers}
+            accepted = {key: [0, 0] for key in rates}
+            for r in range(args.rounds):
+                for kind, per_call in kinds.items():
+                    for name, address in addresses.items():
+                        rates[kind, name].append(await drive(
+                            address, args.seconds, args.concurrency, f"{per_call}-{r}", feedback=per_call > 0,
+                            lag=args.lag, accepted=accepted[kind, name], per_call=max(1, per_call)))
+            for kind in kinds:
+                for name in servers:
+                    done, sent = accepted[kind, name]
+                    print(f"{kind:32s} {name:10s}: " + ", ".join(f"{v:6.0f}" for v in rates[kind, name]) + " RPC/s"
+                          + (f" (labels accepted {done / sent:.1%})" if sent else ""))
+                ratio = float(np.median(rates[kind, "redis"]) / np.median(rates[kind, "in-process"]))
+                print(f"{kind:32s} redis / in-process (medians): {ratio:.3f}")
+        finally:
+            for process, _ in servers.values():
+                process.terminate()
+                process.wait(timeout=60)
+            redis_process.terminate()
+            redis_process.wait(timeout=30)
 
 
 if __name__ == "__main__":

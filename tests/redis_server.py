@@ -18,8 +18,8 @@ from tests.helpers import free_port
 
 
 class RedisServer:
-    def __init__(self, folder: Path, password: str | None = None) -> None:
-        self.folder, self.password = folder, password
+    def __init__(self, folder: Path, password: str | None = None, maxmemory: str = "256mb") -> None:
+        self.folder, self.password, self.maxmemory = folder, password, maxmemory
         self.port = free_port()
         self.process: subprocess.Popen | None = None
 
@@ -34,7 +34,8 @@ class RedisServer:
         binary = shutil.which("redis-server")
         assert binary, "redis-server is not installed: `make test` installs it (Debian's redis-server)"
         command = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
-                   "--save", "", "--appendonly", "no", "--maxmemory", "256mb", "--maxmemory-policy", "volatile-ttl"]
+                   "--save", "", "--appendonly", "no", "--maxmemory", self.maxmemory,
+                   "--maxmemory-policy", "volatile-ttl"]  # as deploy/k8s/components/redis-state runs it
         if self.password:
             command += ["--requirepass", self.password]
         log = open(self.folder / f"redis-{self.port}.log", "ab")
@@ -58,9 +59,9 @@ class RedisServer:
 
 
 @contextlib.contextmanager
-def running_redis(folder: Path, password: str | None = None) -> Iterator[RedisServer]:
+def running_redis(folder: Path, password: str | None = None, maxmemory: str = "256mb") -> Iterator[RedisServer]:
     folder.mkdir(parents=True, exist_ok=True)
-    server = RedisServer(folder, password)
+    server = RedisServer(folder, password, maxmemory)
     server.start()
     try:
         yield server

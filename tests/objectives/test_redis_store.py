@@ -139,6 +139,29 @@ async def test_a_full_write_queue_counts_instead_of_waiting(redis_server):
         await store.stop()
 
 
+async def test_a_stream_without_feedback_stays_within_maxmemory_and_keeps_the_fleet_counters(tmp_path):
+    """volatile-ttl evicts only what expires: predictions go, the window and counters stay."""
+    with running_redis(tmp_path / "redis", maxmemory="2mb") as server:
+        store = RedisStore(server.url, "redis", queue_size=100_000)
+        await store.start()
+        try:
+            store.record("labelled", result([1]))
+            await stored(store, "labelled")
+            assert (await store.add_labels([label("labelled", 0, "1")], now=1.0)).accepted == 1
+            client = server.client()
+            baseline = client.info("memory")["used_memory"]
+            for i in range(30_000):  # ~10 MB of predictions into 2 MB
+                store.record(f"stream-{i}", result([i % 10, (i + 1) % 10]))
+                if i % 1000 == 999:
+                    await stored(store, f"stream-{i}")
+                    assert client.info("memory")["used_memory"] <= 2 * 1024 * 1024 + baseline // 2
+            assert client.info("stats")["evicted_keys"] > 0
+            assert store.counters.unstored == 0  # eviction makes room: no write fails
+            assert client.hget("quorum:c:ens", "labelled||1") == b"1" and client.llen("quorum:r:ens") == 1
+        finally:
+            await store.stop()
+
+
 def test_state_urls_are_checked_and_shown_without_their_password():
     assert describe_url("redis://:secret@cache:6380/2") == ("redis://cache:6380/2", None)
     assert describe_url("rediss://user:pw@cache/0") == ("rediss://cache/0", None)
