@@ -27,7 +27,8 @@ from service.export import calibration, checks, reference
 from service.export.errors import ExportError, UsageError
 from service.export.repository_check import ensembles_broken_by
 from service.export.labels import resolve as resolve_labels
-from service.export.source import OUTPUT_NAME, Source, fit_rows, load_source
+from service.export.load import load_source
+from service.export.source import OUTPUT_NAME, Source, fit_rows
 from service.repository.manifest import (
     SCHEMA_VERSION, Calibration, Normalization, Provenance, SplitMetrics, TensorSpec, Validation,
     VariantManifest)

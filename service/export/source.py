@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from service.export.errors import ExportError, UsageError
+from service.export.errors import ExportError
 
 OUTPUT_NAME = "logits"
 ONNX_OPSET = 17
@@ -22,11 +22,6 @@ PROB_EPSILON = 1e-12
 """Probabilities are floored here before the log, so a class a model gives exactly 0 (a tree
 ensemble's leaf) keeps a finite logit, log(1e-12) = -27.6."""
 
-KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
-ONNX_SUFFIXES = (".onnx",)
-SKLEARN_SUFFIXES = (".pkl", ".pickle", ".joblib")
-KINDS = ("a .keras file, a SavedModel folder, an .onnx file, or a fitted scikit-learn "
-         "classifier saved with pickle/joblib (.pkl, .pickle, .joblib)")
 
 
 @dataclass(frozen=True)
@@ -108,43 +103,3 @@ def fit_rows(x: np.ndarray, shape: tuple[int | None, ...], input_name: str, arra
         raise ExportError(f"--data: {array} has shape {list(x.shape)}, rows of {width} values, but the "
                           f"model's input '{input_name}' takes {list((-1, *shape[1:]))}, {want} values per row")
     return x.reshape(len(x), *shape[1:]).astype(np.float32, copy=False)
-
-
-def load_source(model: Any, *, fmt: str, input_name: str | None, output: str | None,
-                sample: np.ndarray) -> Source:
-    """The model as a Source. `model` is a path, a Keras model or a fitted scikit-learn
-    estimator; `sample` (raw training rows) tells probabilities from logits."""
-    if not isinstance(model, (str, os.PathLike)):
-        if hasattr(model, "predict_proba") or hasattr(model, "classes_"):
-            from service.export.sklearn_source import from_estimator
-
-            return from_estimator(model, input_name=input_name, sample=sample, output=output)
-        from service.export.tf_source import from_keras
-
-        return from_keras(model, input_name=input_name, sample=sample)
-    path = Path(model)
-    if not path.exists():
-        raise UsageError(f"--model {path}: no such file or folder")
-    suffix = path.suffix.lower()
-    if path.is_dir():
-        if not (path / "saved_model.pb").is_file():
-            raise UsageError(f"--model {path}: a folder, but not a SavedModel (no saved_model.pb); "
-                             f"export reads {KINDS}")
-        import_tensorflow()
-        from service.export.tf_source import from_savedmodel
-
-        return from_savedmodel(path, fmt=fmt, input_name=input_name, output=output, sample=sample)
-    if suffix in ONNX_SUFFIXES:
-        from service.export.onnx_source import from_onnx_file
-
-        return from_onnx_file(path, input_name=input_name, output=output, sample=sample)
-    if suffix in SKLEARN_SUFFIXES:
-        from service.export.sklearn_source import from_file
-
-        return from_file(path, input_name=input_name, output=output, sample=sample)
-    if suffix in KERAS_SUFFIXES:
-        import_tensorflow()
-        from service.export.tf_source import from_keras_file
-
-        return from_keras_file(path, input_name=input_name, sample=sample)
-    raise UsageError(f"--model {path}: unknown kind of file '{suffix or path.name}'; export reads {KINDS}")
