@@ -615,7 +615,7 @@ class ModelManager:
             if ensemble.spec is None:
                 raise ModelLoadError(str(entry.path), ensemble.error)
             if reloaded:
-                log.info("ensemble %s loaded (RepositoryModelLoad)", name)
+                log.info("ensemble %s loaded by request", name)
             return
         model = self.variants.get(name)
         if model:
@@ -639,7 +639,7 @@ class ModelManager:
     async def _unload(self, name: str) -> None:
         if name in self.ensembles:
             self.ensembles[name].unloaded_by_request = True
-            log.info("ensemble %s unloaded (RepositoryModelUnload)", name)
+            log.info("ensemble %s unloaded by request", name)
             return
         model = self.variants.get(name)
         if model is None:

@@ -6,7 +6,9 @@ folder without variant.json named as such, with its path, in the log and in the 
 request for that model.
 
 One server on a scratch repository of two ONNX members and their ensemble, changed on disk
-step by step; each step waits (with a deadline) for what it should produce."""
+step by step; each step waits (with a deadline) for what it should produce. Under
+--model-control explicit, the load and unload RPCs log theirs, and a request for an unloaded
+model says it was unloaded."""
 
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import yaml
 from tritonclient.utils import InferenceServerException
 
 from tests.helpers import MODELS, copy_variant
-from tests.server import RunningServer, running_server
+from tests.server import EXPLICIT_CONTROL, RunningServer, running_server
 
 MEMBERS = ("digits_logreg", "digits_mlp_a")
 
@@ -131,3 +133,25 @@ def test_poll_mode_logs_each_change_and_counts_failures_from_zero(tmp_path, repo
                "no line for the removed ensemble", server)
         assert server.stop() == 0
     assert "repeated 0 times" not in server.output()
+
+
+def test_explicit_mode_logs_each_load_and_unload_and_says_why_a_model_is_not_ready(tmp_path, repo):
+    with running_server(tmp_path, repo, args=EXPLICIT_CONTROL) as server:
+        client = grpcclient.InferenceServerClient(server.address)
+        try:
+            client.unload_model("pair")
+            client.unload_model("digits_mlp_a")
+            assert len(_lines(server, r"ensemble pair unloaded by request")) == 1
+            assert len(_lines(server, r"unloaded digits_mlp_a version 1\b")) == 1
+            rows = grpcclient.InferInput("input", [1, 64], "FP32")
+            rows.set_data_from_numpy(np.zeros((1, 64), np.float32))
+            with pytest.raises(InferenceServerException, match=r"has no version ready: it was unloaded "
+                                                                r"\(RepositoryModelUnload\); load it to serve it again"):
+                client.infer("digits_mlp_a", [rows])
+            client.load_model("digits_mlp_a")
+            client.load_model("pair")
+            assert len(_lines(server, r"loaded digits_mlp_a version 1 \(onnx\) on cpu")) == 2  # at start, and now
+            assert len(_lines(server, r"ensemble pair loaded by request")) == 1
+            assert client.is_model_ready("pair")
+        finally:
+            client.close()
