@@ -93,7 +93,21 @@ def _not_ours(what: str, setting: str, host: str, why: str) -> StartupError:
     return StartupError(f"{what} address {host!r} {flag_of(host_setting)} is not an address of this host: {why}", 2)
 
 
+def check_settings(settings: Settings) -> None:
+    """Settings that each parse but cannot serve together."""
+    from service.api.engine import EngineUnavailable, resolve_engine
+
+    try:
+        resolve_engine(settings.grpc_engine, tls=bool(settings.tls_cert and settings.tls_key))
+    except EngineUnavailable as exc:
+        raise StartupError(str(exc), 2) from None
+    if settings.workers > 1 and settings.grpc_port == 0:
+        raise StartupError(f"--workers {settings.workers} needs a fixed gRPC port {flag_of('grpc_port')}: "
+                           "with port 0 each worker would pick its own", 2)
+
+
 def check_startup(settings: Settings) -> None:
+    check_settings(settings)
     check_repository(Path(settings.model_repository))
     check_ports(settings)
 

@@ -78,6 +78,9 @@ BAD_SETTINGS = {
     "one-port-two-roles": (["--http-port", "{grpc}"], {},
                            "the gRPC port (--grpc-port, QUORUM_GRPC_PORT) and the HTTP port (--http-port, QUORUM_HTTP_PORT) "
                            "are both {grpc}: give each its own"),
+    "workers-on-port-0": (["--workers", "2", "--grpc-port", "0"], {},
+                          "--workers 2 needs a fixed gRPC port (--grpc-port, QUORUM_GRPC_PORT): with port 0 each "
+                          "worker would pick its own"),
     "address-not-of-this-host": ([], {"QUORUM_GRPC_HOST": "192.0.2.1"},  # TEST-NET-1: never a local address
                                  "gRPC address '192.0.2.1' (--grpc-host, QUORUM_GRPC_HOST) is not an address of "
                                  "this host"),
