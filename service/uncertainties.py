@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from service.ensemble.calibration import aligned_validation
-from service.ensemble.conformal import check_fraction
+from service.ensemble.conformal import check_fraction, max_coverage
 from service.ensemble.uncertainty import Uncertainty
 from service.errors import InvalidInput
 from service.repository.config import UncertaintyDefaults
@@ -38,6 +38,24 @@ class Asked:
 
 
 _ANY = Asked(None, None, "lac", False)  # the score function does not depend on what is asked
+
+
+@dataclass(frozen=True)
+class Figures:
+    """What GetStatus shows of a model's sets (at its default coverage, or STATUS_COVERAGE)."""
+
+    coverage: float
+    is_default: bool
+    score: str
+    class_conditional: bool
+    fit_rows: int
+    calibration_rows: int
+    max_coverage: float
+    quantile: float
+    mean_set_size: float
+
+
+STATUS_COVERAGE = 0.9
 
 
 class Uncertainties:
@@ -84,6 +102,21 @@ class Uncertainties:
         if p is None:  # not computed with its batch (a request that did not say it would ask)
             p = uncertainty.scorer.probabilities(list(result.member_probabilities))
         return uncertainty.answer_from(p, asked.coverage, asked.max_risk)
+
+    def status(self, model: str) -> Figures:
+        """The sets of a ready model, at its default coverage (STATUS_COVERAGE without one,
+        or the most its rows support if less)."""
+        defaults = self._defaults(model)
+        asked = Asked(defaults.coverage, None, defaults.score, defaults.class_conditional)
+        fitted = self.for_model(model, None, asked)
+        n = fitted.calibration_rows
+        coverage = defaults.coverage or min(STATUS_COVERAGE, max_coverage(n))
+        try:
+            quantile, size = float(np.mean(fitted.conformal.threshold(coverage))), fitted.mean_set_size(coverage)
+        except InvalidInput:  # a class with too few rows for it (Mondrian): no figures to show
+            quantile = size = float("nan")
+        return Figures(coverage, defaults.coverage is not None, defaults.score, defaults.class_conditional,
+                       fitted.fit_rows, n, max_coverage(n), quantile, size)
 
     def for_model(self, model: str, version: int | None, asked: Asked) -> Uncertainty:
         """The model's Uncertainty over every member it is configured with (an ensemble) or

@@ -120,7 +120,16 @@ class EnsembleServicer(pb_grpc.EnsembleServiceServicer):
                 self._ensemble_status(status, name, ensemble)
             else:
                 self._variant_status(status, name)
+            if manager.is_ready(name):
+                self._uncertainty_status(status.uncertainty, name)
         return response
+
+    def _uncertainty_status(self, status: pb.UncertaintyStatus, name: str) -> None:
+        figures = self.api.data.uncertainties.status(name)
+        status.coverage, status.is_default, status.score = figures.coverage, figures.is_default, figures.score
+        status.class_conditional, status.fit_rows = figures.class_conditional, figures.fit_rows
+        status.calibration_rows, status.max_coverage = figures.calibration_rows, figures.max_coverage
+        status.quantile, status.mean_set_size = figures.quantile, figures.mean_set_size
 
     def _variant_status(self, status: pb.ModelStatus, name: str) -> None:
         model = self.api.manager.variants[name]

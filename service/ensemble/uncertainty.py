@@ -106,6 +106,12 @@ class Uncertainty:
     conformal: ConformalCalibration
     selective: SelectiveCalibration
     fit_rows: int
+    held_out: np.ndarray
+    """(calibration rows, C) the score function's probabilities on the calibration rows."""
+
+    def mean_set_size(self, coverage: float) -> float:
+        """The sets' mean size on the calibration rows at `coverage`."""
+        return float(self.conformal.sets(self.held_out, coverage).sum(axis=1).mean())
 
     @property
     def calibration_rows(self) -> int:
@@ -124,7 +130,7 @@ class Uncertainty:
         truth = labels[calibrating]
         return cls(scorer, ConformalCalibration.fit(score, held_out, truth, mondrian),
                    SelectiveCalibration.fit(held_out.max(axis=1), held_out.argmax(axis=1) == truth),
-                   int(labels[fitting].size))
+                   int(labels[fitting].size), held_out)
 
     def check(self, coverage: float | None, max_risk: float | None) -> None:
         """InvalidInput (naming the limit) for a coverage or risk these rows cannot support:

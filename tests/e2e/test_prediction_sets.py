@@ -180,3 +180,20 @@ def test_quorum_v1_predictions_carry_their_sets_labels_and_abstention(server, te
             timeout=30)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "coverage must be a number strictly between 0 and 1, got 1.0" in error.value.details()
+
+
+def test_get_status_shows_what_the_sets_are_made_of(server):
+    from service._proto.quorum.v1 import ensemble_pb2 as qpb
+    from service._proto.quorum.v1 import ensemble_pb2_grpc as qpb_grpc
+
+    with grpc.insecure_channel(server.address) as channel:
+        stub = qpb_grpc.EnsembleServiceStub(channel)
+        defaulted = stub.GetStatus(qpb.GetStatusRequest(model=DEFAULTED), timeout=30).models[0].uncertainty
+        plain = stub.GetStatus(qpb.GetStatusRequest(model=MEMBER), timeout=30).models[0].uncertainty
+    n = _calibration_rows(DEFAULTED)
+    assert (defaulted.coverage, defaulted.is_default, defaulted.score) == (0.9, True, "aps")
+    assert (defaulted.fit_rows, defaulted.calibration_rows) == (n, n)
+    assert defaulted.max_coverage == pytest.approx(n / (n + 1))
+    assert 0 < defaulted.quantile <= 1 and defaulted.mean_set_size >= 1  # APS: never an empty set
+    assert (plain.coverage, plain.is_default, plain.score, plain.class_conditional) == (0.9, False, "lac", False)
+    assert plain.calibration_rows == _calibration_rows(MEMBER) and 0 < plain.mean_set_size < 3
