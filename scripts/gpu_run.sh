@@ -25,6 +25,7 @@
 
 set -uo pipefail
 DEVICE=${QUORUM_GPU_RUN_DEVICE:-gpu}
+unset QUORUM_GPU_RUN_DEVICE  # not a server setting: the servers it starts refuse unknown QUORUM_* variables
 while [ $# -gt 0 ]; do
     case "$1" in
         --device) DEVICE=${2:-}; shift 2 ;;
