@@ -63,6 +63,7 @@ def _serve(args: argparse.Namespace) -> int:  # returns only when the server ref
 def _settings_error(exc) -> str:
     """One line naming each bad setting, e.g. "--grpc-port (QUORUM_GRPC_PORT): Input should be ..."."""
     from service.serve_flags import ENV_ONLY, flag_of
+    from service.setting_names import env_name
     from service.settings import Settings
 
     problems = []
@@ -73,9 +74,11 @@ def _settings_error(exc) -> str:
         if (error["type"] != "value_error" and where not in ENV_ONLY
                 and isinstance(value, (str, int, float)) and len(str(value)) <= 80):
             message += f", not {value!r}"  # never the token's value
-        if where in Settings.model_fields and not message.startswith(where):
-            where = f"{where} {flag_of(where)}"
-        problems.append(f"{where}: {message}" if where and not message.startswith(where) else message)
+        if where in Settings.model_fields:  # named by its flag and variable, unless the message does
+            named = env_name(where) in message
+            problems.append(message if named else f"{where} {flag_of(where)}: {message}")
+        else:
+            problems.append(f"{where}: {message}" if where else message)
     return "invalid settings: " + "; ".join(problems)
 
 

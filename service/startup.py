@@ -101,6 +101,14 @@ def check_settings(settings: Settings) -> None:
         resolve_engine(settings.grpc_engine, tls=bool(settings.tls_cert and settings.tls_key))
     except EngineUnavailable as exc:
         raise StartupError(str(exc), 2) from None
+    from service.runtimes.devices import validate_device
+
+    for setting, device in [("device", settings.device), *(("device_overrides", d) for d in
+                                                          settings.device_overrides.values())]:
+        try:
+            validate_device(device)  # at start, not as each model fails to load on it
+        except ValueError as exc:
+            raise StartupError(f"{setting} {flag_of(setting)}: {exc}", 2) from None
     if settings.workers > 1 and settings.grpc_port == 0:
         raise StartupError(f"--workers {settings.workers} needs a fixed gRPC port {flag_of('grpc_port')}: "
                            "with port 0 each worker would pick its own", 2)

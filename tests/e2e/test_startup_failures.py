@@ -78,6 +78,11 @@ BAD_SETTINGS = {
     "one-port-two-roles": (["--http-port", "{grpc}"], {},
                            "the gRPC port (--grpc-port, QUORUM_GRPC_PORT) and the HTTP port (--http-port, QUORUM_HTTP_PORT) "
                            "are both {grpc}: give each its own"),
+    "unknown-device": (["--device", "tpu"], {}, "device (--device, QUORUM_DEVICE): device must be auto, cpu, gpu "
+                                                "or gpu:N, got 'tpu'"),
+    "unknown-override-device": ([], {"QUORUM_DEVICE_OVERRIDES": '{"digits_logreg": "gpu:x"}'},
+                                "device_overrides (--device-overrides, QUORUM_DEVICE_OVERRIDES): device must be auto, "
+                                "cpu, gpu or gpu:N, got 'gpu:x'"),
     "workers-on-port-0": (["--workers", "2", "--grpc-port", "0"], {},
                           "--workers 2 needs a fixed gRPC port (--grpc-port, QUORUM_GRPC_PORT): with port 0 each "
                           "worker would pick its own"),
