@@ -63,7 +63,8 @@ async def serve(port: int, answer: bytes, engine: str = "grpcio", wrapped: bool 
     else:
         server = grpc.aio.server(options=options)
     if wrapped:
-        from service.api.interceptors import Admission, HandlerWrapper
+        from service.api.admission import Admission
+        from service.api.handlers import HandlerWrapper
 
         admission = Admission()
         admission.loading = False  # nothing to load: open at once

@@ -30,7 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from service._proto.inference import grpc_service_pb2 as pb  # noqa: E402
-from service.api.interceptors import HandlerWrapper  # noqa: E402
+from service.api.handlers import HandlerWrapper  # noqa: E402
 from service.api.v2 import InferenceServicer  # noqa: E402
 from service.server import QuorumServer  # noqa: E402
 from service.settings import Settings  # noqa: E402

@@ -32,7 +32,8 @@ from service.api.engine import EngineUnavailable, add_servicer, build_server, re
 from service.api.ensemble import EnsembleServicer
 from service.api.health import COMPLETE, LIVENESS, NOT_SERVING, SERVING, HealthServicer
 from service.api.http import HttpServer, start_http
-from service.api.interceptors import Admission, HandlerWrapper
+from service.api.admission import Admission
+from service.api.handlers import HandlerWrapper
 from service.api.tfserving import ModelServicer, PredictionServicer
 from service.api.v2 import InferenceServicer
 from service.dataplane import DataPlane

@@ -57,7 +57,7 @@ def build_server(engine: Engine, *, options: Sequence[tuple[str, Any]]) -> grpc.
 
 class HandlerRegistry(Protocol):
     """The registration half of a gRPC server, what generated `add_*Servicer_to_server` calls:
-    grpc.aio.Server (pygrpc-native's too) or `interceptors.Registrar`, which wraps each handler
+    grpc.aio.Server (pygrpc-native's too) or `handlers.Registrar`, which wraps each handler
     on its way in."""
 
     def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None: ...

@@ -9,7 +9,8 @@ import pytest
 from service import errors
 from service._proto.inference import grpc_service_pb2 as v2_pb
 from service.api.engine import build_server, sends_grpc_trailers
-from service.api.interceptors import Admission, HandlerWrapper
+from service.api.admission import Admission
+from service.api.handlers import HandlerWrapper
 from service.batching.requests import refuse_if_late
 
 

@@ -224,7 +224,7 @@ def test_expired_deadline(v2, pixels, timeout):
     """A deadline too short to be met is never answered OK nor an error of ours: DEADLINE_EXCEEDED,
     or, while the good client keeps the server busy, admission's RESOURCE_EXHAUSTED for the work
     ahead (gRPC carries 1 us as about 1 ms; with a few ms of calls in flight admission refuses
-    it first, as documented in service/api/interceptors.py Admission). Which of the two such a
+    it first, as documented in service/api/admission.py). Which of the two such a
     call deserves is the priorities issue's (DEADLINE_EXCEEDED for a call refused for its deadline)."""
     code, message = code_of_call(v2.ModelInfer, infer_request(ENSEMBLE, pixels), timeout=timeout)
     assert code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED), (code, message)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import grpc
 
-from service.api.interceptors import status_of
+from service.api.status_codes import status_of
 
 C = grpc.StatusCode
 HTTP_STATUS: dict[grpc.StatusCode, int] = {
