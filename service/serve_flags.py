@@ -88,6 +88,9 @@ def _json_object(text: str) -> dict:
     return value
 
 
+_json_object.__name__ = "JSON object"  # argparse's "invalid JSON object value: 'x'"
+
+
 def _default(name: str, field: FieldInfo) -> str:
     value = field.default
     if name == "model_repository" and value == BUNDLED_MODELS:
