@@ -63,6 +63,13 @@ def start(*args: str) -> tuple[subprocess.Popen, int]:
     return process, port
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (/proc): unlike throughput on a shared host,
+    what a request costs does not move with what else runs."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def start_redis(folder: Path) -> tuple[subprocess.Popen, str]:
     """A throwaway redis-server (no persistence) on a free port; its URL once it answers."""
     import redis
@@ -105,15 +112,16 @@ def _predict(request_id: str) -> pb.PredictRequest:
 
 
 async def drive(address: str, seconds: float, concurrency: int, tag: str, feedback: bool = True,
-                lag: int = 0, accepted: list[int] | None = None, per_call: int = 1) -> float:
+                lag: int = 0, accepted: list[int] | None = None, per_call: int = 1,
+                predicts: list[int] | None = None) -> float:
     """RPC/s (Predict and Feedback both counted) over `seconds` of closed-loop traffic; with
     `lag`, each Feedback labels the answer of `lag` requests before (counted in `accepted`);
     with `per_call` > 1, one Feedback call every `per_call` Predicts labels that many."""
-    count = 0
+    count = predicted = 0
     stop = time.monotonic() + seconds
 
     async def worker(w: int) -> None:
-        nonlocal count
+        nonlocal count, predicted
         i = 0
         async with grpc.aio.insecure_channel(address) as channel:
             stub = pb_grpc.EnsembleServiceStub(channel)
@@ -121,6 +129,7 @@ async def drive(address: str, seconds: float, concurrency: int, tag: str, feedba
                 request_id = f"{tag}-{w}-{i}"
                 await stub.Predict(_predict(request_id), timeout=30)
                 count += 1
+                predicted += 1
                 if feedback and i >= lag + per_call - 1 and (i - lag + 1) % per_call == 0:
                     reply = await stub.Feedback(pb.FeedbackRequest(labels=[pb.FeedbackRequest.Label(
                         request_id=f"{tag}-{w}-{j}", row=0, label=str(j % 10))
@@ -133,6 +142,8 @@ async def drive(address: str, seconds: float, concurrency: int, tag: str, feedba
 
     start = time.monotonic()
     await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    if predicts is not None:
+        predicts[0] += predicted
     return count / (time.monotonic() - start)
 
 
@@ -175,7 +186,7 @@ async def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--fill", type=int, default=50_000)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--lag", type=int, default=4, help="Feedback labels the answer this many requests back")
+    parser.add_argument("--lag", type=int, default=32, help="Feedback labels the answer this many requests back")
     parser.add_argument("--batch", type=int, default=16, help="labels per Feedback call in the batched run")
     parser.add_argument("--no-redis", action="store_true", help="skip the Redis-vs-in-process comparison")
     args = parser.parse_args()
@@ -222,19 +233,30 @@ async def redis_vs_in_process(args: argparse.Namespace) -> None:
                 await drive(address, 2.0, args.concurrency, "warm", lag=args.lag)
             kinds = {"Predict alone": 0, "Predict+Feedback, 1 label a call": 1,
                      f"Predict+Feedback, {args.batch} labels a call": args.batch}
-            rates = {(kind, name): [] for kind in kinds for name in servers}
+            rates: dict[tuple[str, str], list[float]] = {(kind, name): [] for kind in kinds for name in servers}
             accepted = {key: [0, 0] for key in rates}
+            predicts = {key: [0] for key in rates}
+            cpu = {key: 0.0 for key in rates}  # the server's CPU seconds
+            redis_cpu = {key: 0.0 for key in rates}  # redis-server's, for the redis store
             for r in range(args.rounds):
                 for kind, per_call in kinds.items():
                     for name, address in addresses.items():
+                        before = cpu_seconds(servers[name][0].pid), cpu_seconds(redis_process.pid)
                         rates[kind, name].append(await drive(
                             address, args.seconds, args.concurrency, f"{per_call}-{r}", feedback=per_call > 0,
-                            lag=args.lag, accepted=accepted[kind, name], per_call=max(1, per_call)))
+                            lag=args.lag, accepted=accepted[kind, name], per_call=max(1, per_call),
+                            predicts=predicts[kind, name]))
+                        cpu[kind, name] += cpu_seconds(servers[name][0].pid) - before[0]
+                        if name == "redis":
+                            redis_cpu[kind, name] += cpu_seconds(redis_process.pid) - before[1]
             for kind in kinds:
                 for name in servers:
                     done, sent = accepted[kind, name]
+                    n = max(1, predicts[kind, name][0])
                     print(f"{kind:32s} {name:10s}: " + ", ".join(f"{v:6.0f}" for v in rates[kind, name]) + " RPC/s"
-                          + (f" (labels accepted {done / sent:.1%})" if sent else ""))
+                          + (f" (labels accepted {done / sent:.1%})" if sent else "")
+                          + f"; CPU per Predict{' and its label' if sent else ''}: server {cpu[kind, name] / n * 1e6:4.0f} us"
+                          + (f" + redis-server {redis_cpu[kind, name] / n * 1e6:3.0f} us" if name == "redis" else ""))
                 ratio = float(np.median(rates[kind, "redis"]) / np.median(rates[kind, "in-process"]))
                 print(f"{kind:32s} redis / in-process (medians): {ratio:.3f}")
         finally:

@@ -23,7 +23,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from service.objectives.redis_layout import KEY, LABEL_SCRIPT
+from service.objectives.redis_layout import KEY, LABEL_SCRIPT, WRITE_SCRIPT
 from service.objectives.state_codec import (StoredPrediction, decode_prediction, decode_row, encode_prediction,
                                             encode_row, window_accuracy)
 from service.objectives.store import (FEEDBACK_CHUNK, FeedbackOutcome, LiveRow, PodCounters, StoreUnavailable,
@@ -73,6 +73,7 @@ class RedisStore:
         self._live: dict[str, dict[str, tuple[float | None, int]]] = {}  # model -> key -> (accuracy, samples)
         self._tasks: list[asyncio.Task] = []
         self._label = self._client.register_script(LABEL_SCRIPT) if self._client is not None else None
+        self._store = self._client.register_script(WRITE_SCRIPT) if self._client is not None else None
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> str | None:
@@ -138,12 +139,12 @@ class RedisStore:
         pending = [task for _, result, _ in batch for _, task in result.shadow.values() if not task.done()]
         if pending:  # shadow members usually answer within milliseconds
             await asyncio.wait(pending, timeout=SHADOW_WAIT_S)
-        pipe = self._redis().pipeline(transaction=False)
-        for request_id, result, _ in batch:
-            pipe.set(f"{KEY}p:{request_id}", encode_prediction(_stored(result)), ex=self._ttl)
+        keys = [f"{KEY}p:{request_id}" for request_id, _, _ in batch]
+        values = [encode_prediction(_stored(result)) for _, result, _ in batch]
+        assert self._store is not None  # a broken store never queues
         try:
             async with asyncio.timeout(self._timeout_s):
-                await pipe.execute()
+                await self._store(keys=keys, args=[self._ttl, *values])
         except ERRORS as exc:
             self._unreachable(exc)
             self._unstored(len(batch), _why(exc, self._timeout_s))
@@ -241,10 +242,8 @@ class RedisStore:
     async def _add_chunk(self, chunk: Any, outcome: FeedbackOutcome) -> None:
         redis = self._redis()
         ids = list(dict.fromkeys(item.request_id for item in chunk))
-        pipe = redis.pipeline(transaction=False)
-        for request_id in ids:
-            pipe.get(f"{KEY}p:{request_id}")
-        known = {i: decode_prediction(blob) for i, blob in zip(ids, await pipe.execute()) if blob is not None}
+        blobs = await redis.mget([f"{KEY}p:{request_id}" for request_id in ids])
+        known = {i: decode_prediction(blob) for i, blob in zip(ids, blobs) if blob is not None}
         candidates, seen = [], set()
         for item in chunk:
             prediction = known.get(item.request_id)

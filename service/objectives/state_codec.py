@@ -4,6 +4,7 @@ or LRANGE reads it whole and decoding costs one json.loads and a few np.frombuff
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 
@@ -25,13 +26,18 @@ class StoredPrediction:
 
 def encode_prediction(p: StoredPrediction) -> bytes:
     n, classes = len(p.predicted), len(p.labels)
-    header = {"m": p.model, "v": p.version, "l": list(p.labels), "n": n,
-              "s": [[name, version] for name, (version, _) in p.members.items()]}
-    parts = [json.dumps(header, separators=(",", ":")).encode(), b"\n",
-             np.ascontiguousarray(p.predicted, dtype="<i8").tobytes()]
+    members = tuple((name, version) for name, (version, _) in p.members.items())
+    parts = [_header(p.model, p.version, p.labels, members, n), np.ascontiguousarray(p.predicted, dtype="<i8").tobytes()]
     for _, probs in p.members.values():
         parts.append(np.ascontiguousarray(probs, dtype="<f4").reshape(n, classes).tobytes())
     return b"".join(parts)
+
+
+@functools.lru_cache(maxsize=1024)
+def _header(model: str, version: int, labels: tuple[str, ...], members: tuple[tuple[str, int], ...], n: int) -> bytes:
+    """A prediction's header line; the same for every request of a model, its versions and row count."""
+    header = {"m": model, "v": version, "l": list(labels), "n": n, "s": [list(m) for m in members]}
+    return json.dumps(header, separators=(",", ":")).encode() + b"\n"
 
 
 def decode_prediction(blob: bytes) -> StoredPrediction:
