@@ -9,6 +9,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
@@ -180,6 +181,18 @@ class Settings(BaseSettings):
     """Predictions waiting for the shared store's writer; beyond, they are counted as unstored."""
     max_feedback_labels: int = Field(100_000, ge=1)
     """Most labels one Feedback call may carry (more: INVALID_ARGUMENT)."""
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _endpoint_is_a_url(cls, value: str | None) -> str | None:
+        """Checked here: the exporter would fail inside the server's start, naming no setting."""
+        if value is None:
+            return value
+        try:
+            urlsplit(value).port  # noqa: B018 (parses the host and port as the exporter will)
+        except ValueError as exc:
+            raise ValueError(f"{value!r} is not a URL ({exc}): e.g. http://otel-collector:4317") from None
+        return value
 
     @field_validator("auth_token")
     @classmethod

@@ -83,6 +83,8 @@ BAD_SETTINGS = {
     "unknown-override-device": ([], {"QUORUM_DEVICE_OVERRIDES": '{"digits_logreg": "gpu:x"}'},
                                 "device_overrides (--device-overrides, QUORUM_DEVICE_OVERRIDES): device must be auto, "
                                 "cpu, gpu or gpu:N, got 'gpu:x'"),
+    "not-a-url": (["--otlp-endpoint", "http://[collector"], {},
+                  "otlp_endpoint (--otlp-endpoint, QUORUM_OTLP_ENDPOINT): 'http://[collector' is not a URL"),
     "workers-on-port-0": (["--workers", "2", "--grpc-port", "0"], {},
                           "--workers 2 needs a fixed gRPC port (--grpc-port, QUORUM_GRPC_PORT): with port 0 each "
                           "worker would pick its own"),
