@@ -228,8 +228,14 @@ ROWS: list[tuple[str, list[Spec]]] = [
         Spec("timeseries", "Live accuracy (feedback)",
              "Accuracy against ground truth sent back with Feedback, over the feedback window, per model and "
              "member. Compare with the validation accuracy: a gap that grows with input drift means the "
-             "model needs retraining; runbook: live accuracy.",
-             "percentunit", [Target(f"max by (model, member) (quorum_live_accuracy{{{MODEL}}})", "{{model}} {{member}}")],
+             "model needs retraining; runbook: live accuracy. With a shared store (--state-url) every pod "
+             "shows the fleet's window; the dashed lines are every pod's labelled-row counters summed, the "
+             "fleet's accuracy over the interval whatever the store.",
+             "percentunit", [Target(f"max by (model, member) (quorum_live_accuracy{{{MODEL}}})", "{{model}} {{member}}"),
+                             Target(f"sum by (model, member) (rate(quorum_feedback_correct_rows_total{{{MODEL}}}"
+                                    f"[$__rate_interval])) / sum by (model, member) "
+                                    f"(rate(quorum_feedback_labelled_rows_total{{{MODEL}}}[$__rate_interval]))",
+                                    "{{model}} {{member}} (all pods)")],
              min=0, max=1),
         Spec("timeseries", "Labelled rows in the accuracy window",
              "Ground-truth labels behind live accuracy: with few of them the accuracy line is noisy.",
