@@ -39,12 +39,9 @@ def check_repository(root: Path) -> None:
 
 def _ports(settings: Settings) -> list[tuple[str, str, str, int]]:
     """(what, setting, host, port) of every port this process (or its workers) will bind;
-    port 0 (a free one, or HTTP off) is never taken. A worker of --workers shares the gRPC
-    and HTTP ports with its siblings (SO_REUSEPORT): the parent checked them."""
-    ports = []
-    if not settings.reuse_port:
-        ports.append(("gRPC", "grpc_port", settings.grpc_host, settings.grpc_port))
-        ports.append(("HTTP", "http_port", settings.http_host, settings.http_port))
+    port 0 (a free one, or HTTP off) is never taken."""
+    ports = [("gRPC", "grpc_port", settings.grpc_host, settings.grpc_port),
+             ("HTTP", "http_port", settings.http_host, settings.http_port)]
     if settings.monitoring and settings.metrics_port:
         count = settings.workers  # worker i serves /metrics on metrics_port + i
         ports += [("metrics", "metrics_port", settings.metrics_host, settings.metrics_port + i) for i in range(count)]
@@ -61,11 +58,14 @@ def check_ports(settings: Settings) -> None:
                                f"are both {port}: give each its own", 2)
         seen[port] = what, setting
     for what, setting, host, port in ports:
-        _check_port(what, setting, host, port)
+        shared = settings.reuse_port and setting != "metrics_port"
+        _check_port(what, setting, host, port, shared)
 
 
-def _check_port(what: str, setting: str, host: str, port: int) -> None:
-    """Bind the port as the server will (and close it at once): in use, not ours to bind."""
+def _check_port(what: str, setting: str, host: str, port: int, shared: bool = False) -> None:
+    """Bind the port as the server will (and close it at once): in use, not ours to bind.
+    `shared`: with SO_REUSEPORT, as a worker of --workers binds it beside its siblings (who
+    may hold it already), and no other process may."""
     address = host.strip("[]") or None
     named = f"{what} port {port} {flag_of(setting)} on {host}"
     try:
@@ -75,6 +75,8 @@ def _check_port(what: str, setting: str, host: str, port: int) -> None:
         raise _not_ours(what, setting, host, exc.strerror or str(exc)) from None
     with socket.socket(family, kind, proto) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT is no conflict
+        if shared:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # [::] takes IPv4 too, as gRPC's does
         try:

@@ -106,18 +106,21 @@ def test_a_bad_setting_is_one_line_naming_it_exit_code_2(case):
 
 
 # -- a port another process holds: exit code 1, the running server unharmed ------------------------
-TAKEN = {"all": ("gRPC", "grpc"), "grpc": ("gRPC", "grpc"), "http": ("HTTP", "http"), "metrics": ("metrics", "metrics")}
+TAKEN = {"all": ("gRPC", "grpc"), "grpc": ("gRPC", "grpc"), "http": ("HTTP", "http"), "metrics": ("metrics", "metrics"),
+         "grpc-reuse-port": ("gRPC", "grpc")}
 
 
 @pytest.mark.parametrize("taken", list(TAKEN))
 def test_a_taken_port_is_one_line_naming_it_exit_code_1(server: RunningServer, taken):
-    """A second server on the running one's ports ("all"), or on one of them with the others free."""
+    """A second server on the running one's ports ("all"), or on one of them with the others
+    free; with --reuse-port (as a worker binds), a port another process holds without it too."""
     held = {"grpc": server.grpc_port, "http": server.http_port, "metrics": server.metrics_port}
     fresh = dict(zip(held, free_ports(3)))
-    ports = held if taken == "all" else {**fresh, taken: held[taken]}
-    done = _serve(["--model-repository", str(ROOT / "models"), "--grpc-port", str(ports["grpc"]),
-                   "--http-port", str(ports["http"]), "--metrics-port", str(ports["metrics"])])
     what, flag = TAKEN[taken]
+    ports = held if taken == "all" else {**fresh, flag: held[flag]}
+    done = _serve(["--model-repository", str(ROOT / "models"), "--grpc-port", str(ports["grpc"]),
+                   "--http-port", str(ports["http"]), "--metrics-port", str(ports["metrics"]),
+                   *(["--reuse-port"] if taken.endswith("reuse-port") else [])])
     line = _one_line(done, 1)
     assert line.startswith(f"quorum serve: {what} port {ports[flag]} (--{flag}-port, QUORUM_{flag.upper()}_PORT) "), line
     assert line.endswith(" is already in use (another server on the same ports?)"), line
