@@ -29,14 +29,15 @@ def _serve(args: argparse.Namespace) -> int:  # returns only when the server ref
 
     flags = {k: v for k, v in vars(args).items()
              if k not in ("command", "handler") and v is not None}
+    warnings: list[str] = []
     try:
         warnings = check_environment(Settings.model_fields, os.environ)
         settings = Settings(**flags)  # flags over QUORUM_* env over defaults
     except UnknownSettings as exc:
         print(f"quorum serve: {exc}", file=sys.stderr)
         return 2
-    except ValidationError as exc:
-        print(f"quorum serve: {_settings_error(exc)}", file=sys.stderr)
+    except ValidationError as exc:  # an old name's value is refused under its new name: say both
+        print(f"quorum serve: {'; '.join([_settings_error(exc), *warnings])}", file=sys.stderr)
         return 2
     from service.logs import configure_logging
 

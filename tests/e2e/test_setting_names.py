@@ -59,12 +59,22 @@ def test_the_flags_variable_sets_it_and_an_old_name_works_with_one_warning(tmp_p
                                 "(the flag --grace-period)"), warnings[0]
 
 
+def test_an_old_names_bad_value_is_refused_naming_both_names():
+    done = _serve({"QUORUM_GRACE_PERIOD_S": "-1"})
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [
+        "quorum serve: invalid settings: grace_period_s (--grace-period, QUORUM_GRACE_PERIOD): Input should be "
+        "greater than or equal to 0, not '-1'; QUORUM_GRACE_PERIOD_S is deprecated: rename it QUORUM_GRACE_PERIOD "
+        "(the flag --grace-period)"]
+
+
 def test_the_new_name_wins_over_the_old_one():
     done = _serve({"QUORUM_POLL_INTERVAL": "-1", "QUORUM_POLL_INTERVAL_S": "5"})
     assert done.returncode == 2, done.stderr
     assert done.stderr.splitlines() == [
         "quorum serve: invalid settings: poll_interval_s (--poll-interval, QUORUM_POLL_INTERVAL): Input should be "
-        "greater than or equal to 0, not '-1'"]
+        "greater than or equal to 0, not '-1'; QUORUM_POLL_INTERVAL_S is deprecated and ignored: "
+        "QUORUM_POLL_INTERVAL is set too and wins"]
 
 
 @pytest.mark.parametrize("variable, closest", [
