@@ -1,8 +1,8 @@
 """Refusals to start, before a port is bound: each one line naming the path, port or setting, and an exit code.
 
 Code 2 is a setting that cannot work (a repository that is not there, two roles on one
-port, an address this host does not have); code 1 is the host's state (a port another
-process holds). A failure inside the server's own start is reported the same way
+port, an address this host does not have, an unknown device, the native engine with TLS,
+--workers on port 0); code 1 is the host's state (a port another process holds). A failure inside the server's own start is reported the same way
 (`StartupError`, raised by service.server.serve), without a traceback.
 """
 
