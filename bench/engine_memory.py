@@ -69,7 +69,7 @@ def run_case(engine: str, case: str, mib: int, limit: int, repository: Path) -> 
     multiple, gzip, clients = CASES[case]
     size = multiple * mib << 20
     port = _free_port()
-    env = {**os.environ, "QUORUM_MAX_MESSAGE_BYTES": str(limit), "QUORUM_DRAIN_DELAY_S": "0"}
+    env = {**os.environ, "QUORUM_MAX_MESSAGE_BYTES": str(limit), "QUORUM_DRAIN_DELAY": "0"}
     with tempfile.TemporaryFile() as log:
         server = subprocess.Popen(
             [sys.executable, "-m", "service.cli", "serve", "--device", "cpu", "--model-repository", str(repository),
