@@ -6,8 +6,8 @@ accepted, and both servers' GetStatus and /metrics agree on the fleet's live acc
 per-pod counters summed over both equal the rows labelled. A server restarted between Predict
 and Feedback still accepts the label. Redis stopped under mixed traffic: no inference error,
 Feedback UNAVAILABLE naming the store, the unstored-prediction counter rising; Redis back:
-Feedback works again without restarting Quorum. Each test labels its own model, so that the
-module's shared counters stay each test's own."""
+Feedback works again without restarting Quorum. A label after --state-ttl is unknown. Each
+test labels its own model, so that the module's shared counters stay each test's own."""
 
 from __future__ import annotations
 
@@ -140,6 +140,18 @@ def test_a_server_restarted_between_predict_and_feedback_still_accepts_the_label
         labels = [pb.FeedbackRequest.Label(request_id="before-restart", row=r, label=str(y[r])) for r in range(2)]
         reply = stub(again).Feedback(pb.FeedbackRequest(labels=labels), timeout=10)
         assert reply.accepted == 2 and not reply.unknown_ids
+
+
+def test_a_label_for_an_expired_prediction_is_unknown(tmp_path, redis_server, test_split):
+    x, y = test_split
+    with running_server(tmp_path, args=["--state-url", redis_server.url, "--state-ttl", "1"]) as server:
+        predict(server, "digits_cnn_a", x[:1], "expires")
+        until(lambda: stored(redis_server, "expires"), "the prediction is stored")
+        assert 0 < redis_server.client().pttl("quorum:p:expires") <= 1000
+        until(lambda: not stored(redis_server, "expires"), "Redis expires it after --state-ttl")
+        reply = stub(server).Feedback(pb.FeedbackRequest(labels=[
+            pb.FeedbackRequest.Label(request_id="expires", row=0, label=str(y[0]))]), timeout=10)
+        assert reply.accepted == 0 and list(reply.unknown_ids) == ["expires"]
 
 
 def test_redis_down_under_mixed_traffic_then_back(pair, redis_server, test_split):

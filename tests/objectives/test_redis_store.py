@@ -89,6 +89,22 @@ async def test_a_label_finds_its_prediction_through_another_replica(redis_server
         await b.stop()
 
 
+async def test_an_emptied_redis_empties_the_fleet_view(redis_server):
+    store = RedisStore(redis_server.url, "redis", refresh_s=3600)  # refreshed by hand below
+    await store.start()
+    try:
+        store.record("r", result([1]))
+        await stored(store, "r")
+        await store.add_labels([label("r", 0, "1")], now=1.0)
+        await store.refresh()
+        assert store.live("ens") == (1.0, 1) and len(store.live_rows("ens")) == 1 and store.live_all()
+        redis_server.client().flushall()  # a Redis restarted without its data
+        await store.refresh()
+        assert store.live("ens") == (None, 0) and store.live_rows("ens") == [] and store.live_all() == {}
+    finally:
+        await store.stop()
+
+
 async def test_predictions_expire_with_the_ttl_setting(redis_server):
     store = RedisStore(redis_server.url, "redis", ttl_s=120)
     await store.start()
