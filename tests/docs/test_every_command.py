@@ -48,6 +48,10 @@ NOT_RUN: dict[tuple[str, str], str] = {
         CLUSTER + "; tests/deploy/test_documented_secrets.py runs it as a client-side dry run",
     ("docs/deploy.md", "kubectl apply -k deploy/k8s/overlays/cpu-shared-state"): CLUSTER,
     ("docs/deploy.md", "kubectl apply -k deploy/k8s/overlays/cpu-external-state"): CLUSTER,
+    ("docs/performance.md", ".venv/bin/python bench/feedback_bench.py --seconds 6 --rounds 3 --fill 25000 "
+                            "--concurrency 8"):
+        "about 5 minutes of load on every core (four servers and a redis-server); the store it measures is "
+        "tested by tests/objectives/test_redis_store.py and tests/e2e/test_shared_feedback.py",
     ("docs/performance.md", "make bench"): "about 10 minutes of load on every core, and installs MLServer from PyPI "
                                            "into bench/.venv-mlserver; tests/bench runs each benchmark briefly",
     ("docs/performance.md", ".venv/bin/pip install -e '.[bench]'"): "installs packages from PyPI into the shared venv",
