@@ -232,7 +232,7 @@ class RedisStore:
         except ERRORS as exc:
             self._unreachable(exc)
             counted = f"; {outcome.accepted} labels of this call were counted before it failed" if outcome.accepted else ""
-            raise StoreUnavailable(f"the feedback store {self.name} is unavailable ({_why(exc, self._timeout_s)}): "
+            raise StoreUnavailable(f"the feedback store {self.name} is unavailable ({_why(exc, 3 * self._timeout_s)}): "
                                    f"labels cannot be checked or counted now, send them again later{counted}") from None
         self._answered()
         if outcome.accepted:

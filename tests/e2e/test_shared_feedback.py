@@ -12,6 +12,7 @@ test labels its own model, so that the module's shared counters stay each test's
 from __future__ import annotations
 
 import re
+import signal
 import threading
 import time
 import urllib.request
@@ -210,6 +211,39 @@ def test_redis_down_under_mixed_traffic_then_back(pair, redis_server, test_split
     assert not errors, errors[:3]
     assert answered[0] > 0
     assert "predictions are not being stored" in a.output()
+
+
+def test_a_frozen_redis_never_holds_a_request(pair, redis_server, test_split):
+    """Redis that stops answering without closing its connections (SIGSTOP: a stall, a full
+    disk, a failover in progress): Predict answers as before, Feedback gives up with
+    UNAVAILABLE, and both recover when Redis answers again, with what it held."""
+    a, b = pair
+    x, y = test_split
+    predict(a, "digits_mlp_a", x[:1], "frozen-before")
+    until(lambda: stored(redis_server, "frozen-before"), "stored before the stall")
+    assert redis_server.process is not None
+    redis_server.process.send_signal(signal.SIGSTOP)
+    try:
+        slowest = 0.0
+        for i in range(40):  # about a second of requests at least, the writer's timeout
+            start = time.monotonic()
+            predict(a if i % 2 else b, "digits_mlp_a", x[:1], f"frozen-{i}")
+            slowest = max(slowest, time.monotonic() - start)
+        until(lambda: metric(a, "quorum_feedback_unstored_predictions_total") > 0
+              and metric(b, "quorum_feedback_unstored_predictions_total") > 0, "both count unstored predictions")
+        with pytest.raises(grpc.RpcError) as err:
+            stub(b).Feedback(pb.FeedbackRequest(labels=[
+                pb.FeedbackRequest.Label(request_id="frozen-before", row=0, label=str(y[0]))]), timeout=30)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert f"the feedback store {redis_server.url} is unavailable" in err.value.details()
+    finally:
+        redis_server.process.send_signal(signal.SIGCONT)
+    assert slowest < 1.0, f"a Predict took {slowest:.2f} s while Redis was frozen"  # the writer waits 1 s; no request does
+
+    def labelled_again():
+        return stub(b).Feedback(pb.FeedbackRequest(labels=[
+            pb.FeedbackRequest.Label(request_id="frozen-before", row=0, label=str(y[0]))]), timeout=10).accepted
+    assert until(labelled_again, "the label accepted once Redis answers") == 1
 
 
 def test_a_feedback_call_beyond_the_label_limit_is_refused_naming_it(pair):
