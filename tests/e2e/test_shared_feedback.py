@@ -66,7 +66,11 @@ def predict(server, model: str, rows: np.ndarray, request_id: str) -> pb.Predict
 
 def metric(server, name: str, **labels: str) -> float:
     """The sum of a series' samples whose labels include `labels` (0 when absent)."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    return metric_at(server.metrics_port, name, **labels)
+
+
+def metric_at(port: int, name: str, **labels: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     total = 0.0
     for match in re.finditer(rf"^{name}(?:\{{([^}}]*)\}})? (\S+)$", text, re.M):
         found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1) or ""))
@@ -141,6 +145,30 @@ def test_a_server_restarted_between_predict_and_feedback_still_accepts_the_label
         labels = [pb.FeedbackRequest.Label(request_id="before-restart", row=r, label=str(y[r])) for r in range(2)]
         reply = stub(again).Feedback(pb.FeedbackRequest(labels=labels), timeout=10)
         assert reply.accepted == 2 and not reply.unknown_ids
+
+
+def test_workers_of_one_pod_share_the_store(tmp_path, redis_server, test_split):
+    """--workers 2: each connection lands on one worker; with the shared store a label sent
+    over any connection finds its prediction, whichever worker answered it."""
+    x, y = test_split
+    with running_server(tmp_path, args=["--workers", "2", "--state-url", redis_server.url, *REFRESH]) as server:
+        until(lambda: server.output().count("feedback store: redis://") == 2, "both workers use the store")
+        ids = []
+        for i in range(24):  # a new connection each time: the kernel spreads them over the workers
+            with grpc.insecure_channel(server.address, options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
+                pb_grpc.EnsembleServiceStub(ch).Predict(pb.PredictRequest(
+                    model="digits_logreg", request_id=f"worker-{i}", inputs=pb.Tensor(
+                        dtype="FP32", shape=[1, 64], content=x[i:i + 1].tobytes())), timeout=10)
+                ids.append(f"worker-{i}")
+        served = [metric_at(server.metrics_port + w, "quorum_requests_total", method="Predict", code="OK")
+                  for w in range(2)]
+        assert sum(served) == 24 and min(served) > 0, served  # both workers answered some
+        until(lambda: stored(redis_server, *ids), "every prediction stored")
+        labels = [pb.FeedbackRequest.Label(request_id=i, row=0, label=str(y[n])) for n, i in enumerate(ids)]
+        for worker_channel in range(2):  # two connections: likely each worker, either way all accepted once
+            with grpc.insecure_channel(server.address, options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
+                reply = pb_grpc.EnsembleServiceStub(ch).Feedback(pb.FeedbackRequest(labels=labels), timeout=10)
+            assert (reply.accepted, reply.rejected) == ((24, 0) if worker_channel == 0 else (0, 24))
 
 
 def test_a_label_for_an_expired_prediction_is_unknown(tmp_path, redis_server, test_split):
