@@ -8,9 +8,12 @@ this host does not have. (TLS files and explicit control without a token: test_r
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 from grpc_health.v1 import health_pb2
@@ -59,6 +62,28 @@ def test_a_repository_that_is_a_file_is_one_line_naming_it(tmp_path):
     done = _serve(["--model-repository", str(afile), "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0"],
                   env={"QUORUM_MODEL_REPOSITORY": "/also/ignored"})  # the flag wins over its variable
     assert _one_line(done, 2).endswith(f"{str(afile)!r} (--model-repository, QUORUM_MODEL_REPOSITORY) is not a folder")
+
+
+def test_an_unreadable_repository_is_one_line_naming_it():
+    """As a user who cannot list the folder (root can list anything: the server then runs as
+    nobody, through util-linux's setpriv)."""
+    parent = Path(tempfile.mkdtemp(prefix="quorum-unreadable-"))
+    try:
+        parent.chmod(0o755)
+        repository = parent / "models"
+        repository.mkdir(mode=0o000)
+        repository.chmod(0o000)
+        as_user = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
+        # no coverage in this child: nobody may not write its data file
+        clean = {k: v for k, v in os.environ.items() if not k.startswith(("QUORUM_", "COV_CORE_", "COVERAGE_"))}
+        done = subprocess.run([*as_user, sys.executable, "-m", "service.cli", "serve", "--device", "cpu",
+                               "--model-repository", str(repository), "--grpc-port", "0", "--http-port", "0",
+                               "--metrics-port", "0"], cwd=ROOT, env=clean, capture_output=True, text=True, timeout=60)
+        assert _one_line(done, 2) == (f"quorum serve: model repository {str(repository)!r} (--model-repository, "
+                                      "QUORUM_MODEL_REPOSITORY) cannot be read: Permission denied")
+    finally:
+        (parent / "models").chmod(0o755)
+        shutil.rmtree(parent)
 
 
 BAD_SETTINGS = {
