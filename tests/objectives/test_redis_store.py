@@ -216,6 +216,26 @@ async def test_a_password_from_a_file(tmp_path):
         await wrong.stop()
 
 
+async def test_rediss_with_the_ca_in_the_url(tmp_path):
+    from tests.e2e.certs import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    with running_redis(tmp_path / "redis", tls=(pki.server.cert, pki.server.key, pki.ca.cert)) as server:
+        assert server.url.startswith("rediss://") and describe_url(server.url)[1] is None
+        assert describe_url(server.url)[0] == f"rediss://localhost:{server.port}/0"  # no query in messages
+        store = open_store(server.url)
+        assert await store.start() is None
+        try:
+            store.record("tls", result([2]))
+            await stored(store, "tls")
+            assert (await store.add_labels([label("tls", 0, "2")], now=1.0)).accepted == 1
+        finally:
+            await store.stop()
+        plain = open_store(f"redis://localhost:{server.port}/0")  # plaintext to a TLS port
+        assert "unreachable" in (await plain.start() or "")
+        await plain.stop()
+
+
 def test_the_label_count_is_bounded_with_the_setting_named():
     check_label_count(100, 100)
     with pytest.raises(InvalidInput, match=r"500000 labels, more than the limit of 100 .*--max-feedback-labels"):
