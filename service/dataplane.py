@@ -28,7 +28,8 @@ from service.objectives.selection import blend
 from service.objectives.tracker import MemberInfo, ObjectiveTracker
 from service.repository.config import Policy
 from service.repository.contract import EnsembleSpec
-from service.repository.manager import ModelManager, ServedVersion
+from service.repository.manager import ModelManager
+from service.repository.served import ServedVersion
 from service.repository.manifest import TensorSpec
 from service.uncertainties import Uncertainties
 

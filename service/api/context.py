@@ -8,7 +8,8 @@ from service.dataplane import DataPlane, InferenceResult
 from service.monitoring.stages import annotate
 from service.monitoring.statistics import Statistics
 from service.objectives.store import Store
-from service.repository.manager import ModelManager, State
+from service.repository.manager import ModelManager
+from service.repository.served import State
 from service.repository.members import degraded_reason
 
 STATE_NAMES = {State.START: "LOADING", State.LOADING: "LOADING", State.AVAILABLE: "READY",

@@ -19,7 +19,7 @@ from service.codecs.dtypes import from_v2
 from service.errors import InvalidInput, QuorumError
 from service.objectives.store import check_label_count
 from service.repository.config import Policy
-from service.repository.manager import EnsembleModel, State
+from service.repository.served import EnsembleModel, State
 from service.repository.members import degraded_reason
 
 POLICY_OF: dict[pb.VotingPolicy, Policy] = {pb.VOTING_POLICY_MAJORITY: "majority", pb.VOTING_POLICY_SOFT: "soft",

@@ -27,7 +27,7 @@ from service.codecs.dtypes import from_numpy
 from service.dataplane import ModelInfo
 from service.errors import InvalidInput, ModelNotFound
 from service.outputs import outputs_of
-from service.repository.manager import State
+from service.repository.served import State
 
 SIGNATURES = ("", "serving_default", "predict")
 CLASSIFY, REGRESS = "tensorflow/serving/classify", "tensorflow/serving/regress"
@@ -234,7 +234,7 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
                                         context: grpc.aio.ServicerContext) -> model_management_pb2.ReloadConfigResponse:
         """The listed models are served, every other one is unloaded (TF Serving replaces
         its whole model config the same way). Models come from this server's repository:
-        the whole config is checked before anything changes (service.repository.manager)."""
+        the whole config is checked before anything changes (service.repository.control)."""
         manager = self.api.manager
         manager.check_control("HandleReloadConfigRequest")
         if request.config.WhichOneof("config") != "model_config_list":

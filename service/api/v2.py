@@ -20,7 +20,7 @@ from service.codecs.v2_response import encode_raw_response
 from service.outputs import outputs_of
 from service.errors import InvalidInput, ModelNotReady, QuorumError, Unimplemented
 from service.monitoring.statistics import ModelStats
-from service.repository.manager import State
+from service.repository.served import State
 
 log = logging.getLogger(__name__)
 

@@ -69,7 +69,7 @@ def refusal(manifest: VariantManifest, broken: EnsembleContractError) -> ModelLo
 
 
 def why_not_serving(model, config_error: str | None) -> str:
-    """Why a member (a service.repository.manager.VariantModel, or None when the repository
+    """Why a member (a service.repository.served.VariantModel, or None when the repository
     has no such model) serves no version right now, in a few words for an operator."""
     if model is None:
         return f"its model.yaml does not load ({config_error})" if config_error else str(NOT_IN_REPOSITORY)

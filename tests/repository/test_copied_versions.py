@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from service.monitoring.monitor import Monitor
-from service.repository import manager as manager_module
-from service.repository.manager import ModelManager, State
+from service.repository import loading as loading_module
+from service.repository.manager import ModelManager
+from service.repository.served import State
 from service.repository.manifest import load_version_manifest
 from service.settings import Settings
 from tests.e2e.fixtures import Reference
@@ -90,7 +91,7 @@ def test_a_version_read_while_still_being_copied_is_retried(scratch_repo, monkey
     target = scratch_repo / MEMBER / "2"
     target.mkdir()
     shutil.copy2(MODELS / MEMBER / "1" / "variant.json", target)  # the checkpoint is not there yet
-    read = manager_module.load_version_manifest
+    read = loading_module.load_version_manifest
 
     def read_while_the_copy_finishes(folder: Path):
         try:
@@ -99,7 +100,7 @@ def test_a_version_read_while_still_being_copied_is_retried(scratch_repo, monkey
             if folder == target and not (target / "model.onnx").exists():
                 shutil.copy2(MODELS / MEMBER / "1" / "model.onnx", target)  # the copy ends meanwhile
 
-    monkeypatch.setattr(manager_module, "load_version_manifest", read_while_the_copy_finishes)
+    monkeypatch.setattr(loading_module, "load_version_manifest", read_while_the_copy_finishes)
     settings = Settings(model_repository=scratch_repo, poll_interval_s=0, device="cpu")
 
     async def run() -> tuple[list, list]:

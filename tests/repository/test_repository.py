@@ -11,7 +11,8 @@ import pytest
 
 from service.errors import ManifestError, ModelNotFound
 from service.monitoring.monitor import Monitor
-from service.repository.manager import ModelManager, State
+from service.repository.manager import ModelManager
+from service.repository.served import State
 from service.repository.manifest import load_manifest
 from service.settings import Settings
 from tests.helpers import ONNX_VARIANT, copy_variant
