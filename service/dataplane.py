@@ -18,7 +18,8 @@ from typing import Protocol
 
 import numpy as np
 
-from service.ensemble.pipeline import EnsemblePipeline, FanOut, Plan
+from service.ensemble.outcomes import FanOut, Plan
+from service.ensemble.pipeline import EnsemblePipeline
 from service.ensemble.voting import Vote, calibrate, vote
 from service.errors import DeadlineExceeded, FailedPrecondition, ModelNotFound, ModelNotReady
 from service.monitoring.stages import COLLECTOR, Stage, record

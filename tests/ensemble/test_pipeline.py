@@ -16,7 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from service.ensemble.pipeline import EnsemblePipeline, FanOut, MemberOutcome, Plan
+from service.ensemble.outcomes import FanOut, MemberOutcome, Plan
+from service.ensemble.pipeline import EnsemblePipeline
 from service.errors import DeadlineExceeded, Overloaded
 from service.monitoring.stages import COLLECTOR
 
