@@ -162,7 +162,7 @@ def in_process(n: int = 50_000) -> None:
     labels = tuple("0123456789")
     probs = np.full((1, 1, 10), 0.1, np.float32)
     vote = SimpleNamespace(members=("m",), label_index=np.zeros(1, int))
-    results = SimpleNamespace(model="m", version=1, labels=labels, vote=vote,
+    results = SimpleNamespace(model="m", version=1, labels=labels, vote=vote, uncertain=None,
                               members=(SimpleNamespace(name="m", version=1),), member_probabilities=probs, shadow={})
     store = FeedbackStore()
     for phase, count in (("empty", 1000), ("at capacity", 5000)):

@@ -133,6 +133,9 @@ class RedisStore:
                 self._queued -= sum(size for _, _, size in batch)
                 try:
                     await self._write(batch)
+                except Exception:  # a bug must not end the writer: later predictions would queue forever
+                    log.exception("feedback store %s: %d predictions could not be written", self.name, len(batch))
+                    self._unstored(len(batch), "the writer failed (see the traceback above)")
                 finally:
                     self._writing = False
 

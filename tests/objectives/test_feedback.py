@@ -17,7 +17,7 @@ def result(predicted: list[int], model: str = "m"):
     """What the data plane hands the store: one model answering `predicted` per row."""
     probabilities = np.eye(10, dtype=np.float32)[predicted][None]  # (1 member, n rows, 10)
     vote = SimpleNamespace(members=(model,), label_index=np.asarray(predicted))
-    return SimpleNamespace(model=model, version=1, labels=LABELS, vote=vote, members=(SimpleNamespace(name=model, version=1),),
+    return SimpleNamespace(model=model, version=1, labels=LABELS, vote=vote, uncertain=None, members=(SimpleNamespace(name=model, version=1),),
                            member_probabilities=probabilities, shadow={})
 
 

@@ -27,7 +27,7 @@ def result(predicted: list[int], model: str = "ens", members: tuple[str, ...] = 
     a = np.eye(10, dtype=np.float32)[predicted]
     b = np.eye(10, dtype=np.float32)[[0] * len(predicted)]
     vote = SimpleNamespace(members=members, label_index=np.asarray(predicted))
-    return SimpleNamespace(model=model, version=1, labels=LABELS, vote=vote, shadow={},
+    return SimpleNamespace(model=model, version=1, labels=LABELS, vote=vote, shadow={}, uncertain=None,
                            members=tuple(SimpleNamespace(name=m, version=3) for m in members),
                            member_probabilities=np.stack([a, b][:len(members)]))
 
@@ -176,6 +176,27 @@ async def test_a_stream_without_feedback_stays_within_maxmemory_and_keeps_the_fl
             assert client.hget("quorum:c:ens", "labelled||1") == b"1" and client.llen("quorum:r:ens") == 1
         finally:
             await store.stop()
+
+
+async def test_a_prediction_the_writer_cannot_encode_is_counted_and_the_writer_goes_on(redis_server):
+    store = RedisStore(redis_server.url, "redis")
+    await store.start()
+    try:
+        broken = result([1])
+        broken.member_probabilities = broken.member_probabilities[:, :, :3]  # 3 classes for 10 labels
+        store.record("broken", broken)
+        await until_async(lambda: store.counters.unstored == 1)
+        store.record("fine", result([1]))
+        await stored(store, "fine")
+        assert not redis_server.client().exists("quorum:p:broken") and store.counters.unstored == 1
+    finally:
+        await store.stop()
+
+
+async def until_async(condition) -> None:
+    async def check():
+        return condition()
+    await until(check)
 
 
 def test_state_urls_are_checked_and_shown_without_their_password():
