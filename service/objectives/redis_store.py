@@ -181,11 +181,17 @@ class RedisStore:
 
     # -- the fleet's live accuracy, read on a period ------------------------------------------
     async def _refresh_loop(self) -> None:
+        failing = False  # logged once per run of failures: a bad entry would fail every second
         while True:
             try:
                 await self.refresh()
+                failing = False
             except ERRORS as exc:
                 self._unreachable(exc)
+            except Exception:  # an entry it cannot decode must not end the refreshes
+                if not failing:
+                    log.exception("feedback store %s: the fleet's live accuracy could not be read", self.name)
+                failing = True
             await asyncio.sleep(self._refresh_s)
 
     async def refresh(self) -> None:

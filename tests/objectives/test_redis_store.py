@@ -193,6 +193,28 @@ async def test_a_prediction_the_writer_cannot_encode_is_counted_and_the_writer_g
         await store.stop()
 
 
+async def test_an_entry_that_cannot_be_read_does_not_stop_the_refreshes(redis_server, caplog):
+    store = RedisStore(redis_server.url, "redis", refresh_s=0.02)
+    await store.start()
+    try:
+        client = redis_server.client()
+        client.sadd("quorum:models", "ens")
+        client.rpush("quorum:r:ens", b"not a row")  # written by something else
+        client.set("quorum:s:ens", 1)
+        await until_async(lambda: "live accuracy could not be read" in caplog.text)  # the loop met it
+        client.delete("quorum:r:ens")
+        client.set("quorum:s:ens", 0)
+        store.record("r", result([1]))
+        await stored(store, "r")
+        await store.add_labels([label("r", 0, "1")], now=1.0)
+
+        async def refreshed():
+            return store.live("ens") == (1.0, 1)
+        await until(refreshed)
+    finally:
+        await store.stop()
+
+
 async def until_async(condition) -> None:
     async def check():
         return condition()
