@@ -24,7 +24,7 @@ from service.ensemble.voting import Vote, calibrate, vote
 from service.errors import DeadlineExceeded, FailedPrecondition, ModelNotFound, ModelNotReady
 from service.monitoring.stages import COLLECTOR, Stage, record
 from service.objectives.feedback import FeedbackStore
-from service.objectives.store import Store
+from service.objectives.store import Store, Uncertain
 from service.objectives.selection import blend
 from service.objectives.tracker import MemberInfo, ObjectiveTracker
 from service.repository.config import Policy
@@ -71,6 +71,8 @@ class InferenceResult:
     set_probabilities: np.ndarray | None = None
     """(n, C) the probabilities behind prediction sets (service/ensemble/uncertainty.py),
     computed per batch for the requests that ask a coverage or a risk."""
+    uncertain: Uncertain | None = None
+    """The sets and abstentions one request's answer carried (its feedback scores them)."""
 
 
 @dataclass(frozen=True)

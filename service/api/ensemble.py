@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import uuid
@@ -17,7 +18,7 @@ from service.logs import REQUEST_ID
 from service.codecs import v2 as codec
 from service.codecs.dtypes import from_v2
 from service.errors import InvalidInput, QuorumError
-from service.objectives.store import check_label_count
+from service.objectives.store import Uncertain, check_label_count, window_uncertainty
 from service.repository.config import Policy
 from service.repository.served import EnsembleModel, State
 from service.repository.members import degraded_reason
@@ -62,13 +63,16 @@ class EnsembleServicer(pb_grpc.EnsembleServiceServicer):
             self.api.on_failure(request.model, time.perf_counter() - start)
             raise
         request_id = request.request_id or REQUEST_ID.get() or uuid.uuid4().hex  # the logs' id
+        uncertain = self.api.data.uncertainties.answer(result, asked)
+        if uncertain:
+            result = dataclasses.replace(result, uncertain=Uncertain(
+                asked.coverage, uncertain.get("prediction_set"), asked.max_risk, uncertain.get("abstained")))
         self.api.feedback.record(request_id, result)
         response = pb.PredictResponse(
             request_id=request_id, model=result.model, version=result.version,
             members_left_out=result.left_out, policy=ENUM_OF[result.policy])
         vote = result.vote
         by_name = {m.name: m for m in result.members}
-        uncertain = self.api.data.uncertainties.answer(result, asked)
         sets, abstained = uncertain.get("prediction_set"), uncertain.get("abstained")
         for row in range(vote.label_index.shape[0]):
             winner = int(vote.label_index[row])
@@ -130,6 +134,12 @@ class EnsembleServicer(pb_grpc.EnsembleServiceServicer):
         status.class_conditional, status.fit_rows = figures.class_conditional, figures.fit_rows
         status.calibration_rows, status.max_coverage = figures.calibration_rows, figures.max_coverage
         status.quantile, status.mean_set_size = figures.quantile, figures.mean_set_size
+        coverage, status.live_set_rows, risk, status.live_answered_rows = window_uncertainty(
+            self.api.feedback.live_rows(name))
+        if coverage is not None:
+            status.live_coverage = coverage
+        if risk is not None:
+            status.live_risk = risk
 
     def _variant_status(self, status: pb.ModelStatus, name: str) -> None:
         model = self.api.manager.variants[name]

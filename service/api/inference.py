@@ -3,6 +3,7 @@ the result and its named output tensors out, with statistics, metrics and feedba
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from service.api.common import model_rows
 from service.api.context import ApiContext
 from service.dataplane import InferenceResult, ModelInfo
 from service.errors import ModelNotFound, QuorumError
+from service.objectives.store import Uncertain
 from service.outputs import UNCERTAINTY_NAMES, check_requested, tensors as named_tensors
 
 
@@ -52,6 +54,8 @@ async def infer(api: ApiContext, model: str, inputs: Mapping[str, np.ndarray], *
             tensors = {o: tensors[o] if o in tensors else uncertain[o] for o in outputs}
         else:
             tensors.update(uncertain)
+        result = dataclasses.replace(result, uncertain=Uncertain(
+            asked.coverage, uncertain.get("prediction_set"), asked.max_risk, uncertain.get("abstained")))
     if request_id:
         api.feedback.record(request_id, result)
     api.on_inference(result, rows.shape[0], time.perf_counter() - start)

@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from service.objectives.store import FEEDBACK_CHUNK, FeedbackOutcome, LiveRow, PodCounters, per_member, score
+from service.objectives.store import (FEEDBACK_CHUNK, FeedbackOutcome, LiveRow, PodCounters, Uncertain, per_member,
+                                      score)
 
 __all__ = ["FeedbackStore", "LiveRow", "SlidingAccuracy"]
 
@@ -34,6 +35,8 @@ class _Prediction:
     """Bytes this entry holds (arrays and id), for the store's byte bound."""
     labelled: set[int] = field(default_factory=set)
     """Rows already labelled (each row is scored once)."""
+    uncertain: Uncertain | None = None
+    """The prediction sets and abstentions the answer carried, if asked."""
 
 
 class SlidingAccuracy:
@@ -90,7 +93,7 @@ class FeedbackStore:
         if old is not None:
             self.bytes -= old.size
         self._predictions[request_id] = _Prediction(result.model, result.version, result.labels, vote.label_index,
-                                                    members, size)
+                                                    members, size, uncertain=result.uncertain)
         self.bytes += size
         while len(self._predictions) > self._capacity or (self.bytes > self._max_bytes and len(self._predictions) > 1):
             _, forgotten = self._predictions.popitem(last=False)
@@ -135,9 +138,11 @@ class FeedbackStore:
             probs = _resolved(answer)
             if probs is not None:
                 ready[member] = (version, probs[row])
-        live, outcomes = score(prediction.model, prediction.version, int(prediction.predicted[row]), truth, ready,
-                               separate)
+        predicted = int(prediction.predicted[row])
+        uncertain = prediction.uncertain.outcome(row, truth, predicted) if prediction.uncertain else None
+        live, outcomes = score(prediction.model, prediction.version, predicted, truth, ready, separate, uncertain)
         self._count(outcomes)
+        self.counters.add_uncertain(prediction.model, uncertain)
         for member, (version, answer) in prediction.members.items():
             if isinstance(answer, asyncio.Future) and not answer.done():
                 answer.add_done_callback(functools.partial(self._score_shadow, prediction.model, live, member,

@@ -272,18 +272,21 @@ class RedisStore:
         for request_id, row, truth in candidates:
             p = known[request_id]
             separate = per_member(p.model, p.members)
-            live, outcomes = score(p.model, p.version, int(p.predicted[row]), truth,
-                                   {m: (v, probs[row]) for m, (v, probs) in p.members.items()}, separate)
+            predicted = int(p.predicted[row])
+            uncertain = p.uncertain.outcome(row, truth, predicted) if p.uncertain else None
+            live, outcomes = score(p.model, p.version, predicted, truth,
+                                   {m: (v, probs[row]) for m, (v, probs) in p.members.items()}, separate, uncertain)
             fields = [f"labelled|{member}|{version}" for _, member, version, _ in outcomes]
             fields += [f"correct|{member}|{version}" for _, member, version, right in outcomes if right]
             args += [f"{KEY}l:{request_id}", row, p.model, encode_row(live, outcomes[0][3], separate), len(fields),
                      *fields]
-            scored.append(outcomes)
+            scored.append((p.model, outcomes, uncertain))
         assert self._label is not None  # a broken store never gets this far
         added = await self._label(args=args)  # one round trip: a row is labelled, pushed and counted at once
-        for new, outcomes in zip(added, scored):
+        for new, (model, outcomes, uncertain) in zip(added, scored):
             if new:
                 self.counters.add(outcomes)
+                self.counters.add_uncertain(model, uncertain)
                 outcome.accepted += 1
             else:
                 outcome.rejected += 1  # another call, on this replica or another, labelled it first
@@ -297,4 +300,5 @@ def _stored(result: Any) -> StoredPrediction:
     for name, (version, task) in result.shadow.items():
         if task.done() and not task.cancelled() and task.exception() is None and task.result() is not None:
             members[name] = (version, task.result())
-    return StoredPrediction(result.model, result.version, result.labels, result.vote.label_index, members)
+    return StoredPrediction(result.model, result.version, result.labels, result.vote.label_index, members,
+                            result.uncertain)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.objectives.store import LiveRow
+from service.objectives.store import LiveRow, Uncertain, UncertainOutcome
 
 
 @dataclass(frozen=True)
@@ -22,21 +22,35 @@ class StoredPrediction:
     """(n,) the answer's class index per row."""
     members: dict[str, tuple[int, np.ndarray]]
     """member -> (version, (n, C) calibrated probabilities)."""
+    uncertain: Uncertain | None = None
+    """The prediction sets and abstentions the answer carried, when asked."""
 
 
 def encode_prediction(p: StoredPrediction) -> bytes:
     n, classes = len(p.predicted), len(p.labels)
     members = tuple((name, version) for name, (version, _) in p.members.items())
-    parts = [_header(p.model, p.version, p.labels, members, n), np.ascontiguousarray(p.predicted, dtype="<i8").tobytes()]
+    u = p.uncertain
+    asked = (None, None) if u is None else (u.coverage if u.sets is not None else None,
+                                            u.max_risk if u.abstained is not None else None)
+    parts = [_header(p.model, p.version, p.labels, members, n, *asked),
+             np.ascontiguousarray(p.predicted, dtype="<i8").tobytes()]
     for _, probs in p.members.values():
         parts.append(np.ascontiguousarray(probs, dtype="<f4").reshape(n, classes).tobytes())
+    if asked[0] is not None:  # the sets, then the abstentions, one byte a value
+        parts.append(np.ascontiguousarray(u.sets, dtype=np.uint8).tobytes())  # type: ignore[union-attr]
+    if asked[1] is not None:
+        parts.append(np.ascontiguousarray(u.abstained, dtype=np.uint8).tobytes())  # type: ignore[union-attr]
     return b"".join(parts)
 
 
 @functools.lru_cache(maxsize=1024)
-def _header(model: str, version: int, labels: tuple[str, ...], members: tuple[tuple[str, int], ...], n: int) -> bytes:
-    """A prediction's header line; the same for every request of a model, its versions and row count."""
-    header = {"m": model, "v": version, "l": list(labels), "n": n, "s": [list(m) for m in members]}
+def _header(model: str, version: int, labels: tuple[str, ...], members: tuple[tuple[str, int], ...], n: int,
+            coverage: float | None = None, max_risk: float | None = None) -> bytes:
+    """A prediction's header line; the same for every request of a model, its versions, row
+    count and the coverage and risk it asked."""
+    header: dict = {"m": model, "v": version, "l": list(labels), "n": n, "s": [list(m) for m in members]}
+    if coverage is not None or max_risk is not None:
+        header["u"] = [coverage, max_risk]
     return json.dumps(header, separators=(",", ":")).encode() + b"\n"
 
 
@@ -51,7 +65,17 @@ def decode_prediction(blob: bytes) -> StoredPrediction:
         probs = np.frombuffer(body, dtype="<f4", count=n * len(labels), offset=offset).reshape(n, len(labels))
         members[name] = (version, probs)
         offset += size
-    return StoredPrediction(header["m"], header["v"], labels, predicted, members)
+    uncertain = None
+    if "u" in header:
+        coverage, max_risk = header["u"]
+        sets = abstained = None
+        if coverage is not None:
+            sets = np.frombuffer(body, dtype=np.uint8, count=n * len(labels), offset=offset).reshape(n, -1).astype(bool)
+            offset += n * len(labels)
+        if max_risk is not None:
+            abstained = np.frombuffer(body, dtype=np.uint8, count=n, offset=offset).astype(bool)
+        uncertain = Uncertain(coverage, sets, max_risk, abstained)
+    return StoredPrediction(header["m"], header["v"], labels, predicted, members, uncertain)
 
 
 def encode_row(live: LiveRow, correct: bool, separate: bool) -> bytes:
@@ -60,17 +84,24 @@ def encode_row(live: LiveRow, correct: bool, separate: bool) -> bytes:
     classes = len(next(iter(live.members.values()))[1]) if live.members else 0
     header = [live.truth, int(correct), int(separate), classes,
               [[name, version] for name, (version, _) in live.members.items()]]
+    u = live.uncertain
+    if u is not None:  # the row's set and abstention, scored (older rows have no sixth field)
+        header.append([u.coverage, int(u.covered), u.max_risk, int(u.answered), int(u.wrong)])
     body = b"".join(np.ascontiguousarray(probs, dtype="<f4").tobytes() for _, probs in live.members.values())
     return json.dumps(header, separators=(",", ":")).encode() + b"\n" + body
 
 
 def decode_row(blob: bytes) -> tuple[LiveRow, bool, bool]:
     head, _, body = blob.partition(b"\n")
-    truth, correct, separate, classes, names = json.loads(head)
+    truth, correct, separate, classes, names, *rest = json.loads(head)
     members = {}
     for i, (name, version) in enumerate(names):
         members[name] = (version, np.frombuffer(body, dtype="<f4", count=classes, offset=4 * classes * i))
-    return LiveRow(truth, members), bool(correct), bool(separate)
+    uncertain = None
+    if rest:
+        coverage, covered, max_risk, answered, wrong = rest[0]
+        uncertain = UncertainOutcome(coverage, bool(covered), max_risk, bool(answered), bool(wrong))
+    return LiveRow(truth, members, uncertain), bool(correct), bool(separate)
 
 
 def window_accuracy(model: str, rows: list[tuple[LiveRow, bool, bool]]) -> dict[str, tuple[float | None, int]]:

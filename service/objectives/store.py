@@ -26,11 +26,44 @@ class StoreUnavailable(Unavailable):
 
 
 @dataclass(frozen=True)
+class UncertainOutcome:
+    """A labelled row's prediction set and abstention, scored: whether the truth was in the set
+    (at the coverage asked) and whether the answer, given, was wrong (at the risk asked)."""
+
+    coverage: float | None = None
+    covered: bool = False
+    max_risk: float | None = None
+    answered: bool = False
+    wrong: bool = False
+
+
+@dataclass(frozen=True)
+class Uncertain:
+    """What an answer carried of its uncertainty (service/uncertainties.py): kept with the
+    prediction, so that the rows labelled later count for live coverage and live risk."""
+
+    coverage: float | None = None
+    sets: np.ndarray | None = None
+    """(n, C) bool: each row's prediction set, when a coverage was asked."""
+    max_risk: float | None = None
+    abstained: np.ndarray | None = None
+    """(n,) bool, when a max_risk was asked."""
+
+    def outcome(self, row: int, truth: int, predicted: int) -> UncertainOutcome | None:
+        if self.coverage is None and self.max_risk is None:
+            return None
+        covered = self.sets is not None and bool(self.sets[row, truth])
+        answered = self.abstained is not None and not bool(self.abstained[row])
+        return UncertainOutcome(self.coverage, covered, self.max_risk, answered, answered and predicted != truth)
+
+
+@dataclass(frozen=True)
 class LiveRow:
     """One labelled row: the truth and what each member (at its version) said."""
 
     truth: int
     members: dict[str, tuple[int, np.ndarray]]
+    uncertain: UncertainOutcome | None = None
 
 
 @dataclass
@@ -51,6 +84,28 @@ class PodCounters:
         self.labelled: Counter[tuple[str, str, int]] = Counter()
         self.correct: Counter[tuple[str, str, int]] = Counter()
         self.unstored = 0
+        # per model: labelled rows with a set, covered, sum of coverage asked, sum of c (1 - c)
+        self.conformal: dict[str, list[float]] = {}
+        # per model: answered rows (max_risk asked, not abstained), wrong, sum of risk, sum of r (1 - r)
+        self.selective: dict[str, list[float]] = {}
+
+    def add_uncertain(self, model: str, outcome: UncertainOutcome | None) -> None:
+        if outcome is None:
+            return
+        if outcome.coverage is not None:
+            c = outcome.coverage
+            sums = self.conformal.setdefault(model, [0.0, 0.0, 0.0, 0.0])
+            sums[0] += 1
+            sums[1] += outcome.covered
+            sums[2] += c
+            sums[3] += c * (1 - c)
+        if outcome.max_risk is not None and outcome.answered:
+            r = outcome.max_risk
+            sums = self.selective.setdefault(model, [0.0, 0.0, 0.0, 0.0])
+            sums[0] += 1
+            sums[1] += outcome.wrong
+            sums[2] += r
+            sums[3] += r * (1 - r)
 
     def add(self, outcomes: Sequence[tuple[str, str, int, bool]]) -> None:
         for model, member, version, correct in outcomes:
@@ -68,7 +123,8 @@ def check_label_count(count: int, limit: int) -> None:
 
 
 def score(model: str, version: int, predicted: int, truth: int, answers: Mapping[str, tuple[int, np.ndarray]],
-          per_member: bool) -> tuple[LiveRow, list[tuple[str, str, int, bool]]]:
+          per_member: bool, uncertain: UncertainOutcome | None = None
+          ) -> tuple[LiveRow, list[tuple[str, str, int, bool]]]:
     """One labelled row: its LiveRow (for the selection's replay) and the (model, member,
     version, correct) outcomes to count; `answers` holds each member's probabilities on the row."""
     outcomes = [(model, "", version, predicted == truth)]
@@ -77,7 +133,17 @@ def score(model: str, version: int, predicted: int, truth: int, answers: Mapping
         members[member] = (member_version, probs)
         if per_member:
             outcomes.append((model, member, member_version, int(probs.argmax()) == truth))
-    return LiveRow(truth, members), outcomes
+    return LiveRow(truth, members, uncertain), outcomes
+
+
+def window_uncertainty(rows: Sequence[LiveRow]) -> tuple[float | None, int, float | None, int]:
+    """(coverage, rows with a set, risk, answered rows) over a window of labelled rows: the
+    share of rows whose truth was in their set, and of answered rows that were wrong."""
+    outcomes = [r.uncertain for r in rows if r.uncertain is not None]
+    sets = [o.covered for o in outcomes if o.coverage is not None]
+    answered = [o.wrong for o in outcomes if o.max_risk is not None and o.answered]
+    return (float(np.mean(sets)) if sets else None, len(sets),
+            float(np.mean(answered)) if answered else None, len(answered))
 
 
 def per_member(model: str, members: Mapping[str, Any]) -> bool:
