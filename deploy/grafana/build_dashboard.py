@@ -247,6 +247,37 @@ ROWS: list[tuple[str, list[Spec]]] = [
              "s", [Target(f"time() - max(quorum_feedback_last_timestamp_seconds{{{POD}}})", "")],
              thresholds=[(None, "green"), (3600, "red")]),
     ]),
+    ("Prediction sets and selective answers", [
+        Spec("timeseries", "Live coverage vs asked (1h)",
+             "Over the last hour, the share of labelled rows whose truth was in the prediction set their answer "
+             "carried ('live'), and the coverage those requests asked ('asked'). The sets promise at least the "
+             "asked coverage on rows like the validation rows: a gap that opens means the data has shifted "
+             "(see Drift); runbook: QuorumLiveCoverageBelowTarget.",
+             "percentunit",
+             [Target(f"sum by (model) (increase(quorum_conformal_covered_rows_total{{{MODEL}}}[1h])) / "
+                     f"sum by (model) (increase(quorum_conformal_labelled_rows_total{{{MODEL}}}[1h]))", "{{model}} live"),
+              Target(f"sum by (model) (increase(quorum_conformal_coverage_asked_total{{{MODEL}}}[1h])) / "
+                     f"sum by (model) (increase(quorum_conformal_labelled_rows_total{{{MODEL}}}[1h]))", "{{model}} asked")],
+             min=0, max=1),
+        Spec("timeseries", "Coverage z-score (1h)",
+             "(covered - asked) / sqrt(sum of c(1 - c)) over the last hour: how many standard deviations the "
+             "live coverage runs below what the guarantee promises. The alert fires below -3 (the threshold line).",
+             "short",
+             [Target(f"(sum by (model) (increase(quorum_conformal_covered_rows_total{{{MODEL}}}[1h])) - "
+                     f"sum by (model) (increase(quorum_conformal_coverage_asked_total{{{MODEL}}}[1h]))) / "
+                     f"sqrt(sum by (model) (increase(quorum_conformal_coverage_variance_total{{{MODEL}}}[1h])))",
+                     "{{model}}")],
+             thresholds=[(None, "red"), (-3, "green")], threshold_lines=True),
+        Spec("timeseries", "Live risk vs asked (1h)",
+             "Among labelled rows answered (not abstained) to requests that asked a max_risk: the share "
+             "answered wrong ('live') and the max_risk asked ('asked'); runbook: QuorumLiveRiskAboveTarget.",
+             "percentunit",
+             [Target(f"sum by (model) (increase(quorum_selective_errors_total{{{MODEL}}}[1h])) / "
+                     f"sum by (model) (increase(quorum_selective_answered_rows_total{{{MODEL}}}[1h]))", "{{model}} live"),
+              Target(f"sum by (model) (increase(quorum_selective_risk_asked_total{{{MODEL}}}[1h])) / "
+                     f"sum by (model) (increase(quorum_selective_answered_rows_total{{{MODEL}}}[1h]))", "{{model}} asked")],
+             min=0),
+    ]),
     ("Drift", [
         Spec("stat", "Drift detected",
              "Per model and signal (input, prediction, confidence, disagreement): 'drift' (red) when the "
