@@ -18,7 +18,8 @@ from typing import Iterator, Protocol
 
 import numpy as np
 
-from service.batching.batcher import BatchObserver, DynamicBatcher
+from service.batching.batcher import DynamicBatcher
+from service.batching.dispatcher import BatchObserver
 from service.batching.config import BatchingConfig
 from service.ensemble.calibration import NO_CALIBRATION, VoteCalibration
 from service.repository.config import EnsembleConfig, ModelConfig
