@@ -38,6 +38,8 @@ class Asked:
 
 
 _ANY = Asked(None, None, "lac", False)  # the score function does not depend on what is asked
+NOTHING = Asked(None, None, "lac", False)
+KEPT_CHECKS = 4096
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ class Uncertainties:
     def __init__(self, manager: ModelManager) -> None:
         self.manager = manager
         self._fitted: OrderedDict[tuple, Uncertainty] = OrderedDict()
+        self._checked: dict[tuple, None] = {}
 
     def _defaults(self, model: str) -> UncertaintyDefaults:
         ensemble = self.manager.ensemble(model)
@@ -76,6 +79,8 @@ class Uncertainties:
         inference for a value out of range, a coverage or risk the model's calibration rows
         cannot support (naming the limit), or an uncertainty output asked without its value."""
         defaults = self._defaults(model)
+        if coverage is None and max_risk is None and defaults.coverage is None and not outputs:
+            return NOTHING  # the common case, on every request: nothing more to check
         coverage = defaults.coverage if coverage is None else check_fraction("coverage", coverage)
         max_risk = None if max_risk is None else check_fraction("max_risk", max_risk)
         asked = Asked(coverage, max_risk, defaults.score, defaults.class_conditional)
@@ -84,8 +89,15 @@ class Uncertainties:
                                f"parameter 'coverage', or 'uncertainty: coverage' in its configuration)")
         if max_risk is None and "abstained" in outputs:
             raise InvalidInput(f"model '{model}': output abstained needs the request parameter 'max_risk'")
-        if asked.anything:
+        key = (model, version, coverage, max_risk, id(defaults))
+        if asked.anything and key not in self._checked:
+            # Checked once per value and configuration, not per request (resolving every member
+            # costs more than the sets); member versions that change under it are checked again
+            # when the answer is made (InvalidInput then, after inference, in that rare case).
             self.for_model(model, version, asked).check(coverage, max_risk)
+            if len(self._checked) >= KEPT_CHECKS:
+                self._checked.clear()
+            self._checked[key] = None
         return asked
 
     def probabilities(self, result: InferenceResult) -> np.ndarray:

@@ -54,8 +54,9 @@ async def infer(api: ApiContext, model: str, inputs: Mapping[str, np.ndarray], *
             tensors = {o: tensors[o] if o in tensors else uncertain[o] for o in outputs}
         else:
             tensors.update(uncertain)
-        result = dataclasses.replace(result, uncertain=Uncertain(
-            asked.coverage, uncertain.get("prediction_set"), asked.max_risk, uncertain.get("abstained")))
+        if request_id:  # kept for feedback, which needs the request's id
+            result = dataclasses.replace(result, uncertain=Uncertain(
+                asked.coverage, uncertain.get("prediction_set"), asked.max_risk, uncertain.get("abstained")))
     if request_id:
         api.feedback.record(request_id, result)
     api.on_inference(result, rows.shape[0], time.perf_counter() - start)
