@@ -59,13 +59,16 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 # -- requests ------------------------------------------------------------------------------
 def make_request(protocol: str, model: str, shape: tuple[int, ...], input_name: str,
-                 seed: int = 0) -> bytes:
-    """One serialised request: FP32 rows of `shape`, random but fixed."""
+                 seed: int = 0, parameters: dict[str, float] | None = None) -> bytes:
+    """One serialised request: FP32 rows of `shape`, random but fixed (`parameters`: v2 request
+    parameters, as numbers)."""
     array = np.random.default_rng(seed).uniform(0, 16, size=shape).astype("<f4")
     if protocol == "v2":
         request = v2_pb.ModelInferRequest(model_name=model)
         request.inputs.add(name=input_name, datatype="FP32", shape=list(shape))
         request.raw_input_contents.append(array.tobytes())
+        for key, value in (parameters or {}).items():
+            request.parameters[key].double_param = value
     elif protocol == "tfserving":  # a TensorProto with tensor_content, as tf.make_tensor_proto builds it
         request = predict_pb2.PredictRequest()
         request.model_spec.name = model
@@ -227,11 +230,12 @@ async def run_load(*, target: str, protocol: str, model: str, shape: tuple[int, 
                    input_name: str = "pixels", concurrency: int | None = None,
                    rate: float | None = None, duration: float = 10.0, warmup: float = 2.0,
                    channels: int = 1, server_pid: int | None = None, timeout: float = 30.0,
-                   max_outstanding: int = 4096, seed: int = 0, label: str = "") -> Result:
+                   max_outstanding: int = 4096, seed: int = 0, label: str = "",
+                   parameters: dict[str, float] | None = None) -> Result:
     if (concurrency is None) == (rate is None):
         raise ValueError("give exactly one of concurrency (closed loop) or rate (open loop)")
     method, response_type = METHODS[protocol]
-    payload = make_request(protocol, model, shape, input_name, seed)
+    payload = make_request(protocol, model, shape, input_name, seed, parameters)
     options = [("grpc.max_receive_message_length", MAX_MESSAGE),
                ("grpc.max_send_message_length", MAX_MESSAGE)]
     # Distinct channels need distinct arguments, or gRPC shares one subchannel (connection).
@@ -314,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--server-pid", type=int, help="server process for CPU accounting")
     p.add_argument("--timeout", type=float, default=30.0, help="per-request deadline, seconds")
     p.add_argument("--label", default="")
+    p.add_argument("--parameter", action="append", default=[], metavar="KEY=NUMBER",
+                   help="a v2 request parameter (repeatable), e.g. coverage=0.9")
     p.add_argument("--json", type=Path, help="write the result here")
     args = p.parse_args(argv)
     if args.concurrency is None and args.rate is None:
@@ -323,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
         shape=tuple(int(d) for d in args.shape.split(",")), input_name=args.input_name,
         concurrency=args.concurrency, rate=args.rate, duration=args.duration,
         warmup=args.warmup, channels=args.channels, server_pid=args.server_pid,
-        timeout=args.timeout, label=args.label))
+        timeout=args.timeout, label=args.label,
+        parameters={k: float(v) for k, _, v in (item.partition("=") for item in args.parameter)}))
     print(summary(result), file=sys.stderr)
     text = json.dumps(asdict(result), indent=1)
     if args.json:

@@ -1,51 +1,123 @@
-"""What prediction sets cost: the same in-process load with and without a coverage asked,
-side by side in one process, rounds alternating:
+"""What prediction sets cost: the same load with and without a coverage asked, side by side
+in one run, rounds alternating:
 
-    python bench/uncertainty_cost.py [--model digits] [--concurrency 64] [--calls 6400] [--rounds 3]
+    python bench/uncertainty_cost.py [--model digits] [--concurrency 64] [--duration 8] [--rounds 3]
+                                     [--model-repository models] [--grpc-engine grpcio|native]
+    python bench/uncertainty_cost.py --in-process [--calls 6400] ...
 
-Each round measures v2 ModelInfer calls through the wrapped servicer (bench/inprocess.py's
-`measure`: the server's own objects, no transport) from --concurrency callers at once, so
-requests batch as at that concurrency; first plain, then with `coverage` 0.9, then with
-`coverage` 0.9 and `max_risk` 0.05. Prints each mean time per request and its ratio to the
-plain one of the same round (1.05 would be 5% slower).
+By default one `quorum serve` answers bench/loadgen.py's closed loop of one-row v2 ModelInfer
+calls from --concurrency callers (so requests batch as they do in production), first plain,
+then with `coverage` 0.9, then with `coverage` 0.9 and `max_risk` 0.05; it prints each
+variant's requests/s, p99 and server CPU per request, and its throughput as a ratio to the
+plain run of the same round (0.95 would be 5% slower). `--in-process` measures the same three
+through the wrapped servicer in this process instead (bench/inprocess.py's `measure`: no
+transport, and every batch one request, so the per-batch work is not shared: an upper bound).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
+import subprocess
 import sys
+import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path.insert(0, str(BENCH))
 
-from inprocess import measure  # noqa: E402
+from loadgen import run_load  # noqa: E402
 
-ASKS = {"plain": None, "coverage 0.9": {"coverage": 0.9}, "coverage 0.9 + max_risk 0.05": {"coverage": 0.9,
-                                                                                           "max_risk": 0.05}}
+ASKS = {"plain": {}, "coverage 0.9": {"coverage": 0.9}, "coverage 0.9 + max_risk 0.05": {"coverage": 0.9,
+                                                                                          "max_risk": 0.05}}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "--device", "cpu", "--model-repository",
+         str(args.model_repository), "--grpc-port", str(port), "--http-port", "0", "--metrics-port", "0",
+         "--grpc-engine", args.grpc_engine], cwd=ROOT, env={**os.environ, "QUORUM_DRAIN_DELAY": "0"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = f"127.0.0.1:{port}"
+    end = time.monotonic() + 120
+    while True:
+        try:
+            asyncio.run(run_load(target=target, protocol="v2", model=args.model, shape=(1, 64), concurrency=1,
+                                 duration=0.2, warmup=0.1))
+            return server, target
+        except Exception:  # not serving yet
+            if time.monotonic() > end or server.poll() is not None:
+                server.kill()
+                raise SystemExit("quorum serve did not answer")
+            time.sleep(0.5)
+
+
+def over_server(args: argparse.Namespace) -> dict[str, list[float]]:
+    server, target = _serve(args)
+    ratios: dict[str, list[float]] = {name: [] for name in ASKS}
+    try:
+        print("| round | asked | req/s | p99 ms | server CPU us/req | x plain |\n|---|---|---|---|---|---|")
+        for round_no in range(args.rounds):
+            plain = None
+            for name, parameters in ASKS.items():
+                r = asyncio.run(run_load(target=target, protocol="v2", model=args.model, shape=(1, 64),
+                                         concurrency=args.concurrency, duration=args.duration, warmup=args.warmup,
+                                         server_pid=server.pid, parameters=parameters))
+                assert not r.errors, r.errors
+                plain = plain or r.throughput_rps
+                ratios[name].append(r.throughput_rps / plain)
+                cpu = "-" if r.server_cpu_us_per_req is None else f"{r.server_cpu_us_per_req:.0f}"
+                print(f"| {round_no + 1} | {name} | {r.throughput_rps:.0f} | {r.latency_ms['p99']:.1f} | {cpu} "
+                      f"| {r.throughput_rps / plain:.3f} |", flush=True)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    return ratios
+
+
+def in_process(args: argparse.Namespace) -> dict[str, list[float]]:
+    from inprocess import measure
+
+    ratios: dict[str, list[float]] = {name: [] for name in ASKS}
+    print("| round | asked | us per request | x plain (time) |\n|---|---|---|---|")
+    for round_no in range(args.rounds):
+        plain = None
+        for name, parameters in ASKS.items():
+            us = asyncio.run(measure(args.model, args.calls, 1, False, args.concurrency, parameters))["median_us"]
+            plain = plain or us
+            ratios[name].append(plain / us)  # as throughput: below 1 is slower
+            print(f"| {round_no + 1} | {name} | {us:.1f} | {us / plain:.3f} |", flush=True)
+    return ratios
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="digits")
     p.add_argument("--concurrency", type=int, default=64)
-    p.add_argument("--calls", type=int, default=6400)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--duration", type=float, default=8.0, help="seconds measured per variant and round")
+    p.add_argument("--warmup", type=float, default=2.0)
+    p.add_argument("--model-repository", type=Path, default=ROOT / "models")
+    p.add_argument("--grpc-engine", choices=["grpcio", "native"], default="grpcio")
+    p.add_argument("--in-process", action="store_true")
+    p.add_argument("--calls", type=int, default=6400, help="requests per variant and round (--in-process)")
     args = p.parse_args()
-    ratios: dict[str, list[float]] = {name: [] for name in ASKS}
-    print(f"| round | asked | us per request | x plain |\n|---|---|---|---|")
-    for round_no in range(args.rounds):
-        plain = None
-        for name, parameters in ASKS.items():
-            result = asyncio.run(measure(args.model, args.calls, 1, False, args.concurrency, parameters))
-            us = result["median_us"]
-            plain = us if plain is None else plain
-            ratios[name].append(us / plain)
-            print(f"| {round_no + 1} | {name} | {us:.1f} | {us / plain:.3f} |", flush=True)
+    ratios = in_process(args) if args.in_process else over_server(args)
     print()
     for name, values in ratios.items():
-        print(f"{name}: median x plain {statistics.median(values):.3f} over {args.rounds} rounds")
+        print(f"{name}: median throughput x plain {statistics.median(values):.3f} over {args.rounds} rounds")
     return 0
 
 

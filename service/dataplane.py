@@ -32,7 +32,7 @@ from service.repository.contract import EnsembleSpec
 from service.repository.manager import ModelManager
 from service.repository.served import ServedVersion
 from service.repository.manifest import TensorSpec
-from service.uncertainties import Uncertainties
+from service.uncertainties import Asked, Uncertainties
 
 log = logging.getLogger(__name__)
 PRIOR_STRENGTH = 200  # validation accuracy counts as this many live rows (single models)
@@ -68,9 +68,9 @@ class InferenceResult:
     shadow: dict[str, tuple[int, asyncio.Task]] = dataclasses.field(default_factory=dict)
     """Members asked in the background (exploration): member -> (version, task giving its
     calibrated probabilities, or None if it failed)."""
-    set_probabilities: np.ndarray | None = None
-    """(n, C) the probabilities behind prediction sets (service/ensemble/uncertainty.py),
-    computed per batch for the requests that ask a coverage or a risk."""
+    uncertain_outputs: dict[str, np.ndarray] | None = None
+    """prediction_set, set_size and abstained as the batch's requests asked them (one
+    coverage and risk per batch: they are in its key), computed once per batch."""
     uncertain: Uncertain | None = None
     """The sets and abstentions one request's answer carried (its feedback scores them)."""
 
@@ -129,7 +129,7 @@ class DataPlane:
     async def infer(self, model: str, rows: np.ndarray, *, version: int | None = None,
                     deadline: float | None = None, policy: Policy | None = None,
                     min_accuracy: float | None = None, latency_budget_s: float | None = None,
-                    members: Sequence[str] | None = None, sets: bool = False) -> InferenceResult:
+                    members: Sequence[str] | None = None, asked: Asked | None = None) -> InferenceResult:
         """Vote of `model` (an ensemble or a single model) on `rows`.
 
         `deadline` is an absolute instant on the manager's clock (time.monotonic() in
@@ -138,15 +138,16 @@ class DataPlane:
         members, and votes with those that answered before it (less the ensemble's safety
         margin). `latency_budget_s` and `min_accuracy` are the client's explicit objectives:
         when no subset meets them, FailedPrecondition. `members` names the subset
-        explicitly instead (offline evaluation). `sets`: the answer carries the probabilities
-        behind prediction sets, computed per batch (such requests share batches with each other)."""
+        explicitly instead (offline evaluation). `asked`: the coverage and risk whose
+        prediction sets and abstentions the answer carries, computed per batch (requests that
+        ask the same share batches)."""
         start = time.perf_counter()
         now = self.clock()
         if deadline is not None and deadline <= now:
             raise DeadlineExceeded(f"model '{model}': the deadline passed before the request started")
         ensemble = self.manager.ensemble(model)
         if ensemble is None:
-            return await self._infer_single(model, rows, version, deadline, policy, min_accuracy, sets)
+            return await self._infer_single(model, rows, version, deadline, policy, min_accuracy, asked)
         if version not in (None, 0, 1):
             raise ModelNotFound(f"ensemble '{model}' has no version {version} (only version 1)")
         config, spec = ensemble.config, ensemble.spec
@@ -189,9 +190,9 @@ class DataPlane:
                                 f"serving, fewer than its quorum {quorum} ({'; '.join(map(str, missing.values()))})")
         policy = policy or config.policy
         key = (policy, quorum, tuple((m, id(s)) for m, s in served.items()), tuple(missing), id(ensemble), id(spec),
-               sets)
+               asked)
         plan = Plan(served, missing, quorum, config.deadline_margin_ms / 1000.0,
-                    (model, ensemble, spec, policy, tracker, sets), key)
+                    (model, ensemble, spec, policy, tracker, asked), key)
         held = tuple(served.values())
         for member in held:  # held while queued: a reload waits for the request
             member.acquire()
@@ -225,11 +226,11 @@ class DataPlane:
     def _answer(self, plan: Plan, outcomes: FanOut, rows: np.ndarray,
                 spans: Sequence[tuple[int, int]]) -> list[InferenceResult]:
         """One batch's vote, over all its rows at once, then each request's slice of it."""
-        model, ensemble, spec, policy, tracker, sets = plan.context
+        model, ensemble, spec, policy, tracker, asked = plan.context
         result = self._combine(model, ensemble, spec, policy, plan.members, outcomes, rows, plan.missing)
         tracker.observe({m.name: m.latency_s for m in result.members if m.in_time}, None)
-        if sets:  # once per batch: each request then compares its own coverage's threshold
-            result = dataclasses.replace(result, set_probabilities=self.uncertainties.probabilities(result))
+        if asked is not None:  # once per batch: each request gets its rows' slice
+            result = dataclasses.replace(result, uncertain_outputs=self.uncertainties.answer(result, asked))
         return self._slices(result, spans)
 
     def _slices(self, result: InferenceResult, spans: Sequence[tuple[int, int]]) -> list[InferenceResult]:
@@ -289,7 +290,7 @@ class DataPlane:
 
     async def _infer_single(self, model: str, rows: np.ndarray, version: int | None,
                             deadline: float | None, policy: Policy | None,
-                            min_accuracy: float | None, sets: bool = False) -> InferenceResult:
+                            min_accuracy: float | None, asked: Asked | None = None) -> InferenceResult:
         served = self.manager.resolve(model, version)
         if min_accuracy is not None:
             live, samples = self.feedback.live(model)
@@ -299,7 +300,7 @@ class DataPlane:
                     f"model '{model}': min_accuracy {min_accuracy:.4f} exceeds its expected accuracy {expected:.4f}")
         # An ensemble of one: requests queue at the model and a batch of them is calibrated,
         # voted and sliced once (its member's batcher still merges, pads and splits).
-        plan = Plan({model: served}, {}, 1, 0.0, (model, served, policy or "soft", sets), (id(served), policy, sets))
+        plan = Plan({model: served}, {}, 1, 0.0, (model, served, policy or "soft", asked), (id(served), policy, asked))
         pipeline = self._pipelines.get(("model", model))
         config = served.batching
         if pipeline is None:
@@ -318,7 +319,7 @@ class DataPlane:
                        spans: Sequence[tuple[int, int]]) -> list[InferenceResult]:
         """One batch of a single model: calibrated and voted over all its rows at once, then
         each request's slice of it."""
-        model, served, policy, sets = plan.context
+        model, served, policy, asked = plan.context
         outcome = outcomes[model]
         logits = outcome.result
         assert logits is not None  # answered: the pipeline answers only once its quorum (1) has
@@ -330,8 +331,8 @@ class DataPlane:
         member = MemberResult(model, served.version, served.device, outcome.latency_s, True)
         result = InferenceResult(model, served.version, policy, served.manifest.labels, voted, (member,), (),
                                  probs[None].astype(np.float32), logits, inputs=rows, vote_s=vote_s)
-        if sets:
-            result = dataclasses.replace(result, set_probabilities=self.uncertainties.probabilities(result))
+        if asked is not None:
+            result = dataclasses.replace(result, uncertain_outputs=self.uncertainties.answer(result, asked))
         return self._slices(result, spans)
 
     def _combine(self, model: str, ensemble, spec: EnsembleSpec, policy: Policy,
@@ -478,7 +479,7 @@ def result_rows(result: InferenceResult, start: int, stop: int) -> InferenceResu
         result.model, result.version, result.policy, result.labels, vote_rows, result.members, result.left_out,
         result.member_probabilities[:, start:stop], None if result.logits is None else result.logits[start:stop],
         None if result.inputs is None else result.inputs[start:stop], result.vote_s, result.shadow,
-        None if result.set_probabilities is None else result.set_probabilities[start:stop])
+        None if result.uncertain_outputs is None else {k: v[start:stop] for k, v in result.uncertain_outputs.items()})
 
 
 def _record_vote(seconds: float, policy: str, left_out: tuple[str, ...]) -> None:

@@ -37,7 +37,6 @@ class Asked:
         return self.coverage is not None or self.max_risk is not None
 
 
-_ANY = Asked(None, None, "lac", False)  # the score function does not depend on what is asked
 NOTHING = Asked(None, None, "lac", False)
 KEPT_CHECKS = 4096
 
@@ -100,19 +99,15 @@ class Uncertainties:
             self._checked[key] = None
         return asked
 
-    def probabilities(self, result: InferenceResult) -> np.ndarray:
-        """A batch's probabilities behind the sets (its answering members' score function:
-        the same whatever the coverage, score or risk a request asks)."""
-        scorer = self._for(result.model, self._versions(result), result.policy, _ANY).scorer
-        return scorer.probabilities(list(result.member_probabilities))
-
     def answer(self, result: InferenceResult, asked: Asked) -> dict[str, np.ndarray]:
+        """The uncertainty outputs of `result`'s rows: its batch's slice when the batch computed
+        them (the data plane does, for requests that say they ask), else computed now."""
         if not asked.anything:
             return {}
+        if result.uncertain_outputs is not None:
+            return result.uncertain_outputs
         uncertainty = self._for(result.model, self._versions(result), result.policy, asked)
-        p = result.set_probabilities
-        if p is None:  # not computed with its batch (a request that did not say it would ask)
-            p = uncertainty.scorer.probabilities(list(result.member_probabilities))
+        p = uncertainty.scorer.probabilities(list(result.member_probabilities))
         return uncertainty.answer_from(p, asked.coverage, asked.max_risk)
 
     def status(self, model: str) -> Figures:

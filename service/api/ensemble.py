@@ -58,7 +58,7 @@ class EnsembleServicer(pb_grpc.EnsembleServiceServicer):
             result = await self.api.data.infer(
                 request.model, rows, version=request.version or None, deadline=deadline_of(context),
                 policy=POLICY_OF.get(request.policy),
-                min_accuracy=min_accuracy, latency_budget_s=latency_budget_s, sets=asked.anything)
+                min_accuracy=min_accuracy, latency_budget_s=latency_budget_s, asked=asked if asked.anything else None)
         except QuorumError:
             self.api.on_failure(request.model, time.perf_counter() - start)
             raise

@@ -43,7 +43,7 @@ async def infer(api: ApiContext, model: str, inputs: Mapping[str, np.ndarray], *
     if rows is None:
         rows = model_rows(info, inputs, declared_checked)
     try:
-        result = await api.data.infer(model, rows, version=version, deadline=deadline, sets=asked.anything)
+        result = await api.data.infer(model, rows, version=version, deadline=deadline, asked=asked if asked.anything else None)
     except QuorumError:
         api.on_failure(model, time.perf_counter() - start)
         raise
