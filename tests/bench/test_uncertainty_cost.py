@@ -1,0 +1,27 @@
+"""bench/uncertainty_cost.py runs and reports each variant against the plain one of its round
+(no figure asserted: those are measured, in docs/performance.md)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import onnx_models
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+@pytest.mark.timeout(300)
+def test_uncertainty_cost_reports_every_variant_against_plain():
+    done = subprocess.run([sys.executable, str(BENCH / "uncertainty_cost.py"), "--rounds", "1", "--duration", "0.5",
+                           "--warmup", "0.2", "--concurrency", "4", "--model-repository", str(onnx_models())],
+                          capture_output=True, text=True, timeout=280, env={**os.environ, "QUORUM_DRAIN_DELAY": "0"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| 1 |")]
+    assert [r[1].strip() for r in rows] == ["plain", "coverage 0.9", "coverage 0.9 + max_risk 0.05"]
+    assert rows[0][-1].strip() == "1.000" and all(float(r[2]) > 0 for r in rows)
+    assert "coverage 0.9: median throughput x plain" in done.stdout
