@@ -111,6 +111,12 @@ def check_settings(settings: Settings) -> None:
             validate_device(device)  # at start, not as each model fails to load on it
         except ValueError as exc:
             raise StartupError(f"{setting} {flag_of(setting)}: {exc}", 2) from None
+    if settings.state_url and settings.state_required:  # a URL that can never work: a setting to fix
+        from service.objectives.state import SETTING, describe_url
+
+        shown, why = describe_url(settings.state_url)
+        if why is not None:
+            raise StartupError(f"feedback store {shown} {SETTING}: {why} (--state-required)", 2)
     if settings.workers > 1 and settings.grpc_port == 0:
         raise StartupError(f"--workers {settings.workers} needs a fixed gRPC port {flag_of('grpc_port')}: "
                            "with port 0 each worker would pick its own", 2)

@@ -21,8 +21,8 @@ def describe_url(url: str) -> tuple[str, str | None]:
     except ValueError as exc:
         return _masked(url), f"malformed: {exc}"
     shown = f"{parts.scheme}://{parts.hostname or ''}{f':{port}' if port else ''}{parts.path}"
-    if parts.scheme not in SCHEMES:
-        return shown, f"malformed: the scheme must be redis:// or rediss:// (TLS), not {parts.scheme or 'none'!r}"
+    if parts.scheme not in SCHEMES:  # shown as given (less any password): it may have no scheme at all
+        return _masked(url), f"malformed: the scheme must be redis:// or rediss:// (TLS), not {parts.scheme or 'none'!r}"
     if not parts.hostname:
         return shown, "malformed: no host (redis://host:port/db)"
     db = parts.path.strip("/")

@@ -298,6 +298,12 @@ def test_a_bad_state_url_at_start_is_one_line_then_serving_or_refused(tmp_path, 
                 pb.FeedbackRequest.Label(request_id="r", row=0, label="1")]), timeout=10)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "feedback store" in err.value.details()
     with running_server(tmp_path, args=["--state-url", url, "--state-required"], wait=False) as refused:
-        assert refused.process.wait(timeout=60) != 0
+        # a URL that can never work is a setting to fix (2), checked before any port; an
+        # unreachable store is a failure to start (1)
+        assert refused.process.wait(timeout=60) == (2 if why == "malformed" else 1)
         out = refused.output()
         assert why in out and "--state-required" in out and "Traceback" not in out, out[-2000:]
+        if why == "malformed":
+            assert out.strip().splitlines() == [
+                f"quorum serve: feedback store {url} (--state-url, QUORUM_STATE_URL): malformed: the scheme must be "
+                "redis:// or rediss:// (TLS), not 'http' (--state-required)"]
