@@ -9,7 +9,10 @@ import json
 import shutil
 import socket
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
@@ -120,3 +123,16 @@ async def monitored_data_plane(repository: Path = MODELS, **manager):
     data = DataPlane(manager, observer=monitor)
     monitor.attach(manager, data.feedback, data.trackers, data.queued)
     return data, monitor
+
+
+def wait_until(condition: Callable[[], Any], what: str, timeout: float = 60, interval: float = 0.1) -> Any:
+    """condition()'s first truthy value, asked every `interval` s; TimeoutError naming `what`
+    after `timeout` s (a failure, not a timing: the tests wait for a state, never a duration)."""
+    end = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise TimeoutError(f"not {what} after {timeout:g} s")
+        time.sleep(interval)

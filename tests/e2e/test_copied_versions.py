@@ -5,7 +5,6 @@ manifest, still saying version 1, is kept as provenance). A real server with
 from __future__ import annotations
 
 import shutil
-import time
 
 import grpc
 import numpy as np
@@ -14,7 +13,7 @@ import tritonclient.http as httpclient
 from service._proto.quorum.v1 import ensemble_pb2 as pb
 from service._proto.quorum.v1 import ensemble_pb2_grpc as pb_grpc
 from tests.e2e.fixtures import ENSEMBLE, MEMBER, Reference, as_text
-from tests.helpers import onnx_ensemble
+from tests.helpers import onnx_ensemble, wait_until
 from tests.server import running_server
 
 POLL = ["--model-control", "poll"]  # tests/server.py polls every 0.5 s
@@ -29,13 +28,6 @@ def _infer(client: httpclient.InferenceServerClient, model: str, version: str, p
             **{o["name"]: result.as_numpy(o["name"]) for o in response["outputs"]}}
 
 
-def _until(condition, what: str, timeout: float = 60) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if condition():
-            return
-        time.sleep(0.1)
-    raise TimeoutError(f"not {what} after {timeout}s")
 
 
 def _same(got: dict, expected: dict) -> None:
@@ -58,7 +50,7 @@ def test_a_version_folder_copied_while_serving_serves_as_its_new_number(tmp_path
             assert client.is_model_ready(MEMBER, "2") is False  # no such version yet: 404
 
             shutil.copytree(repo / MEMBER / "1", repo / MEMBER / "2")  # cp -r, while it serves
-            _until(lambda: client.is_model_ready(MEMBER, "2"), f"{MEMBER} version 2 ready")
+            wait_until(lambda: client.is_model_ready(MEMBER, "2"), f"{MEMBER} version 2 ready")
 
             second = _infer(client, MEMBER, "2", pixels)
             assert second["version"] == "2"

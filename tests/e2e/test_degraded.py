@@ -10,7 +10,6 @@ grpc.health.v1; the good client (tests/e2e/traffic.py) checks every answer throu
 from __future__ import annotations
 
 import shutil
-import time
 import urllib.request
 
 import grpc
@@ -23,7 +22,7 @@ from tritonclient.utils import InferenceServerException
 from service._proto.quorum.v1 import ensemble_pb2 as pb
 from service._proto.quorum.v1 import ensemble_pb2_grpc as pb_grpc
 from tests.e2e.traffic import GoodClient
-from tests.helpers import onnx_ensemble
+from tests.helpers import onnx_ensemble, wait_until
 from tests.server import running_server
 
 POLL = ["--model-control", "poll"]  # tests/server.py polls every 0.5 s
@@ -31,13 +30,6 @@ ENSEMBLE, GONE = "digits", "digits_logreg"
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def _until(condition, what: str, timeout: float = 60) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if condition():
-            return
-        time.sleep(0.2)
-    raise TimeoutError(f"not {what} after {timeout}s")
 
 
 def _infer(client: grpcclient.InferenceServerClient, model: str, pixels: np.ndarray):
@@ -79,9 +71,9 @@ def test_a_member_moved_away_and_back_under_traffic_degrades_the_ensemble_and_it
         good = GoodClient(server.address, pixels, expected, model=ENSEMBLE)
         good.start()
         try:
-            _until(lambda: good.successes >= 20, "answering")
+            wait_until(lambda: good.successes >= 20, "answering")
             shutil.move(repo / GONE, aside / GONE)  # mv repo/digits_logreg /tmp/
-            _until(lambda: server.health(f"{ENSEMBLE}/complete") == NOT_SERVING, "reported degraded")
+            wait_until(lambda: server.health(f"{ENSEMBLE}/complete") == NOT_SERVING, "reported degraded")
             assert server.health(ENSEMBLE) == SERVING and server.health() == SERVING
             degraded = status()
             assert degraded.degraded and list(degraded.members_missing) == [GONE]
@@ -97,17 +89,17 @@ def test_a_member_moved_away_and_back_under_traffic_degrades_the_ensemble_and_it
                 dtype="FP32", shape=list(pixels.shape), content=pixels.tobytes())), timeout=30)
             assert list(response.members_left_out) == [GONE]
             answered_degraded = good.successes
-            _until(lambda: good.successes >= answered_degraded + 20, "answering degraded")
+            wait_until(lambda: good.successes >= answered_degraded + 20, "answering degraded")
 
             shutil.move(aside / GONE, repo / GONE)  # and back
-            _until(lambda: server.health(f"{ENSEMBLE}/complete") == SERVING, "whole again")
+            wait_until(lambda: server.health(f"{ENSEMBLE}/complete") == SERVING, "whole again")
             whole = status()
             assert not whole.degraded and list(whole.members_missing) == [] and whole.versions[0].reason == ""
             assert whole.serving_members == 3
             assert _missing_metric(server) == f'quorum_ensemble_members_missing{{ensemble="{ENSEMBLE}"}} 0.0'
             assert "members_left_out" not in _infer(client, ENSEMBLE, pixels).get_response().parameters
             answered_whole = good.successes
-            _until(lambda: good.successes >= answered_whole + 20, "answering whole")
+            wait_until(lambda: good.successes >= answered_whole + 20, "answering whole")
         finally:
             good.finish(min_successes=60)  # not one failed request while its quorum held
         log = server.output()
@@ -117,7 +109,7 @@ def test_a_member_moved_away_and_back_under_traffic_degrades_the_ensemble_and_it
         # Below its quorum (1 of 3 members): UNAVAILABLE, naming the missing members; then back.
         for name in (GONE, "digits_mlp_a"):
             shutil.move(repo / name, aside / name)
-        _until(lambda: server.health(ENSEMBLE) == NOT_SERVING, "not ready below its quorum")
+        wait_until(lambda: server.health(ENSEMBLE) == NOT_SERVING, "not ready below its quorum")
         with pytest.raises(InferenceServerException) as err:
             _infer(client, ENSEMBLE, pixels)
         assert err.value.status() == "StatusCode.UNAVAILABLE"
@@ -126,6 +118,6 @@ def test_a_member_moved_away_and_back_under_traffic_degrades_the_ensemble_and_it
         assert list(status().members_missing) == [GONE, "digits_mlp_a"] and not status().degraded
         for name in (GONE, "digits_mlp_a"):
             shutil.move(aside / name, repo / name)
-        _until(lambda: server.health(f"{ENSEMBLE}/complete") == SERVING, "recovered by itself")
+        wait_until(lambda: server.health(f"{ENSEMBLE}/complete") == SERVING, "recovered by itself")
         np.testing.assert_array_equal(_infer(client, ENSEMBLE, pixels).as_numpy("class_index"), expected)
         client.close()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import grpc
@@ -19,7 +18,7 @@ import tritonclient.grpc as grpcclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
 
-from tests.helpers import copy_variant, onnx_ensemble
+from tests.helpers import copy_variant, onnx_ensemble, wait_until
 from tests.server import running_server
 
 POLL = ["--model-control", "poll"]
@@ -44,13 +43,6 @@ def _index(client: grpcclient.InferenceServerClient) -> list[dict]:
                   key=lambda m: (m["name"], m.get("version", "")))
 
 
-def _until(condition, what: str, timeout: float = 60) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if condition():
-            return
-        time.sleep(0.2)
-    raise TimeoutError(f"not {what} after {timeout}s")
 
 
 def _seen(server) -> dict:
@@ -104,7 +96,7 @@ def test_a_server_started_after_refused_versions_serves_what_one_running_before_
         _publish_breaking_versions(repo)
         client = grpcclient.InferenceServerClient(before.address)
         try:  # the running server has seen both: each refused, the version before serving on
-            _until(lambda: all(any((m["name"], m.get("version")) == r and m["state"] == "UNAVAILABLE"
+            wait_until(lambda: all(any((m["name"], m.get("version")) == r and m["state"] == "UNAVAILABLE"
                                    for m in _index(client)) for r in REFUSED), "both refused by the running server")
         finally:
             client.close()

@@ -17,7 +17,6 @@ import re
 import shutil
 import time
 import urllib.request
-from collections.abc import Callable
 
 import grpc
 import numpy as np
@@ -29,18 +28,12 @@ from tritonclient.utils import InferenceServerException
 
 from tests.e2e.fixtures import ENSEMBLE, MEMBER, Reference, repository_models
 from tests.e2e.traffic import GoodClient
-from tests.helpers import MODELS, copy_variant
+from tests.helpers import MODELS, copy_variant, wait_until
 from tests.server import EXPLICIT_CONTROL, RunningServer, running_server
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def _until(condition: Callable[[], bool], what: str, timeout: float = 60) -> None:
-    end = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > end:
-            raise TimeoutError(what)
-        time.sleep(0.2)
 
 
 def _repo(tmp_path):
@@ -118,16 +111,16 @@ def test_reload_config_naming_an_unknown_model_changes_nothing(tmp_path, test_sp
             # An unloaded member is reported under its own name, not the server's; the ensemble
             # stays ready while its quorum (a majority, 3 of 5) serves, and not below it.
             client.unload_model("digits_logreg")
-            _until(lambda: server.health("digits_logreg") == NOT_SERVING, "member NOT_SERVING")
+            wait_until(lambda: server.health("digits_logreg") == NOT_SERVING, "member NOT_SERVING")
             assert server.health(ENSEMBLE) == SERVING and client.is_model_ready(ENSEMBLE)
             for member in ("digits_cnn_b", "digits_mlp_b"):
                 client.unload_model(member)
-            _until(lambda: server.health(ENSEMBLE) == NOT_SERVING, "ensemble NOT_SERVING below its quorum")
+            wait_until(lambda: server.health(ENSEMBLE) == NOT_SERVING, "ensemble NOT_SERVING below its quorum")
             assert server.health() == SERVING and client.is_server_ready()
             assert server.health("liveness") == SERVING
             for member in ("digits_logreg", "digits_cnn_b", "digits_mlp_b"):
                 client.load_model(member)
-            _until(lambda: server.health(ENSEMBLE) == SERVING, "ensemble SERVING again")
+            wait_until(lambda: server.health(ENSEMBLE) == SERVING, "ensemble SERVING again")
         finally:
             client.close()
             _finish(good)
@@ -151,7 +144,7 @@ def test_bad_models_do_not_flip_the_server(tmp_path, test_split, strict):
         client = grpcclient.InferenceServerClient(server.address)
         try:
             _break_things(repo)
-            _until(lambda: _failures(server, "broken") >= 1 and _failures(server, "typo") >= 1,
+            wait_until(lambda: _failures(server, "broken") >= 1 and _failures(server, "typo") >= 1,
                    "both failures counted")
             assert server.health("broken") == NOT_SERVING
             assert server.health("typo") == NOT_SERVING
@@ -159,7 +152,7 @@ def test_bad_models_do_not_flip_the_server(tmp_path, test_split, strict):
             assert server.health(ENSEMBLE) == SERVING and client.is_model_ready(ENSEMBLE)
             assert server.health("liveness") == SERVING
             if strict:
-                _until(lambda: server.health() == NOT_SERVING, "strict readiness NOT_SERVING")
+                wait_until(lambda: server.health() == NOT_SERVING, "strict readiness NOT_SERVING")
                 assert not client.is_server_ready()
             else:
                 assert server.health() == SERVING and client.is_server_ready()
@@ -172,7 +165,7 @@ def test_bad_models_do_not_flip_the_server(tmp_path, test_split, strict):
             # The files change (a fixed upload): the poller retries, without an explicit load.
             shutil.copy(MODELS / "digits_mlp_a" / "1" / "model.onnx", repo / "broken" / "1" / "model.onnx")
             (repo / "typo" / "ensemble.yaml").write_text("members: [digits_mlp_a, digits_logreg]\npolicy: soft\n")
-            _until(lambda: server.health("broken") == SERVING and server.health("typo") == SERVING,
+            wait_until(lambda: server.health("broken") == SERVING and server.health("typo") == SERVING,
                    "fixed models SERVING")
             assert server.health() == SERVING and server.health("liveness") == SERVING
         finally:
