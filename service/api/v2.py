@@ -194,7 +194,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         version = _version(request.model_version)
         info = self.api.data.info(request.model_name, version)  # NOT_FOUND before the inputs are decoded
         check_declared(info, codec.declared_inputs(request))  # before decoding anything
-        coverage, max_risk = fraction_parameters(_plain(request.parameters))
+        coverage, max_risk = fraction_parameters(_plain(request.parameters)) if request.parameters else (None, None)
         return await inference.infer(
             self.api, request.model_name, codec.decode_inputs(request), version=version,
             deadline=deadline, outputs=[o.name for o in request.outputs], request_id=request.id, info=info,
