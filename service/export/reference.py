@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from service.monitoring.drift import bin_counts
+from service.monitoring.drift_statistics import bin_counts
 from service.repository.manifest import DriftReference, FeatureReference, Histogram
 
 FEATURE_BINS = 10

@@ -1,7 +1,8 @@
 """Drift monitoring: a sliding window of live traffic per served model, compared with the
 training reference in its manifest.
 
-Signals (thresholds are module constants, documented in docs/metrics.md):
+Signals (thresholds are service.monitoring.drift_statistics' constants, documented in
+docs/metrics.md):
 
 - ``feature``: per monitored input feature, the population stability index (PSI) on the
   reference's fixed bin edges (binned with the export's own `bin_counts`, so live and
@@ -24,15 +25,9 @@ Signals (thresholds are module constants, documented in docs/metrics.md):
   ensemble's vote at load time); one-sided exact binomial test, flagged at p < 0.01 and a
   rise of more than 0.05 over the baseline.
 
-Which reference: a single model uses its own manifest. An ensemble uses its first
-member's input features (all members are trained on the same data, so their feature
-references are the same) and, for its predicted classes, the members' predicted-class
-frequencies averaged. For its confidence it does not pool the members' samples: the
-vote's confidence is a different quantity (a confidence-weighted vote of five calibrated
-members is less peaked than any member on its own training data; pooled samples gave
-KS D = 0.33 on in-distribution test traffic). Its reference is the ensemble's own vote
-on the validation split, replayed at load time from the members' stored validation
-probabilities, the same replay that gives the disagreement baseline.
+Which reference: see service.monitoring.drift_reference (a single model's manifest; an
+ensemble's members' features and classes, and its own vote replayed on the validation split).
+The statistics and their thresholds are service.monitoring.drift_statistics.
 
 Per request the cost is O(rows x monitored features): values are written into
 preallocated numpy ring buffers. Statistics are computed by `evaluate()`, off the hot
@@ -41,81 +36,19 @@ path (the monitor calls it from a periodic task, in a worker thread, on a snapsh
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections import deque
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import numpy.typing as npt
 from scipy import stats
-from scipy.spatial.distance import jensenshannon
 
-from service.repository.manifest import DriftReference, FeatureReference, VariantManifest
-
-log = logging.getLogger(__name__)
-
-
-def bin_counts(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    """Counts per bin, values outside the edges clipped into the outer bins; bins are
-    [lo, hi) except the last, [lo, hi] (numpy.histogram's convention)."""
-    clipped = np.clip(np.asarray(values, dtype=np.float64), edges[0], edges[-1])
-    return np.histogram(clipped, bins=edges)[0]
-
-PSI_THRESHOLD = 0.2
-FEATURE_ALPHA = 0.01
-JS_THRESHOLD = 0.1
-KS_ALPHA = 0.01
-KS_MIN_STATISTIC = 0.1
-DISAGREEMENT_ALPHA = 0.01
-DISAGREEMENT_MIN_RISE = 0.05
-EPS = 1e-4
-"""Floor on bin proportions in PSI (an empty bin would make it infinite)."""
+from service.monitoring.drift_reference import ModelReference
+from service.monitoring.drift_statistics import (
+    DISAGREEMENT_ALPHA, DISAGREEMENT_MIN_RISE, FEATURE_ALPHA, JS_THRESHOLD, KS_ALPHA, KS_MIN_STATISTIC,
+    PSI_THRESHOLD, bin_counts, chi_square_pvalue, holm, js_distance, psi)
 
 SIGNALS = ("feature", "input", "prediction", "confidence", "disagreement")
-
-
-# -- the statistics ------------------------------------------------------------------------
-def psi(expected: npt.ArrayLike, actual: npt.ArrayLike, eps: float = EPS) -> float:
-    """Population stability index of two count (or proportion) vectors over the same bins:
-    sum((a - e) * ln(a / e)) over proportions floored at `eps`."""
-    e = np.maximum(np.asarray(expected, dtype=np.float64) / max(np.sum(expected), 1e-12), eps)
-    a = np.maximum(np.asarray(actual, dtype=np.float64) / max(np.sum(actual), 1e-12), eps)
-    return float(np.sum((a - e) * np.log(a / e)))
-
-
-def chi_square_pvalue(reference: np.ndarray, counts: np.ndarray) -> float:
-    """Goodness of fit of live `counts` to the reference proportions (bins the reference
-    never saw get a small floor so that live mass there counts as evidence, not an error)."""
-    counts = np.asarray(counts, dtype=np.float64)
-    n = counts.sum()
-    if n == 0 or len(counts) < 2:
-        return 1.0
-    p = np.maximum(np.asarray(reference, dtype=np.float64), 0) + 0.5
-    expected = p / p.sum() * n
-    return float(stats.chisquare(counts, expected).pvalue)
-
-
-def holm(pvalues: Sequence[float]) -> np.ndarray:
-    """Holm-Bonferroni adjusted p-values (monotone step-down; reject where adjusted < alpha)."""
-    p = np.asarray(pvalues, dtype=np.float64)
-    m = len(p)
-    if m == 0:
-        return p
-    order = np.argsort(p)
-    adjusted = np.minimum(1.0, np.maximum.accumulate(p[order] * (m - np.arange(m))))
-    out = np.empty(m)
-    out[order] = adjusted
-    return out
-
-
-def js_distance(reference: np.ndarray, live_counts: np.ndarray) -> float:
-    """Jensen-Shannon distance (base 2: 0 same, 1 disjoint) of two class distributions."""
-    live = np.asarray(live_counts, dtype=np.float64)
-    if live.sum() == 0:
-        return 0.0
-    return float(jensenshannon(np.asarray(reference, dtype=np.float64), live, base=2))
 
 
 # -- the window ----------------------------------------------------------------------------
@@ -154,68 +87,6 @@ class RingBuffer:
         if self.size < self.capacity:
             return self._data[:self.size].copy()
         return np.concatenate([self._data[self._next:], self._data[:self._next]])
-
-
-# -- the reference of one served model -----------------------------------------------------
-@dataclass(frozen=True)
-class ModelReference:
-    features: tuple[FeatureReference, ...]
-    class_frequencies: np.ndarray
-    confidence_sample: np.ndarray
-    disagreement_baseline: float | None = None
-    """Validation share of rows with agreement < 1 (ensembles only)."""
-    validation_rows: int = 0
-
-    @property
-    def value_indices(self) -> np.ndarray:
-        return np.array([f.index for f in self.features if f.statistic == "value"], dtype=np.intp)
-
-    @classmethod
-    def of_model(cls, manifest: VariantManifest) -> "ModelReference":
-        ref = manifest.drift_reference
-        return cls(ref.features, np.asarray(ref.predicted_class_frequencies),
-                   np.asarray(ref.confidence_sample))
-
-    @classmethod
-    def of_ensemble(cls, manifests: Sequence[VariantManifest], policy: str, calibration=None) -> "ModelReference":
-        """`calibration` (service.ensemble.calibration.VoteCalibration): the vote's own, so
-        that the reference confidences are those the ensemble answers with."""
-        refs: list[DriftReference] = [m.drift_reference for m in manifests]
-        frequencies = np.mean([r.predicted_class_frequencies for r in refs], axis=0)
-        weights = calibration.weights_of([m.name for m in manifests]) if calibration is not None else None
-        replay = replay_validation(manifests, policy, weights)
-        if replay is not None and calibration is not None:
-            replay = calibration.apply(replay)
-        if replay is None:
-            sample = np.sort(np.concatenate([r.confidence_sample for r in refs]))
-            return cls(refs[0].features, frequencies, sample)
-        baseline = float(np.mean(replay.agreement < 1.0 - 1e-9))
-        return cls(refs[0].features, frequencies, np.sort(replay.confidence), baseline,
-                   len(replay.confidence))
-
-
-def replay_validation(manifests: Sequence[VariantManifest], policy: str,
-                      member_weights: Sequence[float] | None = None):
-    """The ensemble's vote on the validation rows every member stored (its members'
-    calibrated validation probabilities replayed through `vote`); None when the members
-    share no validation rows."""
-    from service.ensemble.voting import vote
-
-    common = set(manifests[0].validation.indices)
-    for m in manifests[1:]:
-        common &= set(m.validation.indices)
-    if not common or len(manifests) < 2:
-        return None
-    keys = sorted(common)
-    probs = []
-    for m in manifests:
-        position = {index: row for row, index in enumerate(m.validation.indices)}
-        table = np.asarray(m.validation.probabilities, dtype=np.float64)
-        probs.append(table[[position[k] for k in keys]])
-    accuracy = [m.validation.calibrated.accuracy for m in manifests]
-    return vote(policy, probs, [m.name for m in manifests], validation_accuracy=accuracy,
-                member_weights=member_weights)
-
 
 @dataclass(frozen=True)
 class SignalValue:

@@ -6,46 +6,47 @@ import numpy as np
 import pytest
 
 from service.export.reference import quantile_edges
-from service.monitoring.drift import bin_counts
-from service.monitoring import drift
+from service.monitoring import drift, drift_statistics
+from service.monitoring.drift_reference import ModelReference
+from service.monitoring.drift_statistics import bin_counts
 from service.repository.manifest import FeatureReference, Histogram
 
 
 def test_psi_is_zero_for_equal_distributions_and_grows_with_shift():
     ref = np.array([100, 200, 300, 400])
-    assert drift.psi(ref, ref * 3) == pytest.approx(0.0, abs=1e-12)
-    small = drift.psi(ref, [110, 190, 310, 390])
-    large = drift.psi(ref, [400, 300, 200, 100])
-    assert 0 < small < 0.01 < drift.PSI_THRESHOLD < large
+    assert drift_statistics.psi(ref, ref * 3) == pytest.approx(0.0, abs=1e-12)
+    small = drift_statistics.psi(ref, [110, 190, 310, 390])
+    large = drift_statistics.psi(ref, [400, 300, 200, 100])
+    assert 0 < small < 0.01 < drift_statistics.PSI_THRESHOLD < large
     # by hand: sum (a - e) ln(a / e) on proportions
     e, a = np.array([0.5, 0.5]), np.array([0.8, 0.2])
-    assert drift.psi([5, 5], [8, 2]) == pytest.approx(float(np.sum((a - e) * np.log(a / e))))
+    assert drift_statistics.psi([5, 5], [8, 2]) == pytest.approx(float(np.sum((a - e) * np.log(a / e))))
 
 
 def test_psi_survives_empty_bins():
-    assert np.isfinite(drift.psi([10, 0, 10], [0, 20, 0]))
+    assert np.isfinite(drift_statistics.psi([10, 0, 10], [0, 20, 0]))
 
 
 def test_js_distance_bounds():
     p = np.array([0.25, 0.25, 0.5])
-    assert drift.js_distance(p, p * 400) == pytest.approx(0.0, abs=1e-7)
-    assert drift.js_distance([1, 0], [0, 5]) == pytest.approx(1.0)
-    assert 0 < drift.js_distance(p, [30, 30, 40]) < drift.JS_THRESHOLD
+    assert drift_statistics.js_distance(p, p * 400) == pytest.approx(0.0, abs=1e-7)
+    assert drift_statistics.js_distance([1, 0], [0, 5]) == pytest.approx(1.0)
+    assert 0 < drift_statistics.js_distance(p, [30, 30, 40]) < drift_statistics.JS_THRESHOLD
 
 
 def test_holm_matches_the_step_down_definition():
     p = [0.01, 0.04, 0.03, 0.005]
     # sorted 0.005, 0.01, 0.03, 0.04 -> x4, x3, x2, x1 = 0.02, 0.03, 0.06, 0.04 -> monotone 0.06
-    assert drift.holm(p).tolist() == pytest.approx([0.03, 0.06, 0.06, 0.02])
-    assert drift.holm([0.9, 0.8]).max() <= 1.0
-    assert len(drift.holm([])) == 0
+    assert drift_statistics.holm(p).tolist() == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert drift_statistics.holm([0.9, 0.8]).max() <= 1.0
+    assert len(drift_statistics.holm([])) == 0
 
 
 def test_holm_keeps_false_alarms_rare_across_many_features():
     rng = np.random.default_rng(0)
     raw = rng.uniform(size=(2000, 18))  # 18 features under the null
     any_raw = (raw < 0.01).any(axis=1).mean()
-    any_holm = np.mean([(drift.holm(row) < 0.01).any() for row in raw])
+    any_holm = np.mean([(drift_statistics.holm(row) < 0.01).any() for row in raw])
     assert any_raw > 0.1  # uncorrected: about 1 - 0.99^18 = 17% of windows alarm
     assert any_holm <= 0.02
 
@@ -61,14 +62,14 @@ def test_ring_buffer_keeps_the_last_rows_in_order():
     assert ring.values()[:, 0].tolist() == [10, 12, 14, 16, 18]
 
 
-def _reference(rng: np.random.Generator, n_features: int = 6) -> tuple[drift.ModelReference, np.ndarray]:
+def _reference(rng: np.random.Generator, n_features: int = 6) -> tuple[ModelReference, np.ndarray]:
     train = rng.normal(size=(5000, n_features))
     features = tuple(
         FeatureReference(name=f"x_{i}", index=i, histogram=Histogram(
             bin_edges=tuple(quantile_edges(train[:, i])),
             counts=tuple(int(c) for c in bin_counts(train[:, i], quantile_edges(train[:, i])))))
         for i in range(n_features))
-    return drift.ModelReference(features, np.full(4, 0.25), np.sort(rng.beta(8, 2, 1000)), 0.1, 500), train
+    return ModelReference(features, np.full(4, 0.25), np.sort(rng.beta(8, 2, 1000)), 0.1, 500), train
 
 
 def _window(reference, rows, classes, confidence, disagree):
@@ -84,7 +85,7 @@ def test_in_distribution_window_raises_nothing():
                               rng.beta(8, 2, 500), rng.uniform(size=500) < 0.1)
     assert window.fill == 1.0
     assert not any(s.detected for s in signals.values()), signals
-    assert signals["input"].distance < drift.PSI_THRESHOLD
+    assert signals["input"].distance < drift_statistics.PSI_THRESHOLD
 
 
 def test_shifted_window_raises_each_signal():
@@ -116,7 +117,7 @@ def test_row_summaries_are_monitored():
         edges = quantile_edges(values)
         summaries.append(FeatureReference(name=stat, statistic=stat, histogram=Histogram(
             bin_edges=tuple(edges), counts=tuple(int(c) for c in bin_counts(values, edges)))))
-    reference = drift.ModelReference(tuple(summaries), np.full(2, 0.5), np.linspace(0, 1, 100))
+    reference = ModelReference(tuple(summaries), np.full(2, 0.5), np.linspace(0, 1, 100))
     window = drift.DriftWindow(reference, 300)
     window.observe(rng.uniform(0, 16, size=(300, 64)) * 0.5, np.zeros(300, dtype=int), np.linspace(0, 1, 300), None)
     flags = {s.feature: s.detected for s in window.evaluate(100) if s.signal == "feature"}
