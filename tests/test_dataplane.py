@@ -78,10 +78,10 @@ async def test_member_past_the_deadline_is_left_out_and_named(scratch_repo, test
     original = slow.infer
     calls = []
 
-    async def sleepy(rows, deadline=None, arrivals=None):  # a test wrapper adding latency to one member
+    async def sleepy(rows, deadline=None, arrivals=None, keep=None):  # a test wrapper adding latency to one member
         calls.append(rows.shape[0])
         await asyncio.sleep(20.0)
-        return await original(rows, deadline, arrivals)
+        return await original(rows, deadline, arrivals, keep)
 
     slow.infer = sleepy
     start = now()
@@ -194,11 +194,11 @@ async def test_a_single_model_request_that_expires_queued_never_reaches_the_mode
     release = asyncio.Event()
     calls = []
 
-    async def held(rows, deadline=None, arrivals=None):  # the first batch waits until the test releases it
+    async def held(rows, deadline=None, arrivals=None, keep=None):  # the first batch waits until the test releases it
         calls.append(rows.shape[0])
         if len(calls) == 1:
             await release.wait()
-        return await original(rows, deadline, arrivals)
+        return await original(rows, deadline, arrivals, keep)
 
     served.infer = held
     try:
@@ -252,9 +252,9 @@ async def test_queue_depth_counts_requests_waiting_at_a_model_before_its_batcher
     original = served.infer
     release = asyncio.Event()
 
-    async def held(rows, deadline=None, arrivals=None):
+    async def held(rows, deadline=None, arrivals=None, keep=None):
         await release.wait()
-        return await original(rows, deadline, arrivals)
+        return await original(rows, deadline, arrivals, keep)
 
     served.infer = held
     get = monitor.registry.get_sample_value

@@ -13,7 +13,8 @@ Rules:
   run of compatible requests from the head of the queue; the next request starts the next.
 - A full queue rejects at once with Overloaded.
 - A request whose deadline passes while queued fails with DeadlineExceeded at that
-  instant and never runs; a caller cancelled while queued is dropped. Once its batch has
+  instant and never runs; a caller cancelled while queued is dropped, and so are the rows
+  its `keep` no longer wants (an ensemble's batch: see queue.Keep). Once its batch has
   started, a request runs to the end (compute cannot be interrupted) and its caller gets
   the answer, even past the deadline.
 - If `run_batch` raises, every request of that batch gets the exception; the batcher
@@ -39,7 +40,7 @@ import numpy as np
 
 from service.batching.config import BatchingConfig
 from service.batching.dispatcher import BatchDispatcher, BatchObserver, RunBatch, RunHere
-from service.batching.queue import Pending
+from service.batching.queue import Keep, Pending
 from service.batching.requests import Clock, refuse_if_late
 from service.errors import DeadlineExceeded, InvalidInput, ModelNotReady, Overloaded
 from service.monitoring.stages import COLLECTOR, Stage, record
@@ -110,13 +111,14 @@ class DynamicBatcher(BatchDispatcher):
 
     # -- requests --------------------------------------------------------------------------
     async def submit(self, rows: np.ndarray, deadline: float | None = None,
-                     arrivals: Sequence[float] | None = None) -> np.ndarray:
+                     arrivals: Sequence[float] | None = None, keep: Keep | None = None) -> np.ndarray:
         """Queue `rows` (n, ...) and return their n output rows.
 
         `deadline` is an absolute instant on the batcher's clock (time.monotonic() in
         production). `arrivals`: when the requests these rows merge arrived, if they queued
         elsewhere first (on the same clock; by default this call's own instant), for the
-        queue waits reported per request.
+        queue waits reported per request. `keep`: which rows are still wanted (see Keep);
+        the others are dropped while queued and come back as zeros.
         """
         if self._stopping:
             raise ModelNotReady(f"model '{self.name}' is stopping")
@@ -139,7 +141,7 @@ class DynamicBatcher(BatchDispatcher):
             if self._batch_s is not None:
                 self._admit(rows.shape[0], deadline - now)
         loop = asyncio.get_running_loop()
-        pending = Pending(rows, deadline, now, loop.create_future(), arrivals)
+        pending = Pending(rows, deadline, now, loop.create_future(), arrivals, keep)
         if (pending.n <= self._inline_rows and not DynamicBatcher.requests_everywhere and len(pending.arrivals) == 1
                 and not self._depth and not self._batches_running and not cfg.max_queue_delay_us):
             # A lone request small enough for the loop: computed here, at once, in the

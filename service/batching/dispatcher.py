@@ -11,7 +11,7 @@ from typing import ClassVar, Protocol
 
 import numpy as np
 
-from service.batching.queue import BatchQueue, Pending
+from service.batching.queue import BatchQueue, Pending, scatter
 from service.batching.requests import merge, split
 from service.errors import ModelNotReady
 
@@ -122,7 +122,7 @@ class BatchDispatcher(BatchQueue):
             for pending, output in zip(batch, outputs):
                 pending.started, pending.finished, pending.batch_rows = started, finished, rows
                 if not pending.future.done():
-                    pending.future.set_result(output)
+                    pending.future.set_result(scatter(output, pending.mask))
         finally:
             self._in_flight -= rows
             self._batches_running -= 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -13,14 +13,23 @@ from service.batching.config import BatchingConfig
 from service.batching.requests import Clock, take_run
 from service.errors import DeadlineExceeded
 
+Keep = Callable[[], np.ndarray]
+"""Which rows of a submission are still wanted (a boolean mask over all its rows), asked when
+a batch is taken: an ensemble's batch merges several requests, and the rows of one that went
+away (cancelled, expired, answered at its cutoff) are not computed."""
+
 
 class Pending:
     __slots__ = ("rows", "n", "deadline", "arrival", "arrivals", "future", "timer", "queued", "started",
-                 "finished", "batch_rows")
+                 "finished", "batch_rows", "keep", "mask")
 
     def __init__(self, rows: np.ndarray, deadline: float | None, arrival: float,
-                 future: asyncio.Future[np.ndarray], arrivals: Sequence[float] | None = None) -> None:
+                 future: asyncio.Future[np.ndarray], arrivals: Sequence[float] | None = None,
+                 keep: Keep | None = None) -> None:
         self.rows = rows
+        self.keep = keep
+        self.mask: np.ndarray | None = None
+        """Which of the submitted rows `rows` still holds (None: all of them)."""
         self.n = rows.shape[0]
         self.deadline = deadline
         self.arrival = arrival
@@ -81,8 +90,30 @@ class BatchQueue:
             queue.popleft()
         return queue[0] if queue else None
 
+    def _prune(self) -> None:
+        """Drop from the queued submissions the rows nobody waits for any more (see Keep); a
+        submission left with none leaves the queue, cancelled: its batch is not computed."""
+        for pending in self._queue:
+            if pending.keep is None or not pending.queued:
+                continue
+            wanted = pending.keep()
+            current = pending.mask
+            if wanted.all() or (current is not None and np.array_equal(wanted, current)):
+                continue
+            kept = wanted if current is None else wanted[current]
+            left = int(kept.sum())
+            if not left:
+                self._unqueue(pending)
+                pending.future.cancel()
+                continue
+            self._queued_rows -= pending.n - left
+            pending.n = left
+            pending.rows = pending.rows[kept]
+            pending.mask = wanted
+
     def _take(self) -> tuple[list[Pending], int]:
         """Pop the longest run of compatible live requests that fits in one batch."""
+        self._prune()
         batch, rows = take_run(self._queue, self._config.max_batch_size, self.clock(), self._expire, signature)
         for pending in batch:
             if pending.timer is not None:
@@ -90,6 +121,16 @@ class BatchQueue:
         self._depth -= len(batch)
         self._queued_rows -= rows
         return batch, rows
+
+
+def scatter(output: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """A pruned submission's output at the places of all its rows (the dropped rows zeros:
+    nobody reads them)."""
+    if mask is None:
+        return output
+    full = np.zeros((mask.size,) + output.shape[1:], dtype=output.dtype)
+    full[mask] = output
+    return full
 
 
 def signature(pending: Pending) -> tuple:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -154,8 +154,9 @@ class BatchRunner:
                 for served in plan.members.values():
                     leases.enter_context(served.lease())
                 arrivals = tuple(e.arrival for e in batch)  # each request's queue wait is reported
+                keep = _wanted(batch, spans, len(merged))
                 for name, served in plan.members.items():
-                    task = asyncio.ensure_future(served.infer(merged, deadline, arrivals))
+                    task = asyncio.ensure_future(served.infer(merged, deadline, arrivals, keep))
                     task.add_done_callback(note_finish(name, finished_at, self.clock))
                     tasks[name] = task
                 pending: set[asyncio.Future] = set(tasks.values())
@@ -238,6 +239,18 @@ class BatchRunner:
                                           {"quorum.batch_rows": len(merged)}))
                 entry.stages.extend(stages or ())
             entry.future.set_result(result)
+
+
+def _wanted(batch: list[Entry], spans: Sequence[tuple[int, int]], rows: int) -> Callable[[], np.ndarray]:
+    """The rows of the batch whose request still waits (asked by a member's queue before it
+    computes them: a caller gone or answered at its cutoff is dropped there, every member)."""
+    def keep() -> np.ndarray:
+        mask = np.ones(rows, dtype=bool)
+        for entry, (a, b) in zip(batch, spans):
+            if entry.future.done():
+                mask[a:b] = False
+        return mask
+    return keep
 
 
 def _others_ready() -> bool:

@@ -18,7 +18,9 @@ Rules:
 - Members are asked with the latest deadline of the batch (none if any request has none),
   so a member's batcher never drops work a request of the batch still waits for.
 - A request whose deadline passes while queued fails at that instant and never reaches a
-  member; a caller cancelled while queued is dropped. Admission is aware of deadlines: a
+  member; a caller cancelled while queued is dropped. Once its batch is queued at the
+  members, a request that goes away (cancelled, or answered at its cutoff) has its rows
+  dropped from every member's queue: no member computes them. Admission is aware of deadlines: a
   request that cannot start before its cutoff, at the recently measured time per batch, is
   refused at once with Overloaded (RESOURCE_EXHAUSTED). A single model has no partial
   answer: its own batch counts too, and at its deadline it fails with DeadlineExceeded.

@@ -20,6 +20,7 @@ import numpy as np
 
 from service.batching.batcher import DynamicBatcher
 from service.batching.dispatcher import BatchObserver
+from service.batching.queue import Keep
 from service.batching.config import BatchingConfig
 from service.ensemble.calibration import NO_CALIBRATION, VoteCalibration
 from service.repository.config import EnsembleConfig, ModelConfig
@@ -101,15 +102,17 @@ class ServedVersion:
             self._idle.set()
 
     async def infer(self, rows: np.ndarray, deadline: float | None = None,
-                    arrivals: Sequence[float] | None = None) -> np.ndarray:
+                    arrivals: Sequence[float] | None = None, keep: Keep | None = None) -> np.ndarray:
         """Logits for `rows`, through the batcher; more rows than the max batch size go as
         max-batch-size pieces (queued together, each a batch's worth) and come back as one.
         `arrivals`: when the requests the rows merge arrived (see DynamicBatcher.submit);
-        a request split in pieces counts its wait once, with its first piece."""
+        a request split in pieces counts its wait once, with its first piece. `keep`: which
+        rows are still wanted once queued (see Keep; a request split in pieces keeps them all,
+        since a piece left empty would fail the whole)."""
         with self.lease():
             size = self.batching.max_batch_size
             if rows.shape[0] <= size:
-                return await self.batcher.submit(rows, deadline, arrivals)
+                return await self.batcher.submit(rows, deadline, arrivals, keep)
             parts = [asyncio.ensure_future(self.batcher.submit(
                          rows[i:i + size], deadline, arrivals if i == 0 or arrivals is None else ()))
                      for i in range(0, rows.shape[0], size)]

@@ -55,7 +55,7 @@ class Member:
         finally:
             self.leased -= 1
 
-    async def infer(self, rows: np.ndarray, deadline: float | None = None, arrivals=None) -> np.ndarray:
+    async def infer(self, rows: np.ndarray, deadline: float | None = None, arrivals=None, keep=None) -> np.ndarray:
         self.calls.append(rows.shape[0])
         if self.blocking is not None:
             return await asyncio.get_running_loop().run_in_executor(*self.blocking)
@@ -297,7 +297,7 @@ async def test_every_caller_gone_cancels_the_member_calls():
 class Immediate(Member):
     """Answers without suspending (a model computed on the event loop), or raises."""
 
-    async def infer(self, rows: np.ndarray, deadline: float | None = None, arrivals=None) -> np.ndarray:
+    async def infer(self, rows: np.ndarray, deadline: float | None = None, arrivals=None, keep=None) -> np.ndarray:
         self.calls.append(rows.shape[0])
         if self.error is not None:
             raise self.error

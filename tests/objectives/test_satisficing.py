@@ -21,7 +21,7 @@ from onnx import numpy_helper
 from service.dataplane import DataPlane, member_info
 from service.errors import DeadlineExceeded, FailedPrecondition
 from service.objectives.selection import predicted_latency, replay_accuracy, subsets
-from service.objectives.tracker import _aligned_validation
+from service.objectives.subset_evaluation import _aligned_validation
 from service.repository.manager import ModelManager
 from service.settings import Settings
 from tests.helpers import VARIANTS, copy_variant
@@ -51,7 +51,7 @@ def _slow(data: DataPlane, member: str, seconds: float) -> None:
     served = data.manager.resolve(member)
     original = served.infer
 
-    async def slow(rows, deadline=None, arrivals=None):  # a test wrapper adding latency to one member
+    async def slow(rows, deadline=None, arrivals=None, keep=None):  # a test wrapper adding latency to one member
         await asyncio.sleep(seconds)
         return await original(rows, deadline)
 
