@@ -26,7 +26,8 @@ from service.monitoring.stages import COLLECTOR, Stage, record
 from service.objectives.feedback import FeedbackStore
 from service.objectives.store import Store, Uncertain
 from service.objectives.selection import blend
-from service.objectives.tracker import MemberInfo, ObjectiveTracker
+from service.objectives.status import MemberInfo
+from service.objectives.tracker import ObjectiveTracker
 from service.repository.config import Policy
 from service.repository.contract import EnsembleSpec
 from service.repository.manager import ModelManager

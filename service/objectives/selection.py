@@ -85,3 +85,11 @@ def best(candidates: Sequence[Candidate], latency_budget_s: float | None, memory
     if not feasible:
         return None
     return max(feasible, key=lambda c: (round(c.accuracy, 9), -c.latency_s, len(c.members)))
+
+
+def fits(candidate: Candidate, budget_s: float | None, min_accuracy: float | None,
+         memory_mb: float | None = None) -> bool:
+    """Whether a candidate meets each bound given (None: no bound)."""
+    return ((budget_s is None or candidate.latency_s <= budget_s)
+            and (min_accuracy is None or candidate.accuracy >= min_accuracy)
+            and (memory_mb is None or candidate.memory_mb <= memory_mb))

@@ -69,7 +69,8 @@ def test_manager_hooks_feed_metrics_and_statistics():
 
 def test_satisficing_state_of_trackers_is_exported():
     from service.objectives.selection import Candidate
-    from service.objectives.tracker import ConstraintStatus, ObjectiveTracker
+    from service.objectives.status import ConstraintStatus
+    from service.objectives.tracker import ObjectiveTracker
     from service.repository.config import Objective
 
     monitor = _monitor()
