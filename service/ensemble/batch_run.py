@@ -21,7 +21,8 @@ log = logging.getLogger("service.ensemble.pipeline")
 
 
 class Entry:
-    __slots__ = ("rows", "n", "deadline", "cutoff", "plan", "signature", "future", "queued", "arrival", "stages")
+    __slots__ = ("rows", "n", "deadline", "cutoff", "plan", "signature", "future", "queued", "arrival", "stages",
+                 "level")
 
     def __init__(self, rows: np.ndarray, plan: Plan, deadline: float | None, arrival: float,
                  future: asyncio.Future) -> None:
@@ -35,6 +36,7 @@ class Entry:
         self.future = future
         self.queued = True
         self.stages = COLLECTOR.get()  # the caller's trace, when it is sampled
+        self.level = 1  # its priority (1 is the highest)
 
 
 def _take_rows(entry: Entry) -> np.ndarray:

@@ -43,7 +43,8 @@ from typing import Any
 
 import numpy as np
 
-from service.batching.requests import Clock, refuse_if_late, take_run
+from service.batching.priority import PRIORITY, take_by_priority
+from service.batching.requests import Clock, refuse_if_late
 from service.ensemble.batch_run import BatchRunner, Entry
 from service.ensemble.outcomes import Answer, Plan
 from service.errors import DeadlineExceeded, Overloaded
@@ -65,9 +66,10 @@ class EnsemblePipeline(BatchRunner):
         self._answer = answer
         self.max_batch_rows = max_batch_rows
         self.max_queue = max_queue
-        self._queue: deque[Entry] = deque()
+        self._queues: dict[int, deque[Entry]] = {1: deque()}  # priority level -> its queue
         self._depth = 0
         self._queued_rows = 0
+        self._level_rows: dict[int, int] = {1: 0}  # rows queued at each level
         self._holding = 0                      # running batches the next one waits for
         self._wake: asyncio.Event | None = None  # the dispatcher looks again: a batch let go, or a deadline
         self._next_expiry = math.inf           # the dispatcher wakes then to fail expired requests
@@ -83,13 +85,19 @@ class EnsemblePipeline(BatchRunner):
         """Queue `rows` for `plan` and return the answer callback's result for them.
         `deadline` is an absolute instant on the pipeline's clock (time.monotonic() in
         production)."""
-        if self._depth >= self.max_queue:
-            raise Overloaded(f"{self.what}: queue full ({self._depth} requests waiting); retry later")
+        priority = PRIORITY.get()
+        level, share = (1, 1.0) if priority is None else (priority.level, priority.share)
+        if self._depth >= self.max_queue * share:
+            raise Overloaded(f"{self.what}: queue full ({self._depth} requests waiting"
+                             + ("" if share == 1.0 else f", {self.max_queue * share:.0f} of {self.max_queue} places "
+                                f"open to priority {level} of {priority.levels}")  # type: ignore[union-attr]
+                             + "); retry later")
         now = self.clock()
         if deadline is not None and self._batch_s is not None:
-            self._admit(rows.shape[0], deadline - plan.margin_s - now)
+            self._admit(rows.shape[0], (deadline - plan.margin_s - now) * share, level)
         loop = asyncio.get_running_loop()
         entry = Entry(rows, plan, deadline, now, loop.create_future())
+        entry.level = level
         if not self._holding and not self._depth and entry.stages is None:
             # Idle: this request is the batch. Run it in the caller's own task (one task
             # created and two hand-offs fewer: what a lone request pays); a traced request
@@ -100,9 +108,14 @@ class EnsemblePipeline(BatchRunner):
                 self._wake = asyncio.Event()
             await (self._run_lone(entry) if len(plan.members) == 1 else self._run([entry]))
             return entry.future.result()
-        self._queue.append(entry)
+        queue = self._queues.get(level)
+        if queue is None:
+            queue = self._queues[level] = deque()
+            self._level_rows[level] = 0
+        queue.append(entry)
         self._depth += 1
         self._queued_rows += entry.n
+        self._level_rows[level] += entry.n
         self._ensure_dispatcher(loop)
         if deadline is not None and deadline < self._next_expiry:
             self._next_expiry = deadline
@@ -114,23 +127,27 @@ class EnsemblePipeline(BatchRunner):
                 self._unqueue(entry)
             raise
 
-    def _admit(self, rows: int, time_left_s: float) -> None:
+    def _admit(self, rows: int, time_left_s: float, level: int = 1) -> None:
         """Refuse at once a request that cannot even start before its cutoff: the batch
-        holding the queue and the batches queued ahead take longer, at the recently measured
-        time per batch, than its deadline leaves. An ensemble's own batch is not counted:
+        holding the queue and the batches queued ahead (at its priority level or higher: it
+        overtakes the lower ones) take longer, at the recently measured time per batch, than
+        its deadline leaves (a lower level's share of it: the lowest is refused first). An ensemble's own batch is not counted:
         once it runs, the straggler cutoff answers it in time with the members in by then;
         a single model's is. An idle queue admits (as a member's batcher does): only a
         batch can measure the time per batch anew."""
         if not self._holding and not self._queued_rows:
             return
-        queued = self._queued_rows + (0 if self.partial else rows)
+        before = self._queued_rows if len(self._level_rows) == 1 else \
+            sum(n for at, n in self._level_rows.items() if at <= level)
+        queued = before + (0 if self.partial else rows)
         ahead = (1 if self._holding else 0) + -(-queued // self.max_batch_rows)
-        refuse_if_late(self.what, self._queued_rows, ahead, self._batch_s, time_left_s)  # type: ignore[arg-type]
+        refuse_if_late(self.what, before, ahead, self._batch_s, time_left_s)  # type: ignore[arg-type]
 
     def _unqueue(self, entry: Entry) -> None:
         entry.queued = False
         self._depth -= 1
         self._queued_rows -= entry.n
+        self._level_rows[entry.level] -= entry.n
         entry.rows = None
 
     def _expire(self, entry: Entry) -> None:
@@ -159,7 +176,7 @@ class EnsemblePipeline(BatchRunner):
                 # One timer per wait, not one per request: woken when a batch lets go, or
                 # at the earliest deadline queued, to fail the requests that expired waiting.
                 wake.clear()
-                self._next_expiry = min((e.deadline for e in self._queue if e.queued and e.deadline is not None),
+                self._next_expiry = min((e.deadline for q in self._queues.values() for e in q if e.queued and e.deadline is not None),
                                         default=math.inf)
                 expiry = self._next_expiry
                 try:
@@ -172,7 +189,7 @@ class EnsemblePipeline(BatchRunner):
                     # timers early by up to its clock's resolution (uvloop: to the nearest ms,
                     # under 0.5 ms at once), and re-arming until the clock agreed spun the loop.
                     now = max(self.clock(), expiry)
-                for entry in self._queue:
+                for entry in (e for q in self._queues.values() for e in q):
                     if entry.queued and entry.deadline is not None and entry.deadline <= now:
                         self._expire(entry)
                 continue
@@ -190,8 +207,10 @@ class EnsemblePipeline(BatchRunner):
 
     def _take(self) -> list[Entry]:
         """Pop the longest run of live requests with one plan and row signature that fits
-        in a batch (a first request larger than a batch goes alone)."""
-        batch, rows = take_run(self._queue, self.max_batch_rows, self.clock(), self._expire, _signature)
+        in a batch (a first request larger than a batch goes alone), highest priority first."""
+        batch, rows = take_by_priority(self._queues, self.max_batch_rows, self.clock(), self._expire, _signature)
         self._depth -= len(batch)
         self._queued_rows -= rows
+        for entry in batch:
+            self._level_rows[entry.level] -= entry.n
         return batch
