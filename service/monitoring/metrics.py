@@ -1,5 +1,5 @@
-"""The Prometheus metric catalogue, in Quorum's own CollectorRegistry, and the /metrics
-HTTP endpoint on its own port.
+"""The Prometheus metric catalogue, in Quorum's own CollectorRegistry, and the collectors
+read at scrape time.
 
 Two kinds of metric live here:
 - per-request bookkeeping (counters and histograms), updated by `service.monitoring.monitor`
@@ -7,20 +7,18 @@ Two kinds of metric live here:
 - state read at scrape time (queue depth, model info, live accuracy, drift, satisficing,
   GPUs) by collectors, so nothing is maintained per request for them.
 
-Every metric, its labels and meaning are listed in docs/metrics.md.
+Every metric, its labels and meaning are listed in docs/metrics.md. The per-batch
+observations are bucketed in bulk (service.monitoring.bulk_histograms); the /metrics endpoint
+is service.monitoring.metrics_server.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import types
-from collections.abc import Callable, Iterable, Sequence
-from wsgiref.simple_server import WSGIServer, make_server
+from collections.abc import Callable, Iterable
 
-import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
-from prometheus_client.exposition import ThreadingWSGIServer, _get_best_family, _SilentHandler
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
@@ -119,98 +117,6 @@ class StateCollector(Collector):
         return []
 
 
-BULK_FROM = 4
-"""Fewer values than this are observed one by one (numpy's fixed cost is higher)."""
-
-
-_bounds_arrays: dict[int, tuple[list[float], np.ndarray]] = {}
-
-
-def _bounds_array(bounds: list[float]) -> np.ndarray:
-    """A histogram's bucket bounds as an array, converted once: searchsorted on the list
-    converted it on every batch (6 % of the event loop in an ensemble profile). The entry
-    holds the list itself, so its id cannot pass to another list while it is cached."""
-    cached = _bounds_arrays.get(id(bounds))
-    if cached is None:
-        cached = _bounds_arrays[id(bounds)] = (bounds, np.asarray(bounds, dtype=np.float64))
-    return cached[1]
-
-
-def observe_many(histogram: Histogram, values: Sequence[float] | np.ndarray) -> None:
-    """histogram.observe(v) for every v, in one pass: the batch's per-request and per-row
-    observations (queue waits, agreement) bucketed by numpy, one increment per bucket hit.
-    prometheus-client has no bulk observe; this reads the fields its observe() updates
-    (`_upper_bounds`, `_buckets`, `_sum`, of the pinned version), and a test checks the
-    exposition equals observe()'s for the same values."""
-    if len(values) < BULK_FROM:
-        for value in values:
-            histogram.observe(value)
-        return
-    array = np.asarray(values, dtype=np.float64)
-    bounds = _bounds_array(histogram._upper_bounds)
-    # observe() counts a value in the first bucket whose bound is >= it (NaN in none)
-    counts = np.bincount(np.searchsorted(bounds, array, side="left"), minlength=len(bounds) + 1)
-    histogram._sum.inc(float(array.sum()))
-    buckets = histogram._buckets
-    for index in np.flatnonzero(counts[:len(bounds)]).tolist():
-        buckets[index].inc(int(counts[index]))
-
-
-class HeldObservations:
-    """Histogram observations made per batch (batch sizes, queue waits, compute and vote
-    times, agreement), held and bucketed in bulk: before every collection of the registry
-    (Catalogue.before_collect) and whenever LIMIT values are waiting. prometheus-client's
-    observe() takes a lock and bisects per value, and observe_many pays numpy's fixed cost
-    per call: per batch, those were 6 % of the event loop in a native ensemble profile.
-    Thread-safe: batches are observed on the loop, compute times from runtime threads, and
-    collections come from the metrics thread."""
-
-    LIMIT = 8192
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._held: dict[Histogram, list[float]] = {}
-        self._arrays: list[tuple[Histogram, np.ndarray]] = []
-        self._count = 0
-
-    def observe(self, histogram: Histogram, value: float) -> None:
-        with self._lock:
-            held = self._held.get(histogram)
-            if held is None:
-                held = self._held[histogram] = []
-            held.append(value)
-            self._count += 1
-        if self._count >= self.LIMIT:
-            self.flush()
-
-    def observe_many(self, histogram: Histogram, values: Sequence[float] | np.ndarray) -> None:
-        """Every value of `values`, kept as given (an array is not copied: the caller
-        leaves it unchanged, as a vote's arrays are)."""
-        with self._lock:
-            if isinstance(values, np.ndarray):
-                self._arrays.append((histogram, values))
-            else:
-                held = self._held.get(histogram)
-                if held is None:
-                    held = self._held[histogram] = []
-                held.extend(values)
-            self._count += len(values)
-        if self._count >= self.LIMIT:
-            self.flush()
-
-    def flush(self) -> None:
-        with self._lock:
-            held, arrays = self._held, self._arrays
-            self._held, self._arrays, self._count = {}, [], 0
-        chunks: dict[Histogram, list[np.ndarray]] = {}
-        for histogram, array in arrays:
-            chunks.setdefault(histogram, []).append(array)
-        for histogram, values in held.items():
-            chunks.setdefault(histogram, []).append(np.asarray(values, dtype=np.float64))
-        for histogram, parts in chunks.items():
-            observe_many(histogram, parts[0] if len(parts) == 1 else np.concatenate(parts, axis=None))
-
-
 def gauge(name: str, documentation: str, labels: list[str],
           samples: Iterable[tuple[list[str], float]]) -> GaugeMetricFamily:
     family = GaugeMetricFamily(name, documentation, labels=labels)
@@ -268,45 +174,3 @@ class GpuCollector(Collector):
 
     def describe(self) -> Iterable[Metric]:
         return []
-
-
-def _only_metrics(app: Callable) -> Callable:
-    """prometheus_client's exposition app answers on every path; this one on /metrics only."""
-    def route(environ, start_response):
-        if environ.get("PATH_INFO", "") == "/metrics":
-            return app(environ, start_response)
-        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
-        return [b"not found: metrics are at /metrics\n"]
-
-    return route
-
-
-class MetricsServer:
-    """/metrics over HTTP (prometheus_client's threaded WSGI server) for one registry;
-    404 on every other path."""
-
-    def __init__(self, registry: CollectorRegistry, host: str = "0.0.0.0", port: int = 0) -> None:
-        self.registry = registry
-        self.host = host
-        self.requested_port = port
-        self.port: int | None = None
-        self._httpd: WSGIServer | None = None
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> int:
-        class Server(ThreadingWSGIServer):  # as prometheus_client's start_wsgi_server: IPv4 or IPv6
-            pass
-
-        Server.address_family, host = _get_best_family(self.host, self.requested_port)
-        self._httpd = make_server(host, self.requested_port, _only_metrics(make_wsgi_app(self.registry)),
-                                  Server, handler_class=_SilentHandler)
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="metrics-http", daemon=True)
-        self._thread.start()
-        self.port = self._httpd.server_port
-        return self.port
-
-    def stop(self) -> None:
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            self._httpd = None

@@ -25,8 +25,9 @@ from prometheus_client.core import CounterMetricFamily
 
 from service.monitoring import drift
 from service.monitoring.feedback_metrics import feedback_counters
-from service.monitoring.metrics import (Catalogue, GpuCollector, HeldObservations, MetricsServer, StateCollector, gauge,
-                                        observe_many)
+from service.monitoring.bulk_histograms import HeldObservations, observe_many
+from service.monitoring.metrics import Catalogue, GpuCollector, StateCollector, gauge
+from service.monitoring.metrics_server import MetricsServer
 from service.monitoring.statistics import Statistics
 
 if TYPE_CHECKING:  # no import cycles at run time; nothing here imports grpc

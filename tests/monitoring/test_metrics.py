@@ -121,7 +121,7 @@ def test_bulk_observations_expose_what_one_by_one_observations_do(count):
     the bounds, below the first, above the last, negative and NaN."""
     from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-    from service.monitoring.metrics import observe_many
+    from service.monitoring.bulk_histograms import observe_many
 
     rng = np.random.default_rng(count)
     bounds = (0.001, 0.01, 0.1, 0.5, 1.0, 10.0)
@@ -190,7 +190,8 @@ def test_held_observations_expose_exactly_what_observe_would_at_each_collection(
 
     from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-    from service.monitoring.metrics import Catalogue, HeldObservations
+    from service.monitoring.bulk_histograms import HeldObservations
+    from service.monitoring.metrics import Catalogue
 
     bounds = (0.001, 0.01, 0.1, 1.0)
     catalogue = Catalogue()
