@@ -1,4 +1,4 @@
-"""Domain errors raised below the API layer; one handler wrapper (api/handlers.py, with api/status_codes.py) maps
+"""Domain errors raised below the API layer; one handler wrapper (api/wrapped_call.py, with api/status_codes.py) maps
 them to gRPC status codes."""
 
 from __future__ import annotations

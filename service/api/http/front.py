@@ -23,7 +23,7 @@ from service.api.http import errors as http_errors
 from service.api.http import tfserving, v2
 from service.api.http.app import API, BODY_TIMEOUT, DECODER, MAX_BODY, SERVICERS, json_response
 from service.api.http.offload import BodyDecoder
-from service.api.handlers import RpcObserver
+from service.api.wrapped_call import RpcObserver
 from service.api.request_scope import MAX_CLIENT_ID, REQUEST_ID_KEY, RequestScope, new_request_id
 from service.errors import QuorumError, Unauthenticated
 from service.monitoring.tracing import Tracing
