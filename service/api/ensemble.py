@@ -14,6 +14,7 @@ from service._proto.quorum.v1 import ensemble_pb2 as pb
 from service._proto.quorum.v1 import ensemble_pb2_grpc as pb_grpc
 from service.api.common import check_declared, deadline_of, model_rows
 from service.api.context import ApiContext
+from service.api.priority import asked as asked_priority, priority_of
 from service.logs import REQUEST_ID
 from service.codecs import v2 as codec
 from service.codecs.dtypes import from_v2
@@ -54,11 +55,13 @@ class EnsembleServicer(pb_grpc.EnsembleServiceServicer):
         asked = self.api.data.uncertainties.asked(
             request.model, request.version or None, request.coverage if request.HasField("coverage") else None,
             request.max_risk if request.HasField("max_risk") else None, [])
+        level = priority_of(self.api, request.model, request.priority)
         try:
-            result = await self.api.data.infer(
-                request.model, rows, version=request.version or None, deadline=deadline_of(context),
-                policy=POLICY_OF.get(request.policy),
-                min_accuracy=min_accuracy, latency_budget_s=latency_budget_s, asked=asked if asked.anything else None)
+            with asked_priority(level):
+                result = await self.api.data.infer(
+                    request.model, rows, version=request.version or None, deadline=deadline_of(context),
+                    policy=POLICY_OF.get(request.policy), min_accuracy=min_accuracy,
+                    latency_budget_s=latency_budget_s, asked=asked if asked.anything else None)
         except QuorumError:
             self.api.on_failure(request.model, time.perf_counter() - start)
             raise

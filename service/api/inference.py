@@ -12,6 +12,7 @@ import numpy as np
 
 from service.api.common import model_rows
 from service.api.context import ApiContext
+from service.api.priority import asked as asked_priority, priority_of
 from service.dataplane import InferenceResult, ModelInfo
 from service.errors import ModelNotFound, QuorumError
 from service.objectives.store import Uncertain
@@ -30,20 +31,24 @@ async def infer(api: ApiContext, model: str, inputs: Mapping[str, np.ndarray], *
                 outputs: Sequence[str] = (), request_id: str = "",
                 rows: np.ndarray | None = None, info: ModelInfo | None = None,
                 declared_checked: bool = False, coverage: float | None = None,
-                max_risk: float | None = None) -> Answer:
+                max_risk: float | None = None, priority: object = None) -> Answer:
     """Validate `inputs` against the model (or take prepared `rows`), infer, and name the
     outputs (all of them unless `outputs` asks for some). `deadline` is time.monotonic();
     `info`: the model's, when the caller already has it; `declared_checked`: the caller
     checked the inputs' declared names, dtypes and shapes (check_declared) before decoding.
-    `coverage` and `max_risk` ask for prediction sets and abstention (service/uncertainties.py)."""
+    `coverage` and `max_risk` ask for prediction sets and abstention (service/uncertainties.py).
+    `priority`: the level the request asks, as its protocol carries it (service/api/priority.py)."""
     start = time.perf_counter()
     info = info or api.data.info(model)
     check_requested(model, info.kind, outputs)  # before any inference
+    level = priority_of(api, model, priority)
     asked = api.data.uncertainties.asked(model, version, coverage, max_risk, list(outputs))
     if rows is None:
         rows = model_rows(info, inputs, declared_checked)
     try:
-        result = await api.data.infer(model, rows, version=version, deadline=deadline, asked=asked if asked.anything else None)
+        with asked_priority(level):
+            result = await api.data.infer(model, rows, version=version, deadline=deadline,
+                                          asked=asked if asked.anything else None)
     except QuorumError:
         api.on_failure(model, time.perf_counter() - start)
         raise

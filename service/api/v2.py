@@ -115,10 +115,10 @@ def _version(text: str) -> int | None:
     return int(text)
 
 
-def _plain(parameters) -> dict[str, object]:
+def _plain(parameters, keys: tuple[str, ...] = UNCERTAINTY_PARAMETERS) -> dict[str, object]:
     """The request parameters Quorum reads, as plain values (whichever field each one set)."""
     return {key: getattr(parameters[key], parameters[key].WhichOneof("parameter_choice") or "string_param")
-            for key in UNCERTAINTY_PARAMETERS if key in parameters}
+            for key in keys if key in parameters}
 
 
 def _parameters(answer: inference.Answer) -> dict[str, str]:
@@ -198,7 +198,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return await inference.infer(
             self.api, request.model_name, codec.decode_inputs(request), version=version,
             deadline=deadline, outputs=[o.name for o in request.outputs], request_id=request.id, info=info,
-            declared_checked=True, coverage=coverage, max_risk=max_risk)
+            declared_checked=True, coverage=coverage, max_risk=max_risk,
+            priority=_plain(request.parameters, ("priority",)).get("priority") if request.parameters else None)
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest],
                                context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ModelStreamInferResponse]:

@@ -78,7 +78,27 @@ class UncertaintyDefaults(_Strict):
         return self
 
 
-class ModelConfig(_Strict):
+class _Priorities(_Strict):
+    """Priority levels of the requests queued at a model or ensemble (Triton's names)."""
+
+    priority_levels: int = Field(1, ge=1, le=1000, description=(
+        "priority classes of requests (1 is the highest): under contention a batch is formed "
+        "from the highest first and the queue refuses the lowest first; 1: one class"))
+    default_priority_level: int | None = Field(None, ge=1, description=(
+        "the level of a request that asks none (priority 0 or unset); default: the lowest, priority_levels"))
+    priority_reserve: float = Field(0.25, ge=0, lt=1, description=(
+        "share of the queue kept for the highest level: level L of N may fill only "
+        "1 - priority_reserve * (L - 1) / (N - 1) of it"))
+
+    @model_validator(mode="after")
+    def _check_priorities(self) -> "_Priorities":
+        if self.default_priority_level is not None and self.default_priority_level > self.priority_levels:
+            raise ValueError(f"default_priority_level {self.default_priority_level} exceeds "
+                             f"priority_levels {self.priority_levels}")
+        return self
+
+
+class ModelConfig(_Priorities):
     version_policy: VersionPolicy = VersionPolicy()
     version_labels: dict[str, int] = Field(default_factory=dict, description="e.g. stable: 1, canary: 2")
     device: str | None = None
@@ -102,7 +122,7 @@ class Objective(_Strict):
         "so their live accuracy and latency stay measured"))
 
 
-class EnsembleConfig(_Strict):
+class EnsembleConfig(_Priorities):
     members: tuple[str, ...] = Field(min_length=1)
     policy: Policy = "confidence"
     batching: Batching | None = Field(None, description="applied to members without their own")

@@ -13,6 +13,7 @@ from google.protobuf import json_format
 
 from service.api import inference
 from service.api.http import bodies
+from service.api.priority import HEADER
 from service.api.http.app import API, DECODER, MAX_BODY, SERVICERS, deadline, json_response, read_body
 from service.api.tfserving import ModelServicer, PredictionServicer, check_signature, classifications, regress_refusal
 from service.codecs import rest
@@ -78,7 +79,7 @@ async def predict(request: web.Request) -> web.Response:
     check_signature(name, decoded.signature_name)
     rows, row_format = decoded.rows, decoded.row_format
     answer = await inference.infer(api, name, {info.input.name: rows}, version=version,
-                                   deadline=deadline(request))
+                                   deadline=deadline(request), priority=request.headers.get(HEADER))
     body = await request.app[DECODER].run(bodies.json_size(answer.tensors.values()), bodies.tf_answer,
                                           answer.tensors, row_format)
     return web.Response(body=body, content_type="application/json", headers=_left_out(answer))
@@ -102,8 +103,8 @@ async def classify(request: web.Request) -> web.Response:
             raise InvalidInput(f"model '{name}': example {i} needs feature '{feature}'")
         values.append(merged[feature])
     rows = rest.tf_rows(f"model '{name}' feature '{feature}'", values, np.dtype(info.input.dtype))
-    answer = await inference.infer(api, name, {feature: rows}, version=version,
-                                   deadline=deadline(request), outputs=["probabilities"])
+    answer = await inference.infer(api, name, {feature: rows}, version=version, deadline=deadline(request),
+                                   outputs=["probabilities"], priority=request.headers.get(HEADER))
     return json_response({"result": [[[label, score] for label, score in row] for row in classifications(answer)]},
                          headers=_left_out(answer))
 

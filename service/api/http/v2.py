@@ -157,7 +157,7 @@ async def infer(request: web.Request) -> web.Response:
     answer = await inference.infer(
         request.app[API], name, inputs, version=version,
         deadline=deadline(request, parameters.get("timeout")), outputs=list(outputs), request_id=request_id,
-        coverage=coverage, max_risk=max_risk)
+        coverage=coverage, max_risk=max_risk, priority=parameters.get("priority"))
     result = answer.result
     response: dict[str, Any] = {"model_name": name, "model_version": str(result.version)}
     if request_id:
