@@ -136,3 +136,7 @@ def test_a_priority_out_of_range_negative_or_not_an_integer_is_refused_before_an
                 dtype="FP32", shape=[1, 64], content=rows(1).tobytes())), timeout=30)
         assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "priority -2" in bad.value.details()
     assert batches() == before  # nothing reached a member
+    eight = json.dumps({"instances": [[5.0] * 64] * 8}).encode()  # a whole batch: the members need not wait
+    status, text = _post(f"{server.http_url}/v1/models/{ENSEMBLE}:predict", eight,
+                         {"Content-Type": "application/json", "Quorum-Priority": "1"})
+    assert status == 200 and len(json.loads(text)["predictions"]) == 8, text
