@@ -135,8 +135,9 @@ def _traffic(address: str, stop: threading.Event) -> None:
             else:
                 raise AssertionError(f"{bad}: an FP64 request was answered")
         rows = x[rng.choice(len(x), 4)]
-        answer = quorum.Predict(ensemble_pb2.PredictRequest(
-            model="digits", inputs=ensemble_pb2.Tensor(dtype="FP32", shape=list(rows.shape), content=rows.tobytes())))
+        answer = quorum.Predict(ensemble_pb2.PredictRequest(  # sets and abstentions: live coverage and risk
+            model="digits", inputs=ensemble_pb2.Tensor(dtype="FP32", shape=list(rows.shape), content=rows.tobytes()),
+            coverage=0.9, max_risk=0.05))
         quorum.Feedback(ensemble_pb2.FeedbackRequest(labels=[
             ensemble_pb2.FeedbackRequest.Label(request_id=answer.request_id, row=i, label=p.label)
             for i, p in enumerate(answer.predictions)]))
