@@ -24,6 +24,9 @@ Rules:
   request that cannot start before its cutoff, at the recently measured time per batch, is
   refused at once with Overloaded (RESOURCE_EXHAUSTED). A single model has no partial
   answer: its own batch counts too, and at its deadline it fails with DeadlineExceeded.
+- With priority levels (batching.priority.PRIORITY, set by the front), each level queues
+  apart: a batch starts at the highest level's head and fills from the lower levels; a
+  lower level may fill a smaller share of the queue and of its deadline (Priority.share).
 - The next batch starts when the running one's members have all answered, so that requests
   queue and merge meanwhile; a straggler holds the queue up at most as long again as the
   batch took to reach its quorum. The dispatcher task lives only while there is work.
