@@ -15,20 +15,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import time
 
 import grpc
-from google.protobuf import descriptor_pool
-from google.protobuf.descriptor import FileDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service._proto import POOL
-from service._proto.inference import grpc_service_pb2, grpc_service_pb2_grpc
-from service._proto.quorum.v1 import ensemble_pb2, ensemble_pb2_grpc
+from service._proto.inference import grpc_service_pb2_grpc
+from service._proto.quorum.v1 import ensemble_pb2_grpc
 from service.api import reflection
 from service.api.context import ApiContext
-from service.api.engine import EngineUnavailable, add_servicer, build_server, resolve_engine, sends_grpc_trailers
+from service.api.engine import add_servicer, build_server, resolve_engine, sends_grpc_trailers
 from service.api.ensemble import EnsembleServicer
 from service.api.health import COMPLETE, LIVENESS, NOT_SERVING, SERVING, HealthServicer
 from service.api.http import HttpServer, start_http
@@ -47,39 +43,6 @@ from service.settings import Settings
 from service.workers import WorkerBarrier
 
 log = logging.getLogger(__name__)
-
-
-def _service_names() -> list[str]:
-    from tensorflow_serving.apis import model_service_pb2, prediction_service_pb2
-
-    return [
-        prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"].full_name,
-        model_service_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
-        grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
-        ensemble_pb2.DESCRIPTOR.services_by_name["EnsembleService"].full_name,
-    ]
-
-
-def _add_to_pool(pool: descriptor_pool.DescriptorPool, file: FileDescriptor) -> None:
-    """Copy a proto file (dependencies first) into the reflection pool, once."""
-    try:
-        pool.FindFileByName(file.name)
-        return
-    except KeyError:
-        pass
-    for dependency in file.dependencies:
-        _add_to_pool(pool, dependency)
-    pool.AddSerializedFile(file.serialized_pb)
-
-
-def _reflection_pool() -> descriptor_pool.DescriptorPool:
-    """Quorum's protos live in their own pool (tritonclient registers the same `inference`
-    names in the default pool); TF Serving's and health's files are copied in beside them."""
-    from tensorflow_serving.apis import model_service_pb2, prediction_service_pb2
-
-    for module in (prediction_service_pb2, model_service_pb2, health_pb2):
-        _add_to_pool(POOL, module.DESCRIPTOR)
-    return POOL
 
 
 class QuorumServer:
@@ -182,9 +145,9 @@ class QuorumServer:
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.api), server)
         ensemble_pb2_grpc.add_EnsembleServiceServicer_to_server(EnsembleServicer(self.api), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        services = _service_names()
+        services = reflection.service_names()
         reflection.enable(server, services + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name],
-                          _reflection_pool())
+                          reflection.reflection_pool())
 
     async def _open_ports(self) -> None:
         """gRPC (grpcio listens from add_port on), then HTTP; health first, so a probe sees it."""
@@ -219,7 +182,7 @@ class QuorumServer:
     def _health_statuses(self) -> dict[str, int]:
         """Readiness for "" and each API, each model's own readiness, and liveness."""
         ready = SERVING if self.api.ready() else NOT_SERVING
-        statuses = {service: ready for service in ["", *_service_names()]}
+        statuses = {service: ready for service in ["", *reflection.service_names()]}
         manager = self.manager
         models = (set(manager.variants) | set(manager.ensembles)) - {LIVENESS, ""}
         # "<ensemble>/complete": every member serves (NOT_SERVING while it answers degraded,
@@ -304,38 +267,3 @@ class QuorumServer:
         await asyncio.to_thread(self.tracing.shutdown)  # flushes the spans still queued
         await self.watchdog.stop()
         log.info("stopped")
-
-
-async def serve(settings: Settings) -> None:
-    from service.startup import StartupError
-
-    try:
-        server = QuorumServer(settings)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, server.request_stop)
-        await server.start()
-    except Exception as exc:  # one line, no traceback (service/startup.py); the process ends, closing what was bound
-        log.debug("start failed", exc_info=True)
-        raise StartupError(f"could not start: {str(exc) or type(exc).__name__}") from None
-    await server.wait()
-    await server.stop()
-
-
-def run(settings: Settings) -> int:
-    try:  # before any worker starts or model loads
-        resolve_engine(settings.grpc_engine, tls=bool(settings.tls_cert and settings.tls_key))
-    except EngineUnavailable as exc:
-        raise SystemExit(f"quorum serve: {exc}") from None
-    if settings.workers > 1:
-        from service.workers import run_workers
-
-        return run_workers(settings)
-    loop_factory = None
-    if settings.event_loop == "uvloop":
-        import uvloop
-
-        loop_factory = uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(serve(settings))
-    return 0

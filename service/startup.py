@@ -3,7 +3,7 @@
 Code 2 is a setting that cannot work (a repository that is not there, two roles on one
 port, an address this host does not have, an unknown device, the native engine with TLS,
 --workers on port 0); code 1 is the host's state (a port another process holds). A failure inside the server's own start is reported the same way
-(`StartupError`, raised by service.server.serve), without a traceback.
+(`StartupError`, raised by service.process.serve), without a traceback.
 """
 
 from __future__ import annotations
@@ -129,8 +129,8 @@ def check_startup(settings: Settings) -> None:
 
 
 def run_checked(settings: Settings) -> int:
-    """service.server.run after the checks; raises StartupError instead of starting."""
+    """service.process.run after the checks; raises StartupError instead of starting."""
     check_startup(settings)
-    from service.server import run  # TensorFlow and gRPC only for a server that starts
+    from service.process import run  # TensorFlow and gRPC only for a server that starts
 
     return run(settings)

@@ -11,8 +11,13 @@ from __future__ import annotations
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf.descriptor import FileDescriptor
+from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
+from service._proto import POOL
+from service._proto.inference import grpc_service_pb2
+from service._proto.quorum.v1 import ensemble_pb2
 from service.api.engine import HandlerRegistry
 
 V1_SERVICE = "grpc.reflection.v1.ServerReflection"
@@ -50,3 +55,36 @@ def enable(server: HandlerRegistry, service_names: list[str], pool: descriptor_p
             servicer.ServerReflectionInfo,
             request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
             response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)}),))
+
+
+def service_names() -> list[str]:
+    from tensorflow_serving.apis import model_service_pb2, prediction_service_pb2
+
+    return [
+        prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"].full_name,
+        model_service_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
+        grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+        ensemble_pb2.DESCRIPTOR.services_by_name["EnsembleService"].full_name,
+    ]
+
+
+def _add_to_pool(pool: descriptor_pool.DescriptorPool, file: FileDescriptor) -> None:
+    """Copy a proto file (dependencies first) into the reflection pool, once."""
+    try:
+        pool.FindFileByName(file.name)
+        return
+    except KeyError:
+        pass
+    for dependency in file.dependencies:
+        _add_to_pool(pool, dependency)
+    pool.AddSerializedFile(file.serialized_pb)
+
+
+def reflection_pool() -> descriptor_pool.DescriptorPool:
+    """Quorum's protos live in their own pool (tritonclient registers the same `inference`
+    names in the default pool); TF Serving's and health's files are copied in beside them."""
+    from tensorflow_serving.apis import model_service_pb2, prediction_service_pb2
+
+    for module in (prediction_service_pb2, model_service_pb2, health_pb2):
+        _add_to_pool(POOL, module.DESCRIPTOR)
+    return POOL
