@@ -24,8 +24,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from service.objectives.redis_layout import KEY, LABEL_SCRIPT, WRITE_SCRIPT
-from service.objectives.state_codec import (StoredPrediction, decode_prediction, decode_row, encode_prediction,
-                                            encode_row, window_accuracy)
+from service.objectives.state_codec import (decode_prediction, decode_row, encode_prediction, encode_row, stored,
+                                            window_accuracy)
 from service.objectives.store import (FEEDBACK_CHUNK, FeedbackOutcome, LiveRow, PodCounters, StoreUnavailable,
                                       per_member, score)
 
@@ -144,7 +144,7 @@ class RedisStore:
         if pending:  # shadow members usually answer within milliseconds
             await asyncio.wait(pending, timeout=SHADOW_WAIT_S)
         keys = [f"{KEY}p:{request_id}" for request_id, _, _ in batch]
-        values = [encode_prediction(_stored(result)) for _, result, _ in batch]
+        values = [encode_prediction(stored(result)) for _, result, _ in batch]
         assert self._store is not None  # a broken store never queues
         try:
             async with asyncio.timeout(self._timeout_s):
@@ -290,15 +290,3 @@ class RedisStore:
                 outcome.accepted += 1
             else:
                 outcome.rejected += 1  # another call, on this replica or another, labelled it first
-
-
-def _stored(result: Any) -> StoredPrediction:
-    """What a prediction keeps: the answer and each member's probabilities, shadow members'
-    included once their call has answered."""
-    versions = {m.name: m.version for m in result.members}
-    members = {name: (versions[name], result.member_probabilities[i]) for i, name in enumerate(result.vote.members)}
-    for name, (version, task) in result.shadow.items():
-        if task.done() and not task.cancelled() and task.exception() is None and task.result() is not None:
-            members[name] = (version, task.result())
-    return StoredPrediction(result.model, result.version, result.labels, result.vote.label_index, members,
-                            result.uncertain)

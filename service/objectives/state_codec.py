@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import json
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -24,6 +25,18 @@ class StoredPrediction:
     """member -> (version, (n, C) calibrated probabilities)."""
     uncertain: Uncertain | None = None
     """The prediction sets and abstentions the answer carried, when asked."""
+
+
+def stored(result: Any) -> StoredPrediction:
+    """What a prediction keeps: the answer and each member's probabilities, shadow members'
+    included once their call has answered."""
+    versions = {m.name: m.version for m in result.members}
+    members = {name: (versions[name], result.member_probabilities[i]) for i, name in enumerate(result.vote.members)}
+    for name, (version, task) in result.shadow.items():
+        if task.done() and not task.cancelled() and task.exception() is None and task.result() is not None:
+            members[name] = (version, task.result())
+    return StoredPrediction(result.model, result.version, result.labels, result.vote.label_index, members,
+                            result.uncertain)
 
 
 def encode_prediction(p: StoredPrediction) -> bytes:
