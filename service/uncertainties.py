@@ -63,7 +63,7 @@ class Uncertainties:
     def __init__(self, manager: ModelManager) -> None:
         self.manager = manager
         self._fitted: OrderedDict[tuple, Uncertainty] = OrderedDict()
-        self._checked: dict[tuple, None] = {}
+        self._checked: dict[tuple, tuple[UncertaintyDefaults, Asked]] = {}
 
     def _defaults(self, model: str) -> UncertaintyDefaults:
         ensemble = self.manager.ensemble(model)
@@ -80,6 +80,10 @@ class Uncertainties:
         defaults = self._defaults(model)
         if coverage is None and max_risk is None and defaults.coverage is None and not outputs:
             return NOTHING  # the common case, on every request: nothing more to check
+        key = (model, version, coverage, max_risk, tuple(outputs))
+        known = self._checked.get(key)
+        if known is not None and known[0] is defaults:  # asked before, under this configuration
+            return known[1]
         coverage = defaults.coverage if coverage is None else check_fraction("coverage", coverage)
         max_risk = None if max_risk is None else check_fraction("max_risk", max_risk)
         asked = Asked(coverage, max_risk, defaults.score, defaults.class_conditional)
@@ -88,15 +92,14 @@ class Uncertainties:
                                f"parameter 'coverage', or 'uncertainty: coverage' in its configuration)")
         if max_risk is None and "abstained" in outputs:
             raise InvalidInput(f"model '{model}': output abstained needs the request parameter 'max_risk'")
-        key = (model, version, coverage, max_risk, id(defaults))
-        if asked.anything and key not in self._checked:
+        if asked.anything:
             # Checked once per value and configuration, not per request (resolving every member
             # costs more than the sets); member versions that change under it are checked again
             # when the answer is made (InvalidInput then, after inference, in that rare case).
             self.for_model(model, version, asked).check(coverage, max_risk)
-            if len(self._checked) >= KEPT_CHECKS:
-                self._checked.clear()
-            self._checked[key] = None
+        if len(self._checked) >= KEPT_CHECKS:
+            self._checked.clear()
+        self._checked[key] = (defaults, asked)
         return asked
 
     def answer(self, result: InferenceResult, asked: Asked) -> dict[str, np.ndarray]:
@@ -107,7 +110,7 @@ class Uncertainties:
         if result.uncertain_outputs is not None:
             return result.uncertain_outputs
         uncertainty = self._for(result.model, self._versions(result), result.policy, asked)
-        p = uncertainty.scorer.probabilities(list(result.member_probabilities))
+        p = uncertainty.scorer.probabilities(result.member_probabilities)
         return uncertainty.answer_from(p, asked.coverage, asked.max_risk)
 
     def status(self, model: str) -> Figures:

@@ -20,13 +20,14 @@ function, so in rare rows at the boundary of the two fits the label may lie outs
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import minimize_scalar
 
-from service.ensemble.calibration import T_BOUNDS, fit, fit_pool_weights, scale
+from service.ensemble.calibration import EPS, T_BOUNDS, fit, fit_pool_weights, scale
 from service.ensemble.conformal import ConformalCalibration, SelectiveCalibration
 from service.ensemble.voting import calibrate, vote
 
@@ -66,20 +67,41 @@ class SetScorer:
     """The vote's weight of each member when it is the same for every row (soft, stacked,
     accuracy): the per-batch path is then one weighted mean instead of a whole vote."""
 
-    def probabilities(self, member_probs: Sequence[np.ndarray]) -> np.ndarray:
+    def probabilities(self, member_probs: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
         """(n, C) from the members' calibrated probabilities, in `members` order."""
         if self.row_weights is None:
             tempered = [calibrate(_log(p), t) for p, t in zip(member_probs, self.temperatures)]
             voted = vote(self.policy, tempered, self.members, validation_accuracy=self.accuracy,
                          member_weights=self.weights).probabilities
-        else:  # the same numbers, in a few vectorised steps over (members, rows, classes)
-            z = _log(np.stack(member_probs)) / np.asarray(self.temperatures)[:, None, None]
+        else:  # the same numbers, in a few in-place vectorised steps over (members, rows, classes)
+            z = np.asarray(member_probs, dtype=np.float64)  # (M, n, C): a copy, worked on in place
+            np.maximum(z, TINY, out=z)
+            np.log(z, out=z)
+            z *= self._inverse_temperatures
             z -= z.max(axis=2, keepdims=True)
             np.exp(z, out=z)
             z /= z.sum(axis=2, keepdims=True)
-            voted = np.tensordot(np.asarray(self.row_weights), z, axes=1)
+            voted = np.tensordot(self._row_weights, z, axes=1)  # rows sum to 1: the weights do
+            if len(self.members) == 1:
+                return voted
+            voted += EPS  # then the vote's temperature, as calibration.scale computes it
+            np.log(voted, out=voted)
+            voted *= 1.0 / self.vote_temperature
+            voted -= voted.max(axis=1, keepdims=True)
+            np.exp(voted, out=voted)
             voted /= voted.sum(axis=1, keepdims=True)
+            return voted
         return scale(voted, self.vote_temperature) if len(self.members) > 1 else np.asarray(voted, np.float64)
+
+    @functools.cached_property
+    def _inverse_temperatures(self) -> np.ndarray:
+        return 1.0 / np.asarray(self.temperatures, dtype=np.float64)[:, None, None]
+
+    @functools.cached_property
+    def _row_weights(self) -> np.ndarray:
+        assert self.row_weights is not None
+        weights = np.asarray(self.row_weights, dtype=np.float64)
+        return weights / weights.sum()
 
     @classmethod
     def fit(cls, policy: str, probabilities: Mapping[str, np.ndarray], labels: np.ndarray) -> SetScorer:
