@@ -9,7 +9,7 @@ from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
-from service.batching.requests import Queued
+from service.batching.requests import Queued, take_run
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,26 +44,8 @@ def take_by_priority(queues: Mapping[int, deque[Q]], limit: int, now: float, exp
     lower ones (requests of its signature, in order, up to `limit` rows)."""
     batch: list[Q] = []
     rows = 0
-    first = None
     for level in sorted(queues):
-        queue = queues[level]
-        while queue:
-            entry = queue[0]
-            if not entry.queued:
-                queue.popleft()
-                continue
-            if entry.deadline is not None and entry.deadline <= now:
-                queue.popleft()
-                expire(entry)
-                continue
-            if batch and (rows + entry.n > limit or signature(entry) != first):
-                break
-            if not batch:
-                first = signature(entry)
-            queue.popleft()
-            entry.queued = False
-            batch.append(entry)
-            rows += entry.n
+        batch, rows = take_run(queues[level], limit, now, expire, signature, batch, rows)
         if batch and rows >= limit:
             break
     return batch, rows

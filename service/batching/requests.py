@@ -34,14 +34,14 @@ Q = TypeVar("Q", bound=Queued)
 
 
 def take_run(queue: deque[Q], limit: int, now: float, expire: Callable[[Q], None],
-             signature: Callable[[Q], Hashable]) -> tuple[list[Q], int]:
+             signature: Callable[[Q], Hashable], batch: list[Q] | None = None, rows: int = 0) -> tuple[list[Q], int]:
     """Pop the longest run of live requests from the front of `queue` that share one
     signature and fit in `limit` rows (a first request larger than that goes alone), and
     their row count. Requests whose deadline is past are handed to `expire` on the way; the
-    ones taken are marked not queued (the caller keeps its own counts)."""
-    batch: list[Q] = []
-    rows = 0
-    first = None
+    ones taken are marked not queued (the caller keeps its own counts). With `batch` (of
+    `rows` rows), the run continues that batch: its signature, its room."""
+    batch = [] if batch is None else batch
+    first = signature(batch[0]) if batch else None
     while queue:
         entry = queue[0]
         if not entry.queued:
