@@ -9,107 +9,34 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import math
 import time
 import weakref
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 
 from service.ensemble.outcomes import FanOut, Plan
 from service.ensemble.pipeline import EnsemblePipeline
-from service.ensemble.voting import Vote, calibrate, vote
+from service.ensemble.voting import calibrate, vote
 from service.errors import DeadlineExceeded, FailedPrecondition, ModelNotFound, ModelNotReady
 from service.monitoring.stages import COLLECTOR, Stage, record
 from service.objectives.feedback import FeedbackStore
-from service.objectives.store import Store, Uncertain
+from service.objectives.store import Store
 from service.objectives.selection import blend
-from service.objectives.status import MemberInfo
 from service.objectives.tracker import ObjectiveTracker
 from service.repository.config import Policy
 from service.repository.contract import EnsembleSpec
 from service.repository.manager import ModelManager
 from service.repository.served import ServedVersion
-from service.repository.manifest import TensorSpec
+from service.results import AnswerObserver, InferenceResult, MemberResult, ModelInfo, result_rows
+from service.satisficing import Satisficing, class_order
 from service.uncertainties import Asked, Uncertainties
 
 log = logging.getLogger(__name__)
 PRIOR_STRENGTH = 200  # validation accuracy counts as this many live rows (single models)
 
 
-@dataclass(frozen=True)
-class MemberResult:
-    name: str
-    version: int
-    device: str
-    latency_s: float
-    in_time: bool
-    error: str = ""
-
-
-@dataclass(frozen=True)
-class InferenceResult:
-    model: str
-    version: int
-    policy: str
-    labels: tuple[str, ...]
-    vote: Vote
-    members: tuple[MemberResult, ...]
-    left_out: tuple[str, ...]
-    member_probabilities: np.ndarray
-    """(M, n, C) each answering member's calibrated probabilities, in vote.members order."""
-    logits: np.ndarray | None = None
-    """The model's raw logits, for a single model only (an ensemble has no single set)."""
-    inputs: np.ndarray | None = None
-    """The request's input rows (a reference, for drift monitoring)."""
-    vote_s: float = 0.0
-    """Seconds spent calibrating and voting."""
-    shadow: dict[str, tuple[int, asyncio.Task]] = dataclasses.field(default_factory=dict)
-    """Members asked in the background (exploration): member -> (version, task giving its
-    calibrated probabilities, or None if it failed)."""
-    uncertain_outputs: dict[str, np.ndarray] | None = None
-    """prediction_set, set_size and abstained as the batch's requests asked them (one
-    coverage and risk per batch: they are in its key), computed once per batch."""
-    uncertain: Uncertain | None = None
-    """The sets and abstentions one request's answer carried (its feedback scores them)."""
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What a client needs to call a model: its input, labels and versions."""
-
-    name: str
-    kind: str
-    versions: tuple[int, ...]
-    input: TensorSpec
-    labels: tuple[str, ...]
-    members: tuple[str, ...]
-    policy: str
-    max_batch_size: int
-    """Rows the model computes in one batch (larger requests are split into such pieces)."""
-    max_request_rows: int = 65536
-    """Most rows one request may carry (the max_request_rows setting)."""
-    default_coverage: float | None = None
-    """The coverage of the prediction sets every answer carries (its configuration's), if any."""
-    row_shape: tuple[int, ...] = dataclasses.field(init=False)
-    """One row's shape (the input's, less its batch dimension)."""
-    features: int = dataclasses.field(init=False)
-    """Values in one row (a request may also send rows flattened to this many)."""
-
-    def __post_init__(self) -> None:  # once per serving state, not per request
-        object.__setattr__(self, "row_shape", tuple(self.input.shape[1:]))
-        object.__setattr__(self, "features", math.prod(self.row_shape))
-
-
-class AnswerObserver(Protocol):
-    def on_answers(self, result: InferenceResult, spans: Sequence[tuple[int, int]]) -> None:
-        """One batch's result (all its rows) and the rows [start, stop) of each request
-        answered from it: the per-request metrics and drift of the batch, recorded at once."""
-
-
-class DataPlane:
+class DataPlane(Satisficing):
     def __init__(self, manager: ModelManager, feedback: Store | None = None,
                  observer: AnswerObserver | None = None) -> None:
         self.manager = manager
@@ -259,36 +186,6 @@ class DataPlane:
             raise ModelNotReady(f"ensemble '{model}' is not ready: {self.manager.ensemble_problem(model)}")
         return ensemble.spec
 
-    def _start_shadow(self, tracker: ObjectiveTracker, spec: EnsembleSpec, members: Sequence[str],
-                      rows: np.ndarray) -> dict[str, tuple[int, asyncio.Task]]:
-        """Ask members the selection left out, without waiting for them: their answers
-        feed live accuracy (through feedback) and their latency keeps being measured."""
-        started = {}
-        for name in members:
-            try:
-                served = self.manager.resolve(name)
-            except (ModelNotFound, ModelNotReady):
-                continue
-            order = class_order(spec.labels, served.manifest.labels)
-            task = asyncio.create_task(self._shadow_call(tracker, served, order, rows), name=f"shadow-{name}")
-            self._shadow_tasks.add(task)
-            task.add_done_callback(self._shadow_tasks.discard)
-            started[name] = (served.version, task)
-        return started
-
-    @staticmethod
-    async def _shadow_call(tracker: ObjectiveTracker, served: ServedVersion, order: np.ndarray | None,
-                           rows: np.ndarray) -> np.ndarray | None:
-        start = time.perf_counter()
-        try:
-            logits = await served.infer(rows)
-        except Exception:  # a shadow failure never reaches a client; the member is just unmeasured
-            log.debug("shadow call to %s failed", served.name, exc_info=True)
-            return None
-        tracker.observe({served.name: time.perf_counter() - start}, None)
-        probs = calibrate(logits, served.manifest.calibration.temperature)
-        return (probs if order is None else probs[:, order]).astype(np.float32)
-
     async def _infer_single(self, model: str, rows: np.ndarray, version: int | None,
                             deadline: float | None, policy: Policy | None,
                             min_accuracy: float | None, asked: Asked | None = None) -> InferenceResult:
@@ -360,81 +257,6 @@ class DataPlane:
         return InferenceResult(model, 1, policy, spec.labels, result, members, left_out,
                                np.stack(probs).astype(np.float32), inputs=rows, vote_s=vote_s)
 
-    # -- satisficing -----------------------------------------------------------------------
-    def tracker(self, ensemble: str) -> ObjectiveTracker:
-        """The ensemble's objective tracker, made anew when its configuration changes (for
-        an ensemble whose configuration has loaded: callers check)."""
-        model = self.manager.ensemble(ensemble)
-        assert model is not None and model.config is not None, f"{ensemble}: no configured ensemble"
-        config = model.config
-        tracker = self.trackers.get(ensemble)
-        if tracker is None or (tracker.members, tracker.configured, tracker.policy) != (
-                config.members, config.objective, config.policy):
-            tracker = self.trackers[ensemble] = ObjectiveTracker(
-                ensemble, config.members, config.objective, config.policy)
-        return tracker
-
-    async def evaluate_objectives(self) -> None:
-        """Re-evaluate every ensemble's member selection (the replay runs in a thread)."""
-        for name, ensemble in list(self.manager.ensembles.items()):
-            await self._evaluate(name, ensemble)
-
-    async def ensure_evaluated(self, name: str) -> ObjectiveTracker | None:
-        """The ensemble's tracker, evaluated now if the background loop has not yet done it
-        (just loaded, or its configuration just changed): what it reports (selection,
-        constraints) is then never a placeholder. None for a name that is no ensemble."""
-        ensemble = self.manager.ensemble(name)
-        if ensemble is None or ensemble.config is None:
-            return None
-        tracker = self.tracker(name)
-        if tracker.selected is None:
-            await self._evaluate_once(name, ensemble)
-        return tracker
-
-    async def _evaluate_once(self, name: str, ensemble) -> None:
-        task = self._evaluations.get(name)
-        if task is None or task.done():
-            task = self._evaluations[name] = asyncio.ensure_future(self._evaluate(name, ensemble))
-        try:
-            await asyncio.shield(task)  # a caller that goes away does not cancel the others' wait
-        except Exception:  # the request goes on with the selection it has, as the loop would
-            log.exception("objective evaluation of %s failed", name)
-
-    async def _evaluate(self, name: str, ensemble) -> None:
-        if ensemble.config is None or ensemble.spec is None:
-            return
-        spec = ensemble.spec
-        tracker = self.tracker(name)
-        infos = {}
-        for member in ensemble.config.members:
-            model = self.manager.variants.get(member)
-            served = model.serving() if model else None
-            if served is not None:
-                infos[member] = self._member_info(served, spec.labels)
-        if not infos:
-            return
-        rows = self.feedback.live_rows(name)
-        live = {m: self.feedback.live(f"{name}/{m}") for m in infos}
-        tracker.stacked_weights = ensemble.calibration.weights
-        await asyncio.to_thread(tracker.evaluate, infos, rows, live)
-
-    def _member_info(self, served: ServedVersion, labels: tuple[str, ...]) -> MemberInfo:
-        by_labels = self._member_infos.setdefault(served, {})
-        info = by_labels.get(labels)
-        if info is None:
-            info = by_labels[labels] = member_info(served, labels)
-        return info
-
-    async def run_objectives(self, interval_s: float = 1.0) -> None:
-        """Re-evaluate periodically: feedback and latency move the choice over time."""
-        while True:
-            try:
-                await self.evaluate_objectives()
-            except Exception:  # a failed evaluation must not stop the next one
-                log.exception("objective evaluation failed")
-            await asyncio.sleep(interval_s)
-
-
     # -- metadata --------------------------------------------------------------------------
     def info(self, model: str, version: int | None = None) -> ModelInfo:
         """The model's metadata; built once per serving state (every request asks). An
@@ -469,50 +291,9 @@ class DataPlane:
         return info
 
 
-def result_rows(result: InferenceResult, start: int, stop: int) -> InferenceResult:
-    """Rows [start, stop) of a batch's result: one request's answer (views, no copies)."""
-    v = result.vote
-    vote_rows = Vote(v.policy, v.label_index[start:stop], v.probabilities[start:stop], v.confidence[start:stop],
-                     v.agreement[start:stop], v.member_labels[:, start:stop], v.member_weights[:, start:stop],
-                     v.members)
-    # built directly: dataclasses.replace introspects the fields on every call (per request)
-    return InferenceResult(
-        result.model, result.version, result.policy, result.labels, vote_rows, result.members, result.left_out,
-        result.member_probabilities[:, start:stop], None if result.logits is None else result.logits[start:stop],
-        None if result.inputs is None else result.inputs[start:stop], result.vote_s, result.shadow,
-        None if result.uncertain_outputs is None else {k: v[start:stop] for k, v in result.uncertain_outputs.items()})
-
-
 def _record_vote(seconds: float, policy: str, left_out: tuple[str, ...]) -> None:
     """The calibration and vote just done, as a stage of the request's trace (if traced)."""
     if COLLECTOR.get() is not None:
         end = time.monotonic()
         record(Stage("calibrate and vote", end - seconds, end,
                      {"quorum.policy": policy, "quorum.members_left_out": ",".join(left_out)}))
-
-
-def class_order(ensemble_labels: tuple[str, ...], member_labels: tuple[str, ...]) -> np.ndarray | None:
-    """Indices that put a member's class axis in the ensemble's order (by label name;
-    None when it already is): computed once per pair of label lists, not per request."""
-    if ensemble_labels == member_labels:
-        return None
-    position = {label: i for i, label in enumerate(member_labels)}
-    return np.fromiter((position[label] for label in ensemble_labels), dtype=np.int64, count=len(ensemble_labels))
-
-
-def member_info(served: ServedVersion, labels: tuple[str, ...] | None = None) -> MemberInfo:
-    """What selection needs of a serving member; its validation replay in the class order
-    `labels` (an ensemble's), so that members voting together agree on class indices."""
-    validation = served.manifest.validation
-    probabilities = np.asarray(validation.probabilities)
-    truth = np.asarray(validation.labels)
-    order = class_order(labels, served.manifest.labels) if labels is not None else None
-    if order is not None:
-        inverse = np.empty_like(order)
-        inverse[order] = np.arange(order.size)
-        probabilities, truth = probabilities[:, order], inverse[truth]
-    return MemberInfo(
-        name=served.name, version=served.version, device=served.device,
-        warmup_latency_s=served.runtime.warmup_latency_s, memory_mb=served.runtime.artifact_mb,
-        validation_accuracy=validation.calibrated.accuracy, validation_indices=validation.indices,
-        validation_labels=truth, validation_probabilities=probabilities)

@@ -17,7 +17,7 @@ import numpy as np
 from service.errors import InvalidInput
 
 if TYPE_CHECKING:
-    from service.dataplane import InferenceResult
+    from service.results import InferenceResult
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from service.errors import InvalidInput
 from service.repository.config import UncertaintyDefaults
 
 if TYPE_CHECKING:
-    from service.dataplane import InferenceResult
+    from service.results import InferenceResult
     from service.repository.manager import ModelManager
 
 KEPT = 64  # fitted Uncertainty objects kept (a few per model: one per member subset that answers)

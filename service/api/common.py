@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import grpc
 import numpy as np
 
-from service.dataplane import ModelInfo
+from service.results import ModelInfo
 from service.errors import InvalidInput
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from service.dataplane import DataPlane, InferenceResult
+from service.dataplane import DataPlane
+from service.results import InferenceResult
 from service.monitoring.stages import annotate
 from service.monitoring.statistics import Statistics
 from service.objectives.store import Store

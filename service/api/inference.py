@@ -13,7 +13,7 @@ import numpy as np
 from service.api.common import model_rows
 from service.api.context import ApiContext
 from service.api.priority import asked as asked_priority, priority_of
-from service.dataplane import InferenceResult, ModelInfo
+from service.results import InferenceResult, ModelInfo
 from service.errors import ModelNotFound, QuorumError
 from service.objectives.store import Uncertain
 from service.outputs import UNCERTAINTY_NAMES, check_requested, tensors as named_tensors

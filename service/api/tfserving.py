@@ -24,7 +24,7 @@ from service.api.context import ApiContext
 from service.api.limits import short
 from service.codecs import tensorproto
 from service.codecs.dtypes import from_numpy
-from service.dataplane import ModelInfo
+from service.results import ModelInfo
 from service.errors import InvalidInput, ModelNotFound
 from service.outputs import outputs_of
 from service.repository.served import State

@@ -31,7 +31,7 @@ from service.monitoring.metrics_server import MetricsServer
 from service.monitoring.statistics import Statistics
 
 if TYPE_CHECKING:  # no import cycles at run time; nothing here imports grpc
-    from service.dataplane import InferenceResult
+    from service.results import InferenceResult
     from service.objectives.store import Store
     from service.objectives.tracker import ObjectiveTracker
     from service.repository.manager import ModelManager

@@ -81,7 +81,7 @@ class FeedbackStore:
         self.last_feedback_at: float | None = None
         self.counters = PodCounters()
 
-    def record(self, request_id: str, result) -> None:  # result: service.dataplane.InferenceResult
+    def record(self, request_id: str, result) -> None:  # result: service.results.InferenceResult
         """Remember a request's answers (oldest forgotten first beyond the capacity)."""
         vote = result.vote
         versions = {m.name: m.version for m in result.members}

@@ -161,7 +161,7 @@ class Store(Protocol):
     last_feedback_at: float | None
 
     def record(self, request_id: str, result: Any) -> None:
-        """Keep a request's answers (a service.dataplane.InferenceResult) for later feedback."""
+        """Keep a request's answers (a service.results.InferenceResult) for later feedback."""
 
     async def add_labels(self, labels: Sequence[Any], now: float) -> FeedbackOutcome:
         """Score labels (each with request_id, row and label); StoreUnavailable when the

@@ -8,7 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.dataplane import DataPlane, member_info
+from service.dataplane import DataPlane
+from service.satisficing import member_info
 from service.errors import FailedPrecondition
 from service.objectives.tracker import ObjectiveTracker
 from service.repository.config import Objective

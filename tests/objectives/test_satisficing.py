@@ -18,7 +18,8 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from service.dataplane import DataPlane, member_info
+from service.dataplane import DataPlane
+from service.satisficing import member_info
 from service.errors import DeadlineExceeded, FailedPrecondition
 from service.objectives.selection import predicted_latency, replay_accuracy, subsets
 from service.objectives.subset_evaluation import _aligned_validation
