@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from prometheus_client.core import CounterMetricFamily
 
-from service.monitoring import drift
-from service.monitoring.feedback_metrics import feedback_counters
+from service.monitoring import drift, state_collectors
+from service.monitoring.drift_watch import DriftWatch
 from service.monitoring.bulk_histograms import HeldObservations, observe_many
 from service.monitoring.metrics import Catalogue, GpuCollector, StateCollector, gauge
 from service.monitoring.metrics_server import MetricsServer
@@ -68,7 +68,7 @@ def request_model(request: Any) -> str:
     return getattr(spec, "name", "") if spec is not None else ""
 
 
-class Monitor:
+class Monitor(DriftWatch):
     FLUSH_EVERY = 1024
     """Finished RPCs held before the loop flushes them itself (between scrapes)."""
 
@@ -101,7 +101,9 @@ class Monitor:
         self._known_at = 0.0
         self._server: MetricsServer | None = None
         self._task: asyncio.Task | None = None
-        for part in (self._collect_models, self._collect_feedback, self._collect_drift, self._collect_satisficing):
+        for part in (self._collect_models, self._collect_feedback,
+                     lambda: state_collectors.drift_state(self.drift_windows, self.drift_results),
+                     lambda: state_collectors.satisficing_state(self.trackers)):
             self.registry.register(StateCollector(part))  # each guarded: one failing part skips only itself
         self.registry.register(self.gpus)
 
@@ -281,170 +283,13 @@ class Monitor:
             children = self._per_ensemble[ensemble] = (self.metrics.agreement.labels(ensemble), {})
         return children
 
-    def _drift_window(self, result: "InferenceResult") -> drift.DriftWindow | None:
-        """The model's window: it belongs to the model (an ensemble's to the ensemble, not to
-        the member subset that answered), and restarts only when its reference changes."""
-        name = result.model
-        key = self._reference_key(name, result)
-        window = self.drift_windows.get(name)
-        if window is not None and window.key == key:
-            return window
-        if (name, key) in self._no_reference or self.manager is None:
-            return None
-        try:
-            reference = self._reference(name, result)
-        except Exception as exc:  # a model without a usable reference is just not monitored
-            log.warning("no drift monitoring for %s: %s", name, exc)
-            self._no_reference.add((name, key))
-            return None
-        window = self.drift_windows[name] = drift.DriftWindow(reference, self.window, key)
-        self.drift_results.pop(name, None)
-        return window
-
-    def _reference_key(self, name: str, result: "InferenceResult") -> tuple:
-        ensemble = self.manager.ensemble(name) if self.manager is not None else None
-        if ensemble is None:
-            return ("model", result.version)
-        return ("ensemble", ensemble.checked)  # what its spec was derived from: its members' versions
-
-    def _reference(self, name: str, result: "InferenceResult") -> drift.ModelReference:
-        manager = self.manager
-        assert manager is not None  # _drift_window asks for a reference only with a manager
-        ensemble = manager.ensemble(name)
-        if ensemble is None or ensemble.config is None or ensemble.spec is None:
-            return drift.ModelReference.of_model(manager.resolve(name, result.version).manifest)
-        spec = ensemble.spec
-        manifests = []
-        for member in ensemble.config.members:
-            manifest = manager._member_manifest(member)
-            if not isinstance(manifest, str) and manifest is not None:
-                manifests.append(spec.aligned_manifest(member, manifest))
-        return drift.ModelReference.of_ensemble(manifests, ensemble.config.policy, ensemble.calibration)
-
-    # -- drift evaluation (off the hot path) -----------------------------------------------
-    async def _drift_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.drift_interval_s)
-            try:
-                await asyncio.to_thread(self.evaluate_drift)
-            except Exception:
-                log.exception("drift evaluation failed")
-
-    def evaluate_drift(self) -> None:
-        for name, window in list(self.drift_windows.items()):
-            self.drift_results[name] = window.evaluate(self.min_rows)
-            self.metrics.drift_evaluations.labels(name).inc()
-
-    # -- scrape-time state -----------------------------------------------------------------
+    # -- scrape-time state (service/monitoring/state_collectors.py) -------------------------
     def _collect_models(self) -> Iterable:
-        manager = self.manager
-        if manager is None:
+        if self.manager is None:
             return
-        depth: dict[str, float] = {name: n for name, n in self.queued().items()  # not yet in a batcher
-                                   if name in manager.variants or name in manager.ensembles}
-        inflight_rows: dict[str, float] = {}
-        info, ready = [], []
         self.prime()  # models that appeared since: their counters are exported from the next scrape
-        for name, model in list(manager.variants.items()):
-            for version, served in list(model.versions.items()):
-                depth[name] = depth.get(name, 0) + served.batcher.queue_depth
-                inflight_rows[name] = inflight_rows.get(name, 0) + served.batcher.in_flight
-                info.append(([name, str(version), served.device, served.runtime.framework,
-                              served.state.name], 1.0))
-            ready.append(([name, "model"], float(manager.is_ready(name))))
-        calibration, missing = [], []
-        for name, ensemble in list(manager.ensembles.items()):
-            self.metrics.load_failures.labels(name)  # an ensemble's contract failures too
-            ready.append(([name, "ensemble"], float(manager.is_ready(name))))
-            missing.append(([name], float(len(manager.missing_members(name)))))
-            for policy, c in ensemble.calibration.policies.items():
-                calibration.append((name, policy, c))
-            if ensemble.config is not None:
-                for member in ensemble.config.members:
-                    self.metrics.members_dropped.labels(name, member)  # starts at 0
-        yield gauge("quorum_queue_depth", "Requests waiting in a model's or an ensemble's queue and its batcher "
-                    "(all loaded versions).",
-                    ["model"], ((([n]), v) for n, v in depth.items()))
-        yield gauge("quorum_batch_inflight_rows", "Rows in batches running in a model's runtime.",
-                    ["model"], (([n], v) for n, v in inflight_rows.items()))
-        yield gauge("quorum_model_info", "1 for each loaded model version, with its device, framework and state.",
-                    ["model", "version", "device", "framework", "state"], info)
-        yield gauge("quorum_model_ready", "1 when a model serves (an ensemble: its contract holds and at "
-                    "least its quorum of members serves).", ["model", "kind"], ready)
-        yield gauge("quorum_ensemble_members_missing", "Members of an ensemble that serve no version now (folder "
-                    "gone, unloaded, failing): above 0 while it is ready, it answers degraded, without them.",
-                    ["ensemble"], missing)
-        yield gauge("quorum_vote_calibration_temperature", "Temperature of an ensemble's vote under a policy, "
-                    "fitted at load on the members' validation replay.", ["ensemble", "policy"],
-                    (([e, p], c.temperature) for e, p, c in calibration))
-        yield gauge("quorum_vote_calibration_ece", "Validation expected calibration error of an ensemble's vote "
-                    "under a policy, before and after its calibration (stage).", ["ensemble", "policy", "stage"],
-                    (([e, p, stage], value) for e, p, c in calibration
-                     for stage, value in (("before", c.ece_before), ("after", c.ece_after))))
-        yield gauge("quorum_vote_calibration_nll", "Validation negative log-likelihood of an ensemble's vote "
-                    "under a policy, before and after its calibration (stage).", ["ensemble", "policy", "stage"],
-                    (([e, p, stage], value) for e, p, c in calibration
-                     for stage, value in (("before", c.nll_before), ("after", c.nll_after))))
+        yield from state_collectors.models_state(self.manager, self.queued(), self.metrics)
 
     def _collect_feedback(self) -> Iterable:
-        feedback = self.feedback
-        if feedback is None:
-            return
-        accuracy, samples = [], []
-        for key, (value, count) in feedback.live_all().items():  # the fleet's, with a shared store
-            model, _, member = key.partition("/")
-            if value is not None:
-                accuracy.append(([model, member], value))
-            samples.append(([model, member], float(count)))
-        yield gauge("quorum_live_accuracy", "Accuracy on the last labelled live rows (feedback), for a "
-                    "model, or for one member's own vote within an ensemble (member label).",
-                    ["model", "member"], accuracy)
-        yield gauge("quorum_live_accuracy_samples", "Labelled rows behind quorum_live_accuracy.",
-                    ["model", "member"], samples)
-        if feedback.last_feedback_at is not None:
-            yield gauge("quorum_feedback_last_timestamp_seconds", "Unix time of the last accepted feedback label.",
-                        [], [([], feedback.last_feedback_at)])
-        yield from feedback_counters(feedback)
-
-    def _collect_drift(self) -> Iterable:
-        fill = [([name], w.fill) for name, w in list(self.drift_windows.items())]
-        distance, pvalue, detected = [], [], []
-        for name, results in list(self.drift_results.items()):
-            for s in results:
-                labels = [name, s.signal, s.feature]
-                distance.append((labels, s.distance))
-                detected.append((labels, float(s.detected)))
-                if s.pvalue is not None:
-                    pvalue.append((labels, s.pvalue))
-        baselines = [([name], w.reference.disagreement_baseline) for name, w in list(self.drift_windows.items())
-                     if w.reference.disagreement_baseline is not None]
-        yield gauge("quorum_drift_window_fill", "Share of a model's drift window holding live rows (0-1).",
-                    ["model"], fill)
-        yield gauge("quorum_drift_distance", "Drift distance by signal: PSI (feature, input: max), Jensen-"
-                    "Shannon distance (prediction), KS statistic (confidence), disagreement rate minus "
-                    "its validation baseline (disagreement).", ["model", "signal", "feature"], distance)
-        yield gauge("quorum_drift_pvalue", "Drift p-value by signal: Holm-adjusted chi-square (feature, input: "
-                    "min), chi-square (prediction), KS (confidence), one-sided binomial (disagreement).",
-                    ["model", "signal", "feature"], pvalue)
-        yield gauge("quorum_drift_detected", "1 when a drift signal crosses its threshold (see docs/metrics.md).",
-                    ["model", "signal", "feature"], detected)
-        yield gauge("quorum_ensemble_disagreement_baseline_ratio", "Share of validation rows on which the "
-                    "ensemble's members did not all vote for the winner.", ["model"], baselines)
-
-    def _collect_satisficing(self) -> Iterable:
-        selected = [(t, s) for t in list(self.trackers.values()) if (s := t.selected) is not None]
-        trackers = [t for t, _ in selected]
-        constraints = [(t.ensemble, c) for t in trackers for c in t.constraints]
-        yield gauge("quorum_satisficing_constraint_value", "Current value of a satisficing constraint "
-                    "(measured when enough samples, else predicted).",
-                    ["ensemble", "constraint"], (([e, c.name], c.value) for e, c in constraints))
-        yield gauge("quorum_satisficing_constraint_threshold", "Threshold of a satisficing constraint.",
-                    ["ensemble", "constraint"], (([e, c.name], c.threshold) for e, c in constraints))
-        yield gauge("quorum_satisficing_constraint_holds", "1 while a satisficing constraint holds.",
-                    ["ensemble", "constraint"], (([e, c.name], float(c.holds)) for e, c in constraints))
-        yield gauge("quorum_satisficing_optimizing_value", "Expected value of the optimizing metric "
-                    "(accuracy) of the selected member subset.",
-                    ["ensemble", "metric"], (([t.ensemble, "accuracy"], s.accuracy) for t, s in selected))
-        yield gauge("quorum_satisficing_member_selected", "1 when the selection keeps a member in the vote.",
-                    ["ensemble", "member"], (([t.ensemble, m], float(m in s.members))
-                                             for t, s in selected for m in t.members))
+        if self.feedback is not None:
+            yield from state_collectors.feedback_state(self.feedback)
