@@ -162,14 +162,10 @@ class Uncertainty:
         if max_risk is not None:
             self.selective.threshold(max_risk)
 
-    def answer(self, member_probs: Sequence[np.ndarray], coverage: float | None,
-               max_risk: float | None) -> dict[str, np.ndarray]:
-        """The uncertainty outputs for these rows: `prediction_set` and `set_size` when a
-        coverage is asked, `abstained` when a risk is."""
-        return self.answer_from(self.scorer.probabilities(member_probs), coverage, max_risk)
-
     def answer_from(self, p: np.ndarray, coverage: float | None, max_risk: float | None) -> dict[str, np.ndarray]:
-        """The same from the scorer's probabilities `p` (computed once per batch)."""
+        """The uncertainty outputs of rows whose score-function probabilities are `p` (computed
+        once per batch): `prediction_set` and `set_size` when a coverage is asked, `abstained`
+        when a risk is."""
         out: dict[str, np.ndarray] = {}
         if coverage is not None:
             sets = self.conformal.sets(p, coverage)
