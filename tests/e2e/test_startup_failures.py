@@ -65,20 +65,45 @@ def test_a_repository_that_is_a_file_is_one_line_naming_it(tmp_path):
 
 
 def test_an_unreadable_repository_is_one_line_naming_it():
-    """As a user who cannot list the folder (root can list anything: the server then runs as
-    nobody, through util-linux's setpriv)."""
+    """As a user who cannot list the folder. Root lists anything, so `quorum serve`'s main runs in
+    a fork of this process that becomes nobody first: the fork has every module it needs
+    already (imported here), so it never reads the checkout, which nobody may not be able to
+    (a clone in a 0700 temporary folder)."""
+    import service.api.engine  # noqa: F401  the settings checks import these lazily
+    import service.cli
+    import service.runtimes.devices  # noqa: F401
+    import service.startup  # noqa: F401
+
     parent = Path(tempfile.mkdtemp(prefix="quorum-unreadable-"))
     try:
         parent.chmod(0o755)
         repository = parent / "models"
         repository.mkdir(mode=0o000)
         repository.chmod(0o000)
-        as_user = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
-        # no coverage in this child: nobody may not write its data file
-        clean = {k: v for k, v in os.environ.items() if not k.startswith(("QUORUM_", "COV_CORE_", "COVERAGE_"))}
-        done = subprocess.run([*as_user, sys.executable, "-m", "service.cli", "serve", "--device", "cpu",
-                               "--model-repository", str(repository), "--grpc-port", "0", "--http-port", "0",
-                               "--metrics-port", "0"], cwd=ROOT, env=clean, capture_output=True, text=True, timeout=60)
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: nobody, then quorum serve's main, its output into the pipe
+            code = 99
+            try:
+                os.dup2(write, 1)
+                os.dup2(write, 2)
+                sys.stdout = sys.stderr = os.fdopen(write, "w", buffering=1)  # not pytest's capture
+                if os.geteuid() == 0:
+                    os.setgroups([])
+                    os.setgid(65534)
+                    os.setuid(65534)
+                for key in [k for k in os.environ if k.startswith("QUORUM_")]:
+                    del os.environ[key]
+                code = service.cli.main(["serve", "--device", "cpu", "--model-repository", str(repository),
+                                         "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0"])
+            finally:
+                sys.stderr.flush()
+                os._exit(code)
+        os.close(write)
+        with os.fdopen(read) as pipe:
+            output = pipe.read()
+        _, status = os.waitpid(pid, 0)
+        done = subprocess.CompletedProcess([], os.waitstatus_to_exitcode(status), "", output)
         assert _one_line(done, 2) == (f"quorum serve: model repository {str(repository)!r} (--model-repository, "
                                       "QUORUM_MODEL_REPOSITORY) cannot be read: Permission denied")
     finally:
