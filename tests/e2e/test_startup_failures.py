@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 
 import pytest
@@ -69,12 +70,17 @@ def test_an_unreadable_repository_is_one_line_naming_it():
     a fork of this process that becomes nobody first: the fork has every module it needs
     already (imported here), so it never reads the checkout, which nobody may not be able to
     (a clone in a 0700 temporary folder)."""
-    import service.api.engine  # noqa: F401  the settings checks import these lazily
-    import service.cli
-    import service.runtimes.devices  # noqa: F401
-    import service.startup  # noqa: F401
+    import importlib
 
+    import service.cli
+
+    for module in ("service.export.cli", "service.client.predict", "service.export.repository_cli",
+                   "service.serve_flags", "service.setting_names", "service.settings", "service.logs",
+                   "service.startup", "service.api.engine", "service.runtimes.devices", "service.objectives.state"):
+        importlib.import_module(module)  # what quorum serve's main imports on its way to the refusal
     parent = Path(tempfile.mkdtemp(prefix="quorum-unreadable-"))
+    args = ["serve", "--device", "cpu", "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0"]
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("QUORUM_")}
     try:
         parent.chmod(0o755)
         repository = parent / "models"
@@ -92,10 +98,11 @@ def test_an_unreadable_repository_is_one_line_naming_it():
                     os.setgroups([])
                     os.setgid(65534)
                     os.setuid(65534)
-                for key in [k for k in os.environ if k.startswith("QUORUM_")]:
-                    del os.environ[key]
-                code = service.cli.main(["serve", "--device", "cpu", "--model-repository", str(repository),
-                                         "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0"])
+                os.environ.clear()
+                os.environ.update(clean)
+                code = service.cli.main([*args, "--model-repository", str(repository)])
+            except BaseException:
+                traceback.print_exc()
             finally:
                 sys.stderr.flush()
                 os._exit(code)
