@@ -44,6 +44,7 @@ class DataPlane(Satisficing):
         self.observer = observer
         self.feedback: Store = feedback or FeedbackStore()
         self.uncertainties = Uncertainties(manager)  # prediction sets and selective answers, when asked
+        manager.settled.append(self.uncertainties.refit)  # fitted at load and on version changes
         self.trackers: dict[str, ObjectiveTracker] = {}
         self._shadow_tasks: set[asyncio.Task] = set()
         self._info: dict[str, tuple] = {}  # model -> (what it was built from..., ModelInfo)

@@ -1,9 +1,14 @@
 """Which sets and selective threshold an answer gets: the request's coverage and risk (or its
 model's defaults), checked before inference, and each model's and member subset's
-Uncertainty, fitted once from its members' manifests and kept while those versions serve."""
+Uncertainty, fitted once from its members' manifests and kept while those versions serve.
+
+Every ready model's sets over the members that serve are fitted when the manager settles
+(at load and after every version change: `refit`), so no request pays for a fit; a member
+subset that answers alone (a straggler cut, a member down) is fitted the first time it does."""
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -19,6 +24,8 @@ from service.repository.config import UncertaintyDefaults
 if TYPE_CHECKING:
     from service.results import InferenceResult
     from service.repository.manager import ModelManager
+
+log = logging.getLogger(__name__)
 
 KEPT = 64  # fitted Uncertainty objects kept (a few per model: one per member subset that answers)
 
@@ -64,6 +71,23 @@ class Uncertainties:
         self.manager = manager
         self._fitted: OrderedDict[tuple, Uncertainty] = OrderedDict()
         self._checked: dict[tuple, tuple[UncertaintyDefaults, Asked]] = {}
+        self._unfitted: dict[str, str] = {}  # model -> why its sets could not be fitted
+
+    def refit(self) -> None:
+        """Fit each ready model's sets, at its configured score, over what serves now (a
+        lookup when nothing changed: fits are cached by member versions)."""
+        manager = self.manager
+        for model in [*manager.variants, *manager.ensembles]:
+            if not manager.is_ready(model):
+                continue
+            defaults = self._defaults(model)
+            try:
+                self.for_model(model, None, Asked(None, None, defaults.score, defaults.class_conditional))
+                self._unfitted.pop(model, None)
+            except (InvalidInput, ValueError) as exc:  # asked of it later, it says the same
+                if self._unfitted.get(model) != str(exc):  # once, not on every poll
+                    log.warning("model %s: its prediction sets cannot be fitted: %s", model, exc)
+                self._unfitted[model] = str(exc)
 
     def _defaults(self, model: str) -> UncertaintyDefaults:
         ensemble = self.manager.ensemble(model)

@@ -4,6 +4,7 @@ derived from its members' manifests, and the member versions that would break on
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from service.ensemble.calibration import NO_CALIBRATION, fit_vote_calibration
 from service.repository.config import Batching
@@ -23,6 +24,7 @@ class EnsembleChecks(ModelQueries):
     """ModelManager's ensemble contract (a part of it: ModelManager.__init__ sets the state)."""
 
     _observer: ManagerObserver | None
+    settled: list[Callable[[], None]]
     _refusals: dict[str, dict[int, Exception]]
 
     def _plan_refusals(self) -> dict[str, dict[int, Exception]]:
@@ -67,9 +69,13 @@ class EnsembleChecks(ModelQueries):
         return sizes
 
     def _check_ensembles(self) -> None:
+        """Runs last in every sync and model-control call: what serves is settled, so the
+        `settled` callbacks (fits that depend on the serving versions) run after it."""
         for ensemble in self.ensembles.values():
             self._check_ensemble(ensemble)
             self._log_degradation(ensemble)
+        for callback in self.settled:
+            callback()
 
     def _log_degradation(self, ensemble: EnsembleModel) -> None:
         """One line when an ensemble starts answering without some members, or again with all."""

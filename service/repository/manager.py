@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -52,6 +53,9 @@ class ModelManager(ModelControl):
         self._started = False  # the first sync is over (start() returned)
         self.named: set[str] = set()
         """Every model and ensemble the repository names (the last scan), loadable or not."""
+        self.settled: list[Callable[[], None]] = []
+        """Called after every sync and model-control call, once what serves is settled (the
+        data plane fits each ready model's prediction sets there: at load, on version changes)."""
         self._refusals: dict[str, dict[int, Exception]] = {}
         """Member versions the first scan refuses (service.repository.version_plan), as a server
         that had been running would have: model -> {version: why}."""
