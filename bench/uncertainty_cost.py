@@ -7,9 +7,12 @@ in one run, rounds alternating:
 
 By default one `quorum serve` answers bench/loadgen.py's closed loop of one-row v2 ModelInfer
 calls from --concurrency callers (so requests batch as they do in production), first plain,
-then with `coverage` 0.9, then with `coverage` 0.9 and `max_risk` 0.05; it prints each
-variant's requests/s, p99 and server CPU per request, and its throughput as a ratio to the
-plain run of the same round (0.95 would be 5% slower). `--in-process` measures the same three
+then with `coverage` 0.9, then with `coverage` 0.9 and `max_risk` 0.05, and plain again; it
+prints each variant's requests/s, p99 and server CPU per request, and its throughput as a ratio
+to the mean of the round's two plain runs (0.95 would be 5% slower). Odd rounds run the asked
+variants in the other order, and the second plain run is the control (its ratio shows the
+noise): a server whose throughput drifts over its life would otherwise charge the drift to
+whichever variant runs last. `--in-process` measures the same three
 through the wrapped servicer in this process instead (bench/inprocess.py's `measure`: no
 transport, and every batch one request, so the per-batch work is not shared: an upper bound).
 """
@@ -66,20 +69,27 @@ def _serve(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
 
 def over_server(args: argparse.Namespace) -> dict[str, list[float]]:
     server, target = _serve(args)
-    ratios: dict[str, list[float]] = {name: [] for name in ASKS}
+    ratios: dict[str, list[float]] = {name: [] for name in ASKS if name != "plain"}
+    ratios["plain (control)"] = []
     try:
         print("| round | asked | req/s | p99 ms | server CPU us/req | x plain |\n|---|---|---|---|---|---|")
         for round_no in range(args.rounds):
-            plain = None
-            for name, parameters in ASKS.items():
+            asked = [name for name in ASKS if name != "plain"]
+            order = ["plain", *(asked if round_no % 2 == 0 else asked[::-1]), "plain"]
+            measured = []
+            for name in order:
                 r = asyncio.run(run_load(target=target, protocol="v2", model=args.model, shape=(1, 64),
                                          concurrency=args.concurrency, duration=args.duration, warmup=args.warmup,
-                                         server_pid=server.pid, parameters=parameters))
+                                         server_pid=server.pid, parameters=ASKS[name]))
                 assert not r.errors, r.errors
-                plain = plain or r.throughput_rps
-                ratios[name].append(r.throughput_rps / plain)
+                measured.append((name, r))
+            plain = statistics.mean(r.throughput_rps for name, r in measured if name == "plain")
+            for position, (name, r) in enumerate(measured):
+                label = "plain (control)" if position == len(measured) - 1 else name
+                if position:
+                    ratios[label].append(r.throughput_rps / plain)
                 cpu = "-" if r.server_cpu_us_per_req is None else f"{r.server_cpu_us_per_req:.0f}"
-                print(f"| {round_no + 1} | {name} | {r.throughput_rps:.0f} | {r.latency_ms['p99']:.1f} | {cpu} "
+                print(f"| {round_no + 1} | {label} | {r.throughput_rps:.0f} | {r.latency_ms['p99']:.1f} | {cpu} "
                       f"| {r.throughput_rps / plain:.3f} |", flush=True)
     finally:
         server.terminate()
