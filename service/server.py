@@ -38,6 +38,7 @@ from service.monitoring.monitor import Monitor
 from service.monitoring.tracing import Tracing
 from service.monitoring.statistics import Statistics
 from service.objectives.state import open_store, startup_line
+from service.remote.link import connect
 from service.repository.manager import ModelManager
 from service.settings import Settings
 from service.workers import WorkerBarrier
@@ -51,7 +52,7 @@ class QuorumServer:
         self.statistics = Statistics()
         # The monitor observes the manager and forwards to the statistics (ModelStatistics RPC).
         self.monitor = Monitor(settings, self.statistics) if settings.monitoring else None
-        self.manager = ModelManager(settings, self.monitor or self.statistics)
+        self.manager = ModelManager(settings, self.monitor or self.statistics, connector=connect)
         store = open_store(settings.state_url, password_file=settings.state_password_file, ttl_s=settings.state_ttl_s,
                            refresh_s=settings.state_refresh_s, queue_size=settings.state_queue)
         data = DataPlane(self.manager, store, observer=self.monitor)

@@ -18,7 +18,7 @@ from service.api.priority import asked as asked_priority, priority_of
 from service.logs import REQUEST_ID
 from service.codecs import v2 as codec
 from service.codecs.dtypes import from_v2
-from service.errors import InvalidInput, QuorumError
+from service.errors import InvalidInput, ModelNotFound, QuorumError
 from service.objectives.store import Uncertain, check_label_count, window_uncertainty
 from service.repository.config import Policy
 from service.repository.served import EnsembleModel, State
@@ -130,6 +130,16 @@ class EnsembleServicer(pb_grpc.EnsembleServiceServicer):
             if manager.is_ready(name):
                 self._uncertainty_status(status.uncertainty, name)
         return response
+
+    async def GetManifest(self, request: pb.GetManifestRequest,
+                          context: grpc.aio.ServicerContext) -> pb.GetManifestResponse:
+        if self.api.manager.ensemble(request.model) is not None:
+            raise ModelNotFound(f"'{request.model}' is an ensemble: only a single model has a manifest")
+        served = self.api.manager.resolve(request.model, request.version or None)  # NOT_FOUND, UNAVAILABLE
+        known = request.known_version and request.known_version == served.version
+        return pb.GetManifestResponse(model=served.name, version=served.version,
+                                      manifest_json="" if known else served.manifest.model_dump_json(),
+                                      max_batch_size=served.batching.max_batch_size)
 
     def _uncertainty_status(self, status: pb.UncertaintyStatus, name: str) -> None:
         figures = self.api.data.uncertainties.status(name)

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from service.errors import ModelLoadError
 
@@ -122,8 +123,35 @@ class Objective(_Strict):
         "so their live accuracy and latency stay measured"))
 
 
+class RemoteMember(_Strict):
+    """A member served by another server (another Quorum, or any KServe v2 gRPC server),
+    asked once per batch over KServe v2 gRPC (service.repository.remote)."""
+
+    name: str = Field(min_length=1, description="the model's name on that server (and the member's here)")
+    endpoint: str = Field(pattern=r"^[^\s/]+:[0-9]{1,5}$", description="HOST:PORT of its gRPC port")
+    version: int | None = Field(None, ge=1, description="pin a version; default: the newest it serves")
+    tls: bool = Field(False, description="TLS to the endpoint (system roots, or ca_file)")
+    ca_file: str | None = Field(None, description="CA bundle for tls (relative: to the ensemble's folder)")
+    token_file: str | None = Field(None, description="bearer token sent to the endpoint (relative: to the ensemble's folder)")
+    manifest: str | None = Field(None, description=(
+        "variant.json made by quorum export, for a server that does not serve Quorum's GetManifest "
+        "(relative: to the ensemble's folder); a Quorum endpoint provides it"))
+    watch_interval_s: float = Field(1.0, gt=0, le=60, description=(
+        "how often its readiness and version are asked (sooner after a failed call)"))
+    timeout_s: float = Field(5.0, gt=0, description="deadline of a watch call (connect included)")
+
+
+def _member_name(member: Any) -> Any:
+    return member.get("name") if isinstance(member, dict) else member
+
+
 class EnsembleConfig(_Priorities):
-    members: tuple[str, ...] = Field(min_length=1)
+    members: tuple[str, ...] = Field(min_length=1, json_schema_extra={"items": {"anyOf": [
+        {"type": "string"}, RemoteMember.model_json_schema()]}}, description=(
+        "member models: a name (a model of this repository) or {name, endpoint, ...} (a model served "
+        "elsewhere: RemoteMember)"))
+    remote: SkipJsonSchema[tuple[RemoteMember, ...]] = Field((), exclude=True)
+    """The members with an endpoint (written in `members`, never as a field of their own)."""
     policy: Policy = "confidence"
     batching: Batching | None = Field(None, description="applied to members without their own")
     quorum: int | None = Field(None, ge=1, description=(
@@ -133,6 +161,28 @@ class EnsembleConfig(_Priorities):
     deadline_margin_ms: float = Field(5.0, ge=0, description="safety margin before a deadline (vote and reply)")
     objective: Objective | None = Field(None, description="without one, every member votes")
     uncertainty: UncertaintyDefaults = UncertaintyDefaults()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_members(cls, data: Any) -> Any:
+        """members as written: names and {name, endpoint, ...} mappings; kept as names, the
+        endpoints' settings in `remote`. A member listed twice is named, with where each is."""
+        if not isinstance(data, dict) or not isinstance(data.get("members"), (list, tuple)):
+            return data
+        if "remote" in data:
+            raise ValueError("'remote' is not a field: write a member served elsewhere in members, "
+                             "as {name: MODEL, endpoint: HOST:PORT}")
+        members = list(data["members"])
+        seen: dict[Any, str] = {}
+        for member in members:
+            name = _member_name(member)
+            where = f"at {member.get('endpoint')}" if isinstance(member, dict) else "in this repository"
+            if name in seen:
+                raise ValueError(f"member '{name}' is listed twice ({seen[name]} and {where}); "
+                                 "a member is one model")
+            seen[name] = where
+        remote = [m for m in members if isinstance(m, dict)]
+        return {**data, "members": [_member_name(m) for m in members], "remote": remote}
 
     @model_validator(mode="after")
     def _check(self) -> "EnsembleConfig":

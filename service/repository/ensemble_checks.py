@@ -55,7 +55,7 @@ class EnsembleChecks(ModelQueries):
             return model.last_manifest
         if model.failed:
             return Missing("; ".join(f"version {v}: {e}" for v, e in sorted(model.failed.items())))
-        return Missing("no version of it is loaded")
+        return Missing(model.outage() or "no version of it is loaded")
 
     def _member_batch_sizes(self, members) -> dict[str, int]:
         """Members' configured max batch sizes (as _start_version applies them); the others'

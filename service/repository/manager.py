@@ -8,7 +8,8 @@ that fails to load is reported and leaves whatever serves in place.
 
 ModelManager is one class assembled from one module per job, each a base class here:
 service.repository.queries (the read-only lookups), .ensemble_checks (the ensembles'
-contract), .loading (loading and retiring versions), .sync (the repository sync), .control
+contract), .loading (loading and retiring versions), .remote_sync (members served elsewhere,
+watched; their records in .remote), .sync (the repository sync), .control
 (the explicit model-control RPCs); the records it keeps are in service.repository.served.
 This module holds its state and its lifecycle (start, the poller, stop).
 """
@@ -25,6 +26,7 @@ from pathlib import Path
 
 from service.batching.requests import Clock
 from service.repository.control import ModelControl
+from service.repository.remote import Connector, RemoteModel
 from service.repository.served import EnsembleModel, ManagerObserver, VariantModel
 from service.settings import Settings
 
@@ -33,13 +35,17 @@ log = logging.getLogger(__name__)
 
 class ModelManager(ModelControl):
     def __init__(self, settings: Settings, observer: ManagerObserver | None = None, *,
-                 clock: Clock = time.monotonic) -> None:
+                 clock: Clock = time.monotonic, connector: Connector | None = None) -> None:
         self.settings = settings
         self.clock = clock
         """The time its batchers (and the data plane serving it) read deadlines on (see
         service.batching.requests.Clock)."""
         self.root = Path(settings.model_repository)
         self.variants: dict[str, VariantModel] = {}
+        self.remotes: dict[str, RemoteModel] = {}
+        """Members served elsewhere (also in `variants`, under their names)."""
+        self._connect = connector  # opens a remote member's link (service.remote); None: no remote calls
+        self._remote_conflicts: dict[str, str] = {}  # ensemble -> its remote member that clashes
         self.ensembles: dict[str, EnsembleModel] = {}
         self._observer = observer
         self._slot = 0  # spreads variants over the visible GPUs
@@ -73,6 +79,7 @@ class ModelManager(ModelControl):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
         async with self._lock:
+            await self._stop_remotes()
             await asyncio.gather(*(
                 v.drain_and_unload(self.settings.grace_period_s)
                 for m in self.variants.values() for v in m.versions.values()))

@@ -73,6 +73,8 @@ def why_not_serving(model, config_error: str | None) -> str:
     has no such model) serves no version right now, in a few words for an operator."""
     if model is None:
         return f"its model.yaml does not load ({config_error})" if config_error else str(NOT_IN_REPOSITORY)
+    if model.outage():
+        return model.outage()
     if model.unloaded_by_request:
         return "it was unloaded"
     if model.failed:

@@ -45,6 +45,8 @@ class ModelQueries:
 
     def _not_ready_reason(self, name: str, model: VariantModel) -> str:
         """Why no version of a registered model serves, as the operator fixes it."""
+        if model.outage():
+            return model.outage()
         if model.unloaded_by_request:
             return "it was unloaded (RepositoryModelUnload); load it to serve it again"
         if name in self._config_errors:

@@ -160,6 +160,11 @@ class VariantModel:
     """The manifest of the version served last: an unloaded member keeps its place in its
     ensembles' contract (and so their metadata) until it is removed from the repository."""
 
+    def outage(self) -> str:
+        """Why it serves nothing though it should, when its versions do not say (a member
+        served elsewhere: service.repository.remote); "" for a model of the repository."""
+        return ""
+
     def serving(self) -> ServedVersion | None:
         """The newest available version (every request asks, for each member: a plain loop)."""
         best = None

@@ -9,7 +9,8 @@ import logging
 
 from service.errors import ModelLoadError
 from service.repository.config import load_ensemble_config, load_model_config
-from service.repository.loading import VersionLoading, folder_fingerprint
+from service.repository.loading import folder_fingerprint
+from service.repository.remote_sync import RemoteMembers
 from service.repository.scan import ModelEntry, scan_repository
 from service.repository.served import EnsembleModel, VariantModel
 
@@ -17,7 +18,7 @@ from service.repository.served import EnsembleModel, VariantModel
 log = logging.getLogger("service.repository.manager")
 
 
-class RepositorySync(VersionLoading):
+class RepositorySync(RemoteMembers):
     """ModelManager's sync with the disk (a part of it: ModelManager.__init__ sets the state)."""
 
     _lock: asyncio.Lock
@@ -28,7 +29,7 @@ class RepositorySync(VersionLoading):
         async with self._lock:
             entries = scan_repository(self.root)
             self.named = set(entries)  # every model and ensemble of the repository, loadable or not
-            for name in [n for n in self.variants if n not in entries]:
+            for name in [n for n in self.variants if n not in entries and n not in self.remotes]:
                 await self._retire(self.variants.pop(name))
             for name in [n for n in self.ensembles if n not in entries]:
                 del self.ensembles[name]
@@ -36,6 +37,7 @@ class RepositorySync(VersionLoading):
             for entry in entries.values():
                 if entry.kind == "ensemble":
                     self._sync_ensemble(entry)
+            await self._sync_remotes(entries)  # before the members load: the ensembles see them
             variants = [e for e in entries.values() if e.kind == "variant"]
             for entry in variants:  # known before they load: not ready rather than not found
                 if entry.name not in self.variants:
