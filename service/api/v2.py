@@ -115,7 +115,10 @@ def _version(text: str) -> int | None:
     return int(text)
 
 
-def _plain(parameters, keys: tuple[str, ...] = UNCERTAINTY_PARAMETERS) -> dict[str, object]:
+READ_PARAMETERS = (*UNCERTAINTY_PARAMETERS, "priority")
+
+
+def _plain(parameters, keys: tuple[str, ...] = READ_PARAMETERS) -> dict[str, object]:
     """The request parameters Quorum reads, as plain values (whichever field each one set)."""
     return {key: getattr(parameters[key], parameters[key].WhichOneof("parameter_choice") or "string_param")
             for key in keys if key in parameters}
@@ -194,12 +197,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         version = _version(request.model_version)
         info = self.api.data.info(request.model_name, version)  # NOT_FOUND before the inputs are decoded
         check_declared(info, codec.declared_inputs(request))  # before decoding anything
-        coverage, max_risk = fraction_parameters(_plain(request.parameters)) if request.parameters else (None, None)
+        parameters = _plain(request.parameters) if request.parameters else {}  # read once: a protobuf map
+        coverage, max_risk = fraction_parameters(parameters) if parameters else (None, None)
         return await inference.infer(
             self.api, request.model_name, codec.decode_inputs(request), version=version,
             deadline=deadline, outputs=[o.name for o in request.outputs], request_id=request.id, info=info,
-            declared_checked=True, coverage=coverage, max_risk=max_risk,
-            priority=_plain(request.parameters, ("priority",)).get("priority") if request.parameters else None)
+            declared_checked=True, coverage=coverage, max_risk=max_risk, priority=parameters.get("priority"))
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest],
                                context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ModelStreamInferResponse]:
