@@ -73,22 +73,18 @@ class SetScorer:
             tempered = [calibrate(_log(p), t) for p, t in zip(member_probs, self.temperatures)]
             voted = vote(self.policy, tempered, self.members, validation_accuracy=self.accuracy,
                          member_weights=self.weights).probabilities
-        else:  # the same numbers, in a few in-place vectorised steps over (members, rows, classes)
+        else:  # the same numbers in a few in-place vectorised steps over (members, rows, classes):
+            # softmax(log p / t) is p ** (1 / t) normalised (p <= 1: no overflow; a row's largest
+            # p is at least 1 / C, so its power never underflows to 0 within T_BOUNDS)
             z = np.asarray(member_probs, dtype=np.float64)  # (M, n, C): a copy, worked on in place
             np.maximum(z, TINY, out=z)
-            np.log(z, out=z)
-            z *= self._inverse_temperatures
-            z -= z.max(axis=2, keepdims=True)
-            np.exp(z, out=z)
+            np.power(z, self._inverse_temperatures, out=z)
             z /= z.sum(axis=2, keepdims=True)
             voted = np.tensordot(self._row_weights, z, axes=1)  # rows sum to 1: the weights do
             if len(self.members) == 1:
                 return voted
             voted += EPS  # then the vote's temperature, as calibration.scale computes it
-            np.log(voted, out=voted)
-            voted *= 1.0 / self.vote_temperature
-            voted -= voted.max(axis=1, keepdims=True)
-            np.exp(voted, out=voted)
+            np.power(voted, 1.0 / self.vote_temperature, out=voted)
             voted /= voted.sum(axis=1, keepdims=True)
             return voted
         return scale(voted, self.vote_temperature) if len(self.members) > 1 else np.asarray(voted, np.float64)
