@@ -9,7 +9,9 @@ By default one `quorum serve` answers bench/loadgen.py's closed loop of one-row 
 calls from --concurrency callers (so requests batch as they do in production), first plain,
 then with `coverage` 0.9, then with `coverage` 0.9 and `max_risk` 0.05, and plain again; it
 prints each variant's requests/s, p99 and server CPU per request, and its throughput as a ratio
-to the mean of the round's two plain runs (0.95 would be 5% slower). Odd rounds run the asked
+to the mean of the round's two plain runs (0.95 would be 5% slower), and the same ratio for
+the server's CPU per request (plain's over the variant's: less noisy than throughput on a
+host the client shares). Odd rounds run the asked
 variants in the other order, and the second plain run is the control (its ratio shows the
 noise): a server whose throughput drifts over its life would otherwise charge the drift to
 whichever variant runs last. `--in-process` measures the same three
@@ -71,8 +73,10 @@ def over_server(args: argparse.Namespace) -> dict[str, list[float]]:
     server, target = _serve(args)
     ratios: dict[str, list[float]] = {name: [] for name in ASKS if name != "plain"}
     ratios["plain (control)"] = []
+    cpu_ratios: dict[str, list[float]] = {name: [] for name in ratios}
     try:
-        print("| round | asked | req/s | p99 ms | server CPU us/req | x plain |\n|---|---|---|---|---|---|")
+        print("| round | asked | req/s | p99 ms | server CPU us/req | x plain | CPU x plain |\n"
+              "|---|---|---|---|---|---|---|")
         for round_no in range(args.rounds):
             asked = [name for name in ASKS if name != "plain"]
             order = ["plain", *(asked if round_no % 2 == 0 else asked[::-1]), "plain"]
@@ -84,16 +88,26 @@ def over_server(args: argparse.Namespace) -> dict[str, list[float]]:
                 assert not r.errors, r.errors
                 measured.append((name, r))
             plain = statistics.mean(r.throughput_rps for name, r in measured if name == "plain")
+            cpus = [r.server_cpu_us_per_req for name, r in measured if name == "plain"]
+            plain_cpu = None if None in cpus else statistics.mean(cpus)  # type: ignore[type-var]
             for position, (name, r) in enumerate(measured):
                 label = "plain (control)" if position == len(measured) - 1 else name
+                cpu = r.server_cpu_us_per_req
+                cpu_ratio = None if plain_cpu is None or not cpu else plain_cpu / cpu  # as throughput: < 1 costs more
                 if position:
                     ratios[label].append(r.throughput_rps / plain)
-                cpu = "-" if r.server_cpu_us_per_req is None else f"{r.server_cpu_us_per_req:.0f}"
-                print(f"| {round_no + 1} | {label} | {r.throughput_rps:.0f} | {r.latency_ms['p99']:.1f} | {cpu} "
-                      f"| {r.throughput_rps / plain:.3f} |", flush=True)
+                    if cpu_ratio is not None:
+                        cpu_ratios[label].append(cpu_ratio)
+                print(f"| {round_no + 1} | {label} | {r.throughput_rps:.0f} | {r.latency_ms['p99']:.1f} | "
+                      f"{'-' if cpu is None else f'{cpu:.0f}'} | {r.throughput_rps / plain:.3f} | "
+                      f"{'-' if cpu_ratio is None else f'{cpu_ratio:.3f}'} |", flush=True)
     finally:
         server.terminate()
         server.wait(timeout=60)
+    print()
+    for name, values in cpu_ratios.items():
+        if values:
+            print(f"{name}: median server CPU per request, plain / this, {statistics.median(values):.3f}")
     return ratios
 
 

@@ -24,8 +24,9 @@ def test_uncertainty_cost_reports_every_variant_against_plain():
     rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| 1 |")]
     assert [r[1].strip() for r in rows] == ["plain", "coverage 0.9", "coverage 0.9 + max_risk 0.05",
                                             "plain (control)"]
-    assert all(float(r[2]) > 0 for r in rows)
-    # the ratios are to the mean of the two plain runs, so theirs average to one
-    assert abs((float(rows[0][-1]) + float(rows[-1][-1])) / 2 - 1) <= 0.001
+    assert all(float(r[2]) > 0 and float(r[-1]) > 0 for r in rows)  # req/s, and the CPU ratio
+    # the throughput ratios are to the mean of the two plain runs, so theirs average to one
+    assert abs((float(rows[0][-2]) + float(rows[-1][-2])) / 2 - 1) <= 0.001
     assert "coverage 0.9: median throughput x plain" in done.stdout
     assert "plain (control): median throughput x plain" in done.stdout
+    assert "coverage 0.9: median server CPU per request, plain / this" in done.stdout
