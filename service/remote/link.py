@@ -26,7 +26,8 @@ MESSAGE_BYTES = 64 * 2**20
 QUORUM_OUTPUT = "logits"  # what a Quorum endpoint answers a single model with, before calibration
 OPTIONS = [("grpc.max_receive_message_length", MESSAGE_BYTES), ("grpc.max_send_message_length", MESSAGE_BYTES),
            ("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_timeout_ms", 10_000),
-           ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 5_000)]
+           ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 5_000),
+           ("grpc.lb_policy_name", "round_robin")]  # every address of a dns:/// name (a headless Service's pods)
 BY_CODE = {grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded,
            grpc.StatusCode.INVALID_ARGUMENT: InvalidInput}
 

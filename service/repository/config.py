@@ -128,7 +128,9 @@ class RemoteMember(_Strict):
     asked once per batch over KServe v2 gRPC (service.repository.remote)."""
 
     name: str = Field(min_length=1, description="the model's name on that server (and the member's here)")
-    endpoint: str = Field(pattern=r"^[^\s/]+:[0-9]{1,5}$", description="HOST:PORT of its gRPC port")
+    endpoint: str = Field(pattern=r"^(dns:///)?[^\s/]+:[0-9]{1,5}$", description=(
+        "HOST:PORT of its gRPC port; dns:///HOST:PORT spreads the calls over every address the name "
+        "resolves to (a headless Service: each pod of the member)"))
     version: int | None = Field(None, ge=1, description="pin a version; default: the newest it serves")
     tls: bool = Field(False, description="TLS to the endpoint (system roots, or ca_file)")
     ca_file: str | None = Field(None, description="CA bundle for tls (relative: to the ensemble's folder)")

@@ -112,7 +112,8 @@ def test_model_sources_and_model_control_per_overlay():
                 "cpu-secured": ("/opt/quorum/models", None),
                 "cpu-shared-state": ("/opt/quorum/models", None), "cpu-external-state": ("/opt/quorum/models", None),
                 "gpu-pvc": ("/models", "poll"),  # versions are written into the volume: picked up by polling
-                "cpu-object-storage": ("/models", None)}  # copied once at start: a restart brings new ones
+                "cpu-object-storage": ("/models", None),  # copied once at start: a restart brings new ones
+                "cpu-remote-members": ("/opt/quorum/front-models", None)}  # ensemble.yaml alone: its members elsewhere
     assert set(expected) == {p.name for p in OVERLAYS}
     for overlay in OVERLAYS:
         data = settings_data(render(overlay))
