@@ -1,4 +1,15 @@
-"""TensorFlow SavedModel: the manifest's serving signature, placed with tf.device."""
+"""TensorFlow SavedModel: the manifest's serving signature, run as a prepared graph call.
+
+Calling the signature (a ConcreteFunction, eagerly) costs 270-420 us of Python and TF dispatch
+per batch for the bundled digits members, whose maths takes a few dozen. On the CPU the
+signature's graph is frozen (variables to constants) and run by a TF1-style session's
+prepared callable, as TF Serving runs a SavedModel: 160-305 us wall and half the CPU
+(bench: tests/runtimes/test_runtimes.py checks the answers; figures in docs/performance.md).
+The session's graph rewrites are off, so its kernels are the signature's: the answers are
+bitwise the same, and a load checks it on probe rows, keeping the signature call for a model
+where they are not (or whose graph does not freeze). A GPU keeps the signature call, placed
+with tf.device.
+"""
 
 from __future__ import annotations
 
@@ -59,11 +70,64 @@ class SavedModelRuntime(Runtime):
         self._input = self.manifest.input.name
         self._output = self.manifest.output.name
         self._tf = tf
+        self._session, self._call = None, None
+        if not has_gpu:
+            self._prepare()
 
-    def _run(self, rows: np.ndarray) -> np.ndarray:
+    def _signature_call(self, rows: np.ndarray) -> np.ndarray:
         with self._tf.device(self._tf_device):
             return self._fn(**{self._input: self._tf.constant(rows)})[self._output].numpy()
 
+    def _run(self, rows: np.ndarray) -> np.ndarray:
+        call = self._call
+        return call(rows) if call is not None else self._signature_call(rows)
+
+    def _prepare(self) -> None:
+        """Use the prepared graph call when it answers probe rows bitwise as the signature does."""
+        try:
+            session, call = _prepared_call(self._tf, self._fn, self._input, self._output, self.options.intra_op_threads)
+        except Exception as exc:  # a graph that does not freeze (tables, resources...): keep the signature
+            log.info("%s: running its signature call (its graph does not freeze: %s)", self.name, exc)
+            return
+        shape, dtype = self.manifest.input.shape[1:], self.manifest.input.dtype
+        rng = np.random.default_rng(0)
+        try:
+            if dtype == "string" or any(d < 0 for d in shape):
+                raise ValueError("no fixed numeric row to probe with")
+            probes = [rng.integers(0, 16, size=(n, *shape)).astype(dtype) for n in (1, 3)]
+            if not all(np.array_equal(call(p), self._signature_call(p)) for p in probes):
+                raise ValueError("it answers probe rows otherwise")
+        except Exception as exc:  # the signature call stays the model's
+            session.close()
+            log.info("%s: running its signature call (the prepared graph call: %s)", self.name, exc)
+            return
+        self._session, self._call = session, call
+
     def _unload(self) -> None:
+        if self._session is not None:
+            self._session.close()
+        self._session, self._call = None, None
         self._fn = None
         self._model = None
+
+
+def _prepared_call(tf, fn, input_name: str, output_name: str, intra_op_threads: int):
+    """(session, callable rows -> output) for the signature `fn`: its graph with the variables
+    frozen to constants, run without graph rewrites (so with the signature's kernels)."""
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    frozen = convert_variables_to_constants_v2(fn)
+    # A signature's inputs and outputs are dicts, flattened in key order (the probe rows check it).
+    placeholder = frozen.inputs[sorted(fn.structured_input_signature[1]).index(input_name)]
+    output = frozen.outputs[sorted(fn.structured_outputs).index(output_name)]
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.graph_util.import_graph_def(frozen.graph.as_graph_def(), name="")
+    config = tf.compat.v1.ConfigProto(intra_op_parallelism_threads=intra_op_threads,
+                                      inter_op_parallelism_threads=tf.config.threading.get_inter_op_parallelism_threads())
+    config.graph_options.rewrite_options.disable_meta_optimizer = True
+    config.graph_options.optimizer_options.opt_level = -1  # L0: no constant folding, no fusion
+    config.graph_options.optimizer_options.do_constant_folding = False
+    config.graph_options.optimizer_options.do_function_inlining = False
+    session = tf.compat.v1.Session(graph=graph, config=config)
+    return session, session.make_callable(output.name, [placeholder.name])

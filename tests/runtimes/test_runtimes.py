@@ -150,4 +150,26 @@ def test_invariance_check_catches_batch_statistics(tmp_path, test_split, mode):
                     outputs=[{"name": "logits", "dtype": "float32", "shape": [-1, 10]}])
     (folder / "variant.json").write_text(json.dumps(manifest))
     runtime = _load(folder, device="cpu", batch_invariance=mode, max_batch_size=64)
+    assert runtime._call is None  # its graph assigns variables, so it does not freeze: the signature serves
     assert batch_deviation(runtime.predict_sync, x[:64]) > 1e-3
+
+
+SAVEDMODELS = [v for v in VARIANTS if load_manifest(MODELS / v / "1").framework == "savedmodel"]
+
+
+@pytest.mark.parametrize("name", SAVEDMODELS)
+def test_a_savedmodel_runs_as_a_prepared_graph_call_with_its_signatures_answers(name, test_split):
+    """On the CPU a SavedModel's frozen graph runs through a session's prepared callable
+    (service/runtimes/tensorflow.py), and answers bitwise as TensorFlow's own signature call."""
+    import tensorflow as tf
+
+    x, _ = test_split
+    folder = MODELS / name / "1"
+    runtime = _load(folder, device="cpu", batch_invariance="tolerant", max_batch_size=64)
+    assert runtime._call is not None  # the prepared call is the one serving
+    manifest = runtime.manifest
+    signature = tf.saved_model.load(str(folder / manifest.artifact)).signatures[manifest.signature]
+    for rows in (x[:1], x[:7], x[:64]):
+        expected = signature(**{manifest.input.name: tf.constant(runtime.normalize(rows))})[manifest.output.name]
+        assert np.array_equal(runtime.predict_sync(rows), expected.numpy())
+    asyncio.run(runtime.unload())
