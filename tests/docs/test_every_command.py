@@ -48,6 +48,10 @@ NOT_RUN: dict[tuple[str, str], str] = {
         CLUSTER + "; tests/deploy/test_documented_secrets.py runs it as a client-side dry run",
     ("docs/deploy.md", "kubectl apply -k deploy/k8s/overlays/cpu-shared-state"): CLUSTER,
     ("docs/deploy.md", "kubectl apply -k deploy/k8s/overlays/cpu-external-state"): CLUSTER,
+    ("docs/deploy.md", "kubectl apply -k deploy/k8s/overlays/cpu-remote-members"): CLUSTER,
+    ("docs/performance.md", ".venv/bin/python bench/remote_members.py --concurrency 64 --duration 8 --rounds 3"):
+        "about 2 minutes of load on every core from four servers; tests/bench/test_remote_members.py runs the same "
+        "script for half a second",
     ("docs/performance.md", ".venv/bin/python bench/feedback_bench.py --seconds 6 --rounds 3 --fill 25000 "
                             "--concurrency 8"):
         "about 5 minutes of load on every core (four servers and a redis-server); the store it measures is "
