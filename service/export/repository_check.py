@@ -179,12 +179,22 @@ def _check_ensemble(root: Path, entry: ModelEntry, refusals: Mapping[str, Mappin
     quorum of them is a refusal (naming the missing members), more is degraded."""
     try:
         config = load_ensemble_config(entry.path)
-        members, sizes = member_manifests(root, list(config.members), refusals)
+        elsewhere = {m.name: m for m in config.remote if m.manifest is None}  # only their endpoint knows them
+        local, sizes = member_manifests(root, [m for m in config.members if m not in elsewhere], refusals)
+        for member in config.remote:
+            if member.manifest is not None:  # a foreign server's member: its manifest stands beside the ensemble
+                manifest = VariantManifest.model_validate_json((entry.path / member.manifest).read_text())
+                local[member.name] = manifest.model_copy(update={"name": member.name})
+        members = {m: local[m] for m in config.members if m in local}
+        if not members:
+            report.served.append(f"{len(config.members)} members ({', '.join(config.members)}), all served "
+                                 "elsewhere: the server checks them against each other when it reaches them")
+            return
         spec = contract_of(entry.name, members, sizes)
     except EnsembleContractError as exc:
         report.refused += [f"ensemble '{entry.name}': {p}" for p in exc.problems]
         return
-    except ModelLoadError as exc:
+    except (ModelLoadError, OSError, ValueError) as exc:
         report.refused.append(str(exc))
         return
     gone = missing(members)
@@ -195,7 +205,9 @@ def _check_ensemble(root: Path, entry: ModelEntry, refusals: Mapping[str, Mappin
         report.refused += [f"ensemble '{entry.name}': {line}" for line in lines]
         return
     report.served.append(f"{len(config.members)} members ({', '.join(config.members)}), "
-                         f"policy {config.policy}, {len(spec.labels)} labels")
+                         f"policy {config.policy}, {len(spec.labels)} labels"
+                         + (f"; {', '.join(elsewhere)} served elsewhere, checked when the server reaches them"
+                            if elsewhere else ""))
     report.degraded += lines
 
 
