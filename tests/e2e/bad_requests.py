@@ -241,6 +241,11 @@ CASES = [
     Case("q-feedback-garbage", raw("/quorum.v1.EnsembleService/Feedback"), lambda: GARBAGE, INVALID),
     Case("q-status-unknown", quorum("GetStatus"), lambda: qpb.GetStatusRequest(model="nope"), NOT_FOUND),
     Case("q-status-1mb-name", quorum("GetStatus"), lambda: qpb.GetStatusRequest(model=MB), INVALID),
+    Case("q-manifest-unknown", quorum("GetManifest"), lambda: qpb.GetManifestRequest(model="nope"), NOT_FOUND),
+    Case("q-manifest-ensemble", quorum("GetManifest"), lambda: qpb.GetManifestRequest(model=ENSEMBLE), NOT_FOUND),
+    Case("q-manifest-version-9", quorum("GetManifest"), lambda: qpb.GetManifestRequest(model=MEMBER, version=9),
+         NOT_FOUND),
+    Case("q-manifest-1mb-name", quorum("GetManifest"), lambda: qpb.GetManifestRequest(model=MB), INVALID),
     # health, unknown methods and services
     Case("health-list", health("List"), lambda: health_pb2.HealthListRequest(), OK),
     Case("health-unknown-1mb-service", health("Check"), lambda: health_pb2.HealthCheckRequest(service=MB), NOT_FOUND),

@@ -52,7 +52,7 @@ def test_reflection_lists_services(channel):
 def test_reflection_resolves_descriptors(channel):
     pool = DescriptorPool(ProtoReflectionDescriptorDatabase(channel))
     ensemble = pool.FindServiceByName("quorum.v1.EnsembleService")
-    assert {m.name for m in ensemble.methods} == {"Predict", "Feedback", "GetStatus"}
+    assert {m.name for m in ensemble.methods} == {"Predict", "Feedback", "GetStatus", "GetManifest"}
     predict = ensemble.methods_by_name["Predict"]
     assert predict.input_type.full_name == "quorum.v1.PredictRequest"
     assert "return_member_votes" in predict.input_type.fields_by_name
