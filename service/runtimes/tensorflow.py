@@ -1,10 +1,10 @@
 """TensorFlow SavedModel: the manifest's serving signature, run as a prepared graph call.
 
-Calling the signature (a ConcreteFunction, eagerly) costs 270-420 us of Python and TF dispatch
+Calling the signature (a ConcreteFunction, eagerly) costs 250-420 us of Python and TF dispatch
 per batch for the bundled digits members, whose maths takes a few dozen. On the CPU the
-signature's graph is frozen (variables to constants) and run by a TF1-style session's
-prepared callable, as TF Serving runs a SavedModel: 160-305 us wall and half the CPU
-(bench: tests/runtimes/test_runtimes.py checks the answers; figures in docs/performance.md).
+signature's graph is frozen (variables to constants) and run by a TF1-style session, as TF
+Serving runs a SavedModel: 82-238 us wall, a quarter to a half of the CPU (bench/savedmodel_call.py;
+figures in docs/performance.md).
 The session's graph rewrites are off, so its kernels are the signature's: the answers are
 bitwise the same, and a load checks it on probe rows, keeping the signature call for a model
 where they are not (or whose graph does not freeze). A GPU keeps the signature call, placed
@@ -130,4 +130,12 @@ def _prepared_call(tf, fn, input_name: str, output_name: str, intra_op_threads: 
     config.graph_options.optimizer_options.do_constant_folding = False
     config.graph_options.optimizer_options.do_function_inlining = False
     session = tf.compat.v1.Session(graph=graph, config=config)
-    return session, session.make_callable(output.name, [placeholder.name])
+    feed, fetch = graph.get_tensor_by_name(placeholder.name), graph.get_tensor_by_name(output.name)
+    run, extend = getattr(session, "_call_tf_sessionrun", None), getattr(session, "_extend_graph", None)
+    if run is None or extend is None:  # another TensorFlow: its public prepared callable
+        return session, session.make_callable(fetch, [feed])
+    # Session.run's last step, called directly: make_callable with a feed list runs the whole of
+    # Session.run per call (its feed and fetch handlers), some 70 us of Python for these models.
+    extend()  # the graph into the session's runtime, as Session.run does first
+    dtype, feeds, fetches = feed.dtype.as_numpy_dtype, feed._as_tf_output(), [fetch._as_tf_output()]
+    return session, lambda rows: run(None, {feeds: np.ascontiguousarray(rows, dtype)}, fetches, [], None)[0]
