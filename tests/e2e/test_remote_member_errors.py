@@ -15,12 +15,15 @@ import tritonclient.grpc as grpcclient
 from grpc_health.v1 import health_pb2
 from tritonclient.utils import InferenceServerException
 
+from tests.e2e.certs import make_pki
 from tests.e2e.fixtures import module_server
 from tests.e2e.remote_servers import infer, remote, repository, server_on
 from tests.helpers import free_port, wait_until
+from tests.server import running_server, wait_serving
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 TOKEN = "the-right-token"
+GRPCIO_ONLY = True  # a TLS server is grpcio whatever the engine (tests/e2e/conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +37,22 @@ def b(tmp_path_factory, grpc_engine):
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory, grpc_engine):
     """A server that asks for a bearer token."""
-    repo = repository(tmp_path_factory.mktemp("repo-t") / "models", {"digits_logreg_guarded": "digits_logreg"})
+    repo = repository(tmp_path_factory.mktemp("repo-t") / "models", {
+        "digits_logreg_guarded": "digits_logreg", "digits_logreg_guarded_ok": "digits_logreg"})
     with module_server(tmp_path_factory, "server-t", repository=repo, env={"QUORUM_AUTH_TOKEN": TOKEN}) as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory, grpc_engine):
+    """A server that speaks TLS only, with a certificate for 127.0.0.1 from a CA of the test's own."""
+    pki = make_pki(tmp_path_factory.mktemp("pki"))
+    repo = repository(tmp_path_factory.mktemp("repo-tls") / "models", {"digits_logreg_tls": "digits_logreg"})
+    env = {"QUORUM_TLS_CERT": str(pki.server.cert), "QUORUM_TLS_KEY": str(pki.server.key)}
+    with running_server(tmp_path_factory.mktemp("server-tls"), repo, wait=False, env=env) as server:
+        credentials = grpc.ssl_channel_credentials(root_certificates=pki.ca.cert.read_bytes())
+        wait_serving(server, channel_factory=lambda: grpc.secure_channel(server.address, credentials))
+        yield server, pki.ca.cert
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +78,7 @@ def comes_later_port():
 
 
 @pytest.fixture(scope="module")
-def c(tmp_path_factory, grpc_engine, b, guarded, bare, later_port, comes_later_port):
+def c(tmp_path_factory, grpc_engine, b, guarded, tls_server, bare, later_port, comes_later_port):
     good = remote("digits_mlp_a", b.address)
 
     def pair(member: dict) -> dict:
@@ -79,8 +95,11 @@ def c(tmp_path_factory, grpc_engine, b, guarded, bare, later_port, comes_later_p
         "tls_mismatch": pair(remote("digits_cnn_a", b.address, tls=True)),
         "twice": {"members": [good, remote("digits_mlp_a", guarded.address)]},
         "clash": pair(remote("local_logreg", b.address)),
+        "token_ok": pair(remote("digits_logreg_guarded_ok", guarded.address, token_file="token")),
+        "tls_ok": pair(remote("digits_logreg_tls", tls_server[0].address, tls=True, ca_file=str(tls_server[1]))),
     })
     (repo / "wrong_token" / "token").write_text("not-the-token\n")
+    (repo / "token_ok" / "token").write_text(TOKEN + "\n")
     with module_server(tmp_path_factory, "server-c", repository=repo) as server:
         yield server
 
@@ -125,6 +144,14 @@ def test_a_member_listed_twice_is_named_with_both_endpoints(c, b, guarded, test_
     assert (f"member 'digits_mlp_a' is listed twice (at {b.address} and at {guarded.address})"
             in err.value.message())
     assert sum("member 'digits_mlp_a' is listed twice" in line for line in c.output().splitlines()) == 1
+
+
+@pytest.mark.parametrize("ensemble", ["token_ok", "tls_ok"])
+def test_the_right_token_and_tls_serve(ensemble, c, test_split):
+    assert c.health(ensemble) == SERVING
+    with grpcclient.InferenceServerClient(c.address) as client:
+        answer = infer(client, ensemble, test_split[0][:2].astype(np.float32))
+    assert "members_left_out" not in answer.get_response().parameters
 
 
 def test_the_rest_of_the_repository_serves(c, test_split):

@@ -7,6 +7,7 @@ cutoff, quorum and members-left-out, and a new version on A picked up and recali
 from __future__ import annotations
 
 import json
+import urllib.request
 
 import grpc
 import numpy as np
@@ -85,6 +86,12 @@ def test_remote_members_answer_the_test_split_bitwise_as_local_ones(c, local, te
             assert left_out(got) == ""
             for output in ("probabilities", "class_index", "confidence", "agreement", "label"):
                 assert np.array_equal(got.as_numpy(output), want.as_numpy(output)), output
+        # conformal sets from the remote members' validation replay, as from the local ones'
+        got, want = (infer(client, "digits", pixels, parameters={"coverage": 0.9}) for client in (far, near))
+        for output in ("prediction_set", "set_size"):
+            assert np.array_equal(got.as_numpy(output), want.as_numpy(output)), output
+    # drift: the same rows seen against the same references (the members' manifests, fetched from A and B)
+    assert _metric(c, 'quorum_drift_window_fill{model="digits"}') == _metric(local, 'quorum_drift_window_fill{model="digits"}') > 0
     assert vote_temperatures(c)[("digits", POLICY)] == vote_temperatures(local)[("digits", POLICY)]
     with grpc.insecure_channel(c.address) as channel:
         response = pb_grpc.EnsembleServiceStub(channel).Predict(pb.PredictRequest(model="digits", return_member_votes=True, inputs=pb.Tensor(
@@ -186,6 +193,11 @@ def test_a_new_version_on_a_is_recalibrated_and_another_label_set_refused(tmp_pa
                    "version 3 refused")
         assert logreg_version() == 2 and c2.health("digits/complete") == SERVING
     assert f"remote member digits_logreg at {endpoint}: serving version 2" in c2.output()
+
+
+def _metric(server, name: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    return float(next(line for line in text.splitlines() if line.startswith(name + " ")).rsplit(" ", 1)[1])
 
 
 def _unanimous(address: str, pixels: np.ndarray) -> np.ndarray:
