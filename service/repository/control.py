@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 
-from service.errors import InvalidInput, ModelLoadError, ModelNotFound, PermissionDenied, QuorumError
+from service.errors import FailedPrecondition, InvalidInput, ModelLoadError, ModelNotFound, PermissionDenied, QuorumError
 from service.repository.config import load_ensemble_config
 from service.repository.scan import ModelEntry, scan_model, valid_model_name
 from service.repository.sync import RepositorySync
@@ -90,6 +90,10 @@ class ModelControl(RepositorySync):
         model = self.variants.get(name)
         if model is None:
             raise ModelNotFound(f"model '{name}' is not loaded")
+        remote = self.remotes.get(name)
+        if remote is not None and remote.spec is not None:
+            raise FailedPrecondition(f"model '{name}' is a member served at {remote.spec.endpoint}: "
+                                     "unload it on that server")
         model.unloaded_by_request = True
         await self._retire(model)
         self._check_ensembles()

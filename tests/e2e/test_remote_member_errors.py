@@ -19,7 +19,7 @@ from tests.e2e.certs import make_pki
 from tests.e2e.fixtures import module_server
 from tests.e2e.remote_servers import infer, remote, repository, server_on
 from tests.helpers import free_port, wait_until
-from tests.server import running_server, wait_serving
+from tests.server import EXPLICIT_CONTROL, running_server, wait_serving
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 TOKEN = "the-right-token"
@@ -100,7 +100,7 @@ def c(tmp_path_factory, grpc_engine, b, guarded, tls_server, bare, later_port, c
     })
     (repo / "wrong_token" / "token").write_text("not-the-token\n")
     (repo / "token_ok" / "token").write_text(TOKEN + "\n")
-    with module_server(tmp_path_factory, "server-c", repository=repo) as server:
+    with module_server(tmp_path_factory, "server-c", repository=repo, args=EXPLICIT_CONTROL) as server:
         yield server
 
 
@@ -152,6 +152,14 @@ def test_the_right_token_and_tls_serve(ensemble, c, test_split):
     with grpcclient.InferenceServerClient(c.address) as client:
         answer = infer(client, ensemble, test_split[0][:2].astype(np.float32))
     assert "members_left_out" not in answer.get_response().parameters
+
+
+def test_a_remote_member_is_unloaded_on_its_own_server_not_here(c, b):
+    with grpcclient.InferenceServerClient(c.address) as client, pytest.raises(InferenceServerException) as err:
+        client.unload_model("digits_mlp_a")
+    assert err.value.status() == "StatusCode.FAILED_PRECONDITION"
+    assert f"model 'digits_mlp_a' is a member served at {b.address}: unload it on that server" in err.value.message()
+    assert c.health("token_ok") == SERVING
 
 
 def test_the_rest_of_the_repository_serves(c, test_split):
