@@ -16,7 +16,8 @@ from service._proto.inference import grpc_service_pb2 as v2
 from service._proto.inference import grpc_service_pb2_grpc as v2_grpc
 from service._proto.quorum.v1 import ensemble_pb2 as qpb
 from service._proto.quorum.v1 import ensemble_pb2_grpc as qpb_grpc
-from service.codecs.dtypes import from_numpy, from_v2
+from service.codecs.dtypes import from_numpy
+from service.codecs.v2 import decode_input
 from service.errors import DeadlineExceeded, InvalidInput, ModelNotReady, Overloaded, QuorumError
 from service.repository.config import RemoteMember
 from service.repository.manifest import SCHEMA_VERSION, VariantManifest
@@ -126,11 +127,11 @@ class GrpcLink:
         except grpc.aio.AioRpcError as exc:
             what = f"member '{manifest.name}' at {self.endpoint}: {exc.code().name}: {_one_line(exc.details() or '')}"
             raise BY_CODE.get(exc.code(), ModelNotReady)(what) from None
+        raw = answer.raw_output_contents  # a Quorum's and Triton's; MLServer may answer typed contents
         for i, tensor in enumerate(answer.outputs):
-            if tensor.name == output and i < len(answer.raw_output_contents):
-                return np.frombuffer(answer.raw_output_contents[i], dtype=from_v2(tensor.datatype).numpy).reshape(
-                    tuple(tensor.shape))
-        raise QuorumError(f"member '{manifest.name}' at {self.endpoint}: its answer has no raw output '{output}'")
+            if tensor.name == output:
+                return decode_input(tensor, raw[i] if i < len(raw) else None)
+        raise QuorumError(f"member '{manifest.name}' at {self.endpoint}: its answer has no output '{output}'")
 
     async def close(self) -> None:
         await self._channel.close(None)
