@@ -130,7 +130,15 @@ def wrap_handler(handler: grpc.RpcMethodHandler, method: str, token: bytes | Non
             trailer = ((PUSHBACK_KEY, str(max(1, round(retry_after_s * 1000)))),)
             context.set_trailing_metadata(trailer + (((REQUEST_ID_KEY, request_id),) if request_id else ()))
         details = str(exc) or type(exc).__name__
-        await context.abort(code, details if len(details) <= MAX_DETAILS else details[:MAX_DETAILS] + "...")
+        try:
+            await context.abort(code, details if len(details) <= MAX_DETAILS else details[:MAX_DETAILS] + "...")
+        except grpc.aio.AbortError:
+            raise
+        except Exception:  # noqa: BLE001 - the send failed: gRPC had ended the call (cancelled, expired)
+            # grpc.aio raises its ExecuteBatchError and would log it at ERROR with a traceback
+            # (under overload, for every call whose deadline passed on its way in); there is
+            # nobody to tell: the call ends as cancelled, which grpc.aio logs at DEBUG.
+            raise asyncio.CancelledError from None
 
     def observe(code: grpc.StatusCode, start: float, request: Any = None) -> None:
         if observer is not None:

@@ -41,7 +41,7 @@ import numpy as np
 from service.batching.config import BatchingConfig
 from service.batching.dispatcher import BatchDispatcher, BatchObserver, RunBatch, RunHere
 from service.batching.queue import Keep, Pending
-from service.batching.requests import Clock, refuse_if_late
+from service.batching.requests import Clock, refuse_if_late, unread
 from service.errors import DeadlineExceeded, InvalidInput, ModelNotReady, Overloaded
 from service.monitoring.stages import COLLECTOR, Stage, record
 
@@ -170,6 +170,7 @@ class DynamicBatcher(BatchDispatcher):
             if pending.queued:
                 self._unqueue(pending)
                 self._wake()
+            unread(pending.future)
             raise
         finally:
             DynamicBatcher.requests_everywhere -= carried

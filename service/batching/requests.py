@@ -3,13 +3,14 @@ the batch's output back."""
 
 from __future__ import annotations
 
+import asyncio
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from typing import Protocol, TypeVar
 
 import numpy as np
 
-from service.errors import Overloaded
+from service.errors import DeadlineExceeded, Overloaded
 
 Clock = Callable[[], float]
 """Where the queues (DynamicBatcher, EnsemblePipeline), the data plane and the manager read
@@ -62,10 +63,24 @@ def take_run(queue: deque[Q], limit: int, now: float, expire: Callable[[Q], None
     return batch, rows
 
 
+def unread(future: asyncio.Future) -> None:
+    """Mark as read the outcome of a future whose waiter was cancelled before reading it (its
+    answer or error came in the same turn of the loop as the cancellation: a call's deadline
+    is both its straggler cutoff and the instant gRPC cancels it). Unread, an error would be
+    logged as 'Future exception was never retrieved' when the future is collected."""
+    if future.done() and not future.cancelled():
+        future.exception()
+
+
 def refuse_if_late(what: str, queued_rows: int, batches: int, batch_s: float, time_left_s: float) -> None:
     """Overloaded (RESOURCE_EXHAUSTED) when `batches` at the measured `batch_s` each take
     longer than the request's deadline leaves: failing at once frees the client to retry
-    elsewhere, and no model spends time on an answer nobody will read."""
+    elsewhere, and no model spends time on an answer nobody will read. A deadline that leaves
+    no time at all (`time_left_s` <= 0: less than the safety margin before it) is its own
+    limit, not the load's: DeadlineExceeded (DEADLINE_EXCEEDED)."""
+    if time_left_s <= 0:
+        raise DeadlineExceeded(f"{what}: the call's deadline leaves no time to answer it "
+                               f"({time_left_s * 1000:.1f} ms after the safety margin)")
     needed_s = batches * batch_s
     if needed_s > time_left_s:
         raise Overloaded(

@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from service.batching.priority import PRIORITY, take_by_priority
-from service.batching.requests import Clock, refuse_if_late
+from service.batching.requests import Clock, refuse_if_late, unread
 from service.ensemble.batch_run import BatchRunner, Entry
 from service.ensemble.outcomes import Answer, Plan
 from service.errors import DeadlineExceeded, Overloaded
@@ -109,7 +109,11 @@ class EnsemblePipeline(BatchRunner):
             self._holding += 1
             if self._wake is None:
                 self._wake = asyncio.Event()
-            await (self._run_lone(entry) if len(plan.members) == 1 else self._run([entry]))
+            try:
+                await (self._run_lone(entry) if len(plan.members) == 1 else self._run([entry]))
+            except asyncio.CancelledError:
+                unread(entry.future)
+                raise
             return entry.future.result()
         queue = self._queues.get(level)
         if queue is None:
@@ -128,6 +132,7 @@ class EnsemblePipeline(BatchRunner):
         except asyncio.CancelledError:
             if entry.queued:
                 self._unqueue(entry)
+            unread(entry.future)
             raise
 
     def _admit(self, rows: int, time_left_s: float, level: int = 1) -> None:
