@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 
@@ -29,6 +30,7 @@ from service.api.ensemble import EnsembleServicer
 from service.api.health import COMPLETE, LIVENESS, NOT_SERVING, SERVING, HealthServicer
 from service.api.http import HttpServer, start_http
 from service.api.admission import Admission
+from service.api.priority import at_entry as priority_at_entry
 from service.api.handlers import HandlerWrapper
 from service.api.tfserving import ModelServicer, PredictionServicer
 from service.api.v2 import InferenceServicer
@@ -135,7 +137,8 @@ class QuorumServer:
                      ("grpc.so_reuseport", int(self.settings.reuse_port))])
         # Every handler is wrapped as it is registered (auth, admission, errors, metrics).
         server = HandlerWrapper(token=self.settings.token(), observer=self.monitor, admission=self.admission,
-                                tracing=self.tracing, pushback=sends_grpc_trailers(self.engine)).registrar(self._server)
+                                tracing=self.tracing, pushback=sends_grpc_trailers(self.engine),
+                                priorities=functools.partial(priority_at_entry, self.api)).registrar(self._server)
         from tensorflow_serving.apis import (model_service_pb2, model_service_pb2_grpc, prediction_service_pb2,
                                              prediction_service_pb2_grpc)
 

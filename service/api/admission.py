@@ -1,5 +1,6 @@
 """Which calls the server still takes: open while serving, refusing during shutdown, and
-failing fast under overload (a deadline shorter than the work already in flight)."""
+failing fast under overload (a deadline shorter than the work already in flight), the lowest
+priority first."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import time
 from collections.abc import Callable
 
 from service import errors
+from service.batching.priority import Priority
 
 ALWAYS_ANSWERED = ("/inference.GRPCInferenceService/ServerLive", "/inference.GRPCInferenceService/ServerReady",
                    "/inference.GRPCInferenceService/ServerMetadata")
@@ -27,6 +29,14 @@ class Admission:
     time on calls that can still be answered in time and the client can retry elsewhere.
     Half, not all: an ensemble answering at its straggler cutoff takes about its callers'
     deadline by design, and a call like theirs must still be let in.
+
+    With priority levels (the model's, read from the call at its entry: api/priority.py), a
+    call may count on its level's share of its deadline (Priority.share, as the model's own
+    queue does): the lowest level is refused first, and the top `priority_reserve` of the
+    work the server takes on is kept for the highest.
+
+    A call whose deadline has passed before it is seen is refused DEADLINE_EXCEEDED (its own
+    deadline ended it, not the load); one refused for the work ahead, RESOURCE_EXHAUSTED.
     """
 
     RATE_WINDOW_S = 0.25  # busy seconds per completion-rate measurement
@@ -52,7 +62,9 @@ class Admission:
             self._busy_s += now - self._last_event
         self._last_event = now
 
-    def enter(self, time_left_s: float | None = None) -> None:
+    def enter(self, time_left_s: float | None = None, priority: Priority | None = None) -> None:
+        """Admit a call (`time_left_s`: until its deadline, None: it has none; `priority`:
+        its level, None: one class), or raise the error that refuses it."""
         now = self.last_arrival = self._clock()
         if not self.open:
             raise errors.Unavailable("server is shutting down; retry on another replica")
@@ -63,11 +75,14 @@ class Admission:
             raise errors.DeadlineExceeded("the call's deadline passed before it was admitted")
         if time_left_s is not None and self.inflight and self.rate:
             wait_s = self.inflight / self.rate
-            if wait_s > self.SLACK * time_left_s:
+            share = 1.0 if priority is None else priority.share
+            if wait_s > self.SLACK * time_left_s * share:
+                level = "" if priority is None or share == 1.0 else (
+                    f" (priority {priority.level} of {priority.levels} may wait {share:.0%} of that)")
                 raise errors.Overloaded(
                     f"server overloaded: {self.inflight} calls in flight, about {wait_s * 1000:.0f} ms of work "
                     f"at {self.rate:.0f} calls/s, more than twice the {max(time_left_s, 0.0) * 1000:.0f} ms "
-                    f"this call's deadline leaves; retry later or elsewhere", retry_after_s=wait_s)
+                    f"this call's deadline leaves{level}; retry later or elsewhere", retry_after_s=wait_s)
         self._account(now)
         self.inflight += 1
         self._idle.clear()

@@ -5,12 +5,13 @@ add their handlers. What a wrapped call does is service.api.wrapped_call."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Callable
+from typing import Any, Callable
 
 import grpc
 
 from service.api.admission import Admission
 from service.api.wrapped_call import RpcObserver, wrap_handler
+from service.batching.priority import Priority
 from service.monitoring.tracing import Tracing
 
 
@@ -23,8 +24,11 @@ class HandlerWrapper:
 
     def __init__(self, token: str | None = None, observer: RpcObserver | None = None,
                  admission: Admission | None = None, tracing: Tracing | None = None,
-                 pushback: bool = True) -> None:
-        """pushback: refusals carry `grpc-retry-pushback-ms` (see engine.sends_grpc_trailers)."""
+                 pushback: bool = True,
+                 priorities: Callable[[str], Callable[[Any], Priority | None] | None] | None = None) -> None:
+        """pushback: refusals carry `grpc-retry-pushback-ms` (see engine.sends_grpc_trailers).
+        priorities: per method, what reads a request's priority for admission (None: none)."""
+        self._priorities = priorities
         self._token = token.encode() if token else None
         self._pushback = pushback
         self._observer = observer
@@ -33,7 +37,7 @@ class HandlerWrapper:
 
     def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         return wrap_handler(handler, method, self._token, self._observer, self._admission, self._tracing,
-                            self._pushback)
+                            self._pushback, self._priorities(method) if self._priorities is not None else None)
 
     def generic(self, handler: grpc.GenericRpcHandler) -> grpc.GenericRpcHandler:
         if isinstance(handler, grpc.ServiceRpcHandler):  # pygrpc-native reads its service_name()

@@ -4,7 +4,8 @@ against the model's or ensemble's levels (model.yaml / ensemble.yaml), resolved 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from service.api.context import ApiContext
 from service.batching.priority import PRIORITY, Priority
@@ -34,6 +35,45 @@ def priority_of(api: ApiContext, model: str, value: object) -> Priority | None:
         return None
     level = value or config.default_priority_level or levels
     return Priority(level, levels, config.priority_reserve)
+
+
+def _v2(request: Any) -> tuple[str, object]:
+    """KServe v2 ModelInfer: the `priority` request parameter (whichever field it set)."""
+    parameters = request.parameters
+    if not parameters or "priority" not in parameters:
+        return request.model_name, None
+    value = parameters["priority"]
+    return request.model_name, getattr(value, value.WhichOneof("parameter_choice") or "string_param")
+
+
+READERS: dict[str, Callable[[Any], tuple[str, object]]] = {
+    "/inference.GRPCInferenceService/ModelInfer": _v2,
+    "/quorum.v1.EnsembleService/Predict": lambda request: (request.model, request.priority),
+    "/tensorflow.serving.PredictionService/Predict": lambda request: (request.model_spec.name, None),
+    "/tensorflow.serving.PredictionService/Classify": lambda request: (request.model_spec.name, None),
+}
+"""Per gRPC method, where its request names the model and carries a priority (None: it
+carries none, the model's default level applies)."""
+
+EntryPriority = Callable[[Any], "Priority | None"]
+
+
+def at_entry(api: ApiContext, method: str) -> EntryPriority | None:
+    """What reads a call's priority at the RPC's entry, before admission (wrapped_call), for
+    `method`'s requests; None for a method that names no model. As priority_of, except that a
+    model the server does not know has no level here (its front answers NOT_FOUND)."""
+    reader = READERS.get(method)
+    if reader is None:
+        return None
+    manager = api.manager
+
+    def entry(request: Any) -> Priority | None:
+        model, value = reader(request)
+        if manager.ensemble(model) is None and model not in manager.variants:
+            return None
+        return priority_of(api, model, value)
+
+    return entry
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ from service.api.admission import ALWAYS_ANSWERED, Admission
 from service.api.common import remaining_s
 from service.api.limits import check_request, short
 from service.api.status_codes import status_of
+from service.batching.priority import Priority
 from service.api.request_scope import REQUEST_ID_KEY, RequestScope, client_request_id, new_request_id
 from service.monitoring.tracing import Tracing
 
@@ -110,8 +111,10 @@ def _cancelled_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
 
 def wrap_handler(handler: grpc.RpcMethodHandler, method: str, token: bytes | None,
                  observer: RpcObserver | None, admission: Admission | None,
-                 tracing: Tracing = Tracing.disabled(), pushback: bool = True) -> grpc.RpcMethodHandler:
-    """Rewrap the handler's behaviour, keeping its (de)serializers and streaming kind."""
+                 tracing: Tracing = Tracing.disabled(), pushback: bool = True,
+                 priority_of: Callable[[Any], Priority | None] | None = None) -> grpc.RpcMethodHandler:
+    """Rewrap the handler's behaviour, keeping its (de)serializers and streaming kind.
+    `priority_of`: the level a (unary) request asks, for admission (api/priority.at_entry)."""
     open_service = method.startswith(OPEN_SERVICES)
     span_name = method[1:]
     required = None if open_service else token  # the bearer token this method asks for
@@ -165,7 +168,8 @@ def wrap_handler(handler: grpc.RpcMethodHandler, method: str, token: bytes | Non
             try:
                 authorize(context)
                 if gate is not None:
-                    gate.enter(remaining_s(context))
+                    gate.enter(remaining_s(context), priority_of(request) if priority_of is not None
+                               and not isinstance(request, _Unparsable) else None)
                     entered = gate
                 if isinstance(request, _Unparsable):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)

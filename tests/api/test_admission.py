@@ -11,6 +11,7 @@ from service._proto.inference import grpc_service_pb2 as v2_pb
 from service.api.engine import build_server, sends_grpc_trailers
 from service.api.admission import Admission
 from service.api.handlers import HandlerWrapper
+from service.batching.priority import Priority
 from service.batching.requests import refuse_if_late
 
 
@@ -68,6 +69,29 @@ def test_a_deadline_shorter_than_the_work_in_flight_is_refused_at_once():
     assert gate.inflight == 13
 
 
+def test_under_the_same_load_the_lowest_priority_is_refused_first_and_the_reserve_kept_for_the_highest():
+    """Each level may count on its share of its deadline (Priority.share, as the model's own
+    queue does): with 100 ms of work ahead, a call with 60 ms left is let in at the highest
+    level (twice 60 ms covers it) and refused at the lowest, whose share leaves it 90 ms of
+    the 120 (the top 25 %, priority_reserve, is kept for the highest), RESOURCE_EXHAUSTED
+    naming its level; a middle level gets what lies between."""
+    clock = Clock()
+    gate = _serving(clock)
+    _measure(gate, clock, in_flight=10, per_second=100.0, calls=60)  # about 100 ms of work ahead
+    high, middle, low = (Priority(level, 3, 0.25) for level in (1, 2, 3))
+    with pytest.raises(errors.Overloaded, match=r"priority 3 of 3 may wait 75% of that"):
+        gate.enter(0.06, low)
+    gate.enter(0.06, middle)  # 87.5 % of 120 ms: let in
+    gate.enter(0.06, high)
+    gate.enter(0.06, None)  # one class: the whole deadline, as before
+    assert gate.inflight == 13
+    with pytest.raises(errors.Overloaded):
+        gate.enter(0.055, middle)  # 87.5 % of 110 ms < 130 ms ahead now
+    gate.enter(0.07, high)  # 140 ms >= 130 ms ahead
+    with pytest.raises(errors.DeadlineExceeded):
+        gate.enter(0.0, high)  # its own deadline, whatever its level
+
+
 def test_idle_time_does_not_count_against_the_rate():
     clock = Clock()
     gate = _serving(clock)
@@ -103,6 +127,8 @@ def test_a_refusal_on_work_ahead_says_when_that_work_will_have_drained():
     with pytest.raises(errors.Overloaded) as late:
         refuse_if_late("model 'm'", queued_rows=128, batches=3, batch_s=0.02, time_left_s=0.05)
     assert late.value.retry_after_s == pytest.approx(0.06)  # three batches of 20 ms
+    with pytest.raises(errors.DeadlineExceeded, match="leaves no time"):  # the margin ate it: its own limit
+        refuse_if_late("ensemble 'e'", queued_rows=1, batches=1, batch_s=0.02, time_left_s=-0.003)
 
 
 @pytest.mark.parametrize("engine", ["grpcio", "native"])
