@@ -16,8 +16,11 @@ clients whose requests carry --deadline-ms deadlines for --seconds, and reports:
                                                          # pushback (else jittered backoff)
     .venv/bin/python bench/overload.py --server floor    # the same load on the bare grpc.aio
                                                          # floor: what a server doing nothing gets
+    .venv/bin/python bench/overload.py --open    # open-loop Poisson load in two priority
+        [--servers floor,grpcio,native --load 2 --high-share 0.2]   # classes, side by side
+                                                         # (bench/overload_open.py)
 
-Results in bench/results/overload.json (the last run).
+Results in bench/results/overload.json (the last run; --open: overload_open.json).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import numpy as np
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 
+from bench import overload_open  # noqa: E402
 from bench.loadgen import MAX_MESSAGE, make_request, run_load  # noqa: E402
 from service._proto.inference import grpc_service_pb2 as v2_pb  # noqa: E402
 from tests.helpers import free_port  # noqa: E402
@@ -151,7 +155,20 @@ async def main() -> None:
     p.add_argument("--server", choices=["quorum", "floor"], default="quorum",
                    help="floor: bench/floor_server.py (bare grpc.aio, precomputed answer, no admission), "
                         "the reference for what this machine and client allow")
+    p.add_argument("--open", action="store_true",
+                   help="open-loop Poisson load in two priority classes, every --servers in one run "
+                        "(bench/overload_open.py)")
+    p.add_argument("--servers", default="floor,grpcio,native",
+                   help="--open: the servers, in order: floor (bare grpc.aio), grpcio, native (Quorum's engines)")
+    p.add_argument("--load", type=float, default=2.0, help="--open: offered load, times each server's capacity")
+    p.add_argument("--rate", type=float, help="--open: offered load in requests/s (instead of --load)")
+    p.add_argument("--count", type=int, default=200_000, help="--open: at most this many requests per server")
+    p.add_argument("--high-share", type=float, default=0.2, help="--open: share of requests of the high class")
+    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    if args.open:
+        await open_loop(args)
+        return
     if args.server == "floor" and args.grpc_engine:
         p.error("--grpc-engine is Quorum's: the floor is grpc.aio")
     port = free_port()
@@ -178,6 +195,37 @@ async def main() -> None:
           f"goodput {result['goodput_rps']:.0f} req/s = {result['goodput_ratio']:.2f} x capacity")
     print(f"  outcomes {result['codes']}; successes p99 {result['success_p99_ms'] or float('nan'):.1f} ms; "
           f"failures p50 {result['failure_p50_ms'] or float('nan'):.1f} / p99 {result['failure_p99_ms'] or float('nan'):.1f} ms")
+
+
+async def open_loop(args: argparse.Namespace) -> None:
+    """--open: bench/overload_open.py's run on each of --servers, one after the other."""
+    root = args.root.resolve()
+    servers = [s for s in args.servers.split(",") if s]
+    unknown = set(servers) - {"floor", "grpcio", "native"}
+    if unknown:
+        raise SystemExit(f"--servers: unknown {sorted(unknown)}; choose from floor, grpcio, native")
+    repository, scratch = overload_open.repository_for(args, root)
+    payload = make_request("v2", args.model, (1, 64), "pixels")
+    results = []
+    try:
+        for name in servers:
+            port = free_port()
+            address = f"127.0.0.1:{port}"
+            server = (start(root, port, None, "floor") if name == "floor"
+                      else start(root, port, name, "quorum", repository))
+            try:
+                await wait_ready(address, payload)
+                results.append(await overload_open.measure(name, address, server.pid, args.model, args))
+            finally:
+                server.terminate()
+                server.wait(timeout=60)
+            print(overload_open.summary(results[-1]), flush=True)
+    finally:
+        overload_open.cleanup(scratch)
+    out = args.out if args.out != BENCH / "results" / "overload.json" else BENCH / "results" / "overload_open.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"model": args.model, "deadline_ms": args.deadline_ms, "load": args.load,
+                               "rate": args.rate, "high_share": args.high_share, "results": results}, indent=2))
 
 
 if __name__ == "__main__":

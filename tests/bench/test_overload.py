@@ -53,3 +53,31 @@ def test_the_floor_has_no_engine_to_choose():
     done = subprocess.run([sys.executable, str(BENCH / "overload.py"), "--server", "floor", "--grpc-engine", "native"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "--grpc-engine is Quorum's" in done.stderr
+
+
+@pytest.mark.timeout(300)
+def test_open_loop_overload_in_two_priority_classes_reports_each_server_and_class(tmp_path):
+    """--open: the same open-loop Poisson load (twice each server's capacity, 20 % high
+    priority) offered to the floor and to Quorum on both engines, in one run; each server's
+    report accounts for every request it was sent, per class and in all."""
+    out = tmp_path / "overload_open.json"
+    done = subprocess.run([sys.executable, str(BENCH / "overload.py"), "--open", "--servers", "floor,grpcio,native",
+                           "--seconds", "1", "--count", "2000", "--capacity-seconds", "1", "--warmup", "0.2",
+                           "--deadline-ms", "50", "--model-repository", str(onnx_models()), "--out", str(out)],
+                          check=True, capture_output=True, text=True, timeout=290, env=NO_DRAIN_DELAY)
+    report = json.loads(out.read_text())
+    assert report["load"] == 2.0 and report["high_share"] == 0.2
+    assert [r["server"] for r in report["results"]] == ["floor", "grpcio", "native"]
+    for result in report["results"]:
+        assert result["capacity_rps"] > 0 and 0 < result["sent"] <= 2000
+        classes = result["classes"]
+        assert classes["high"]["offered"] + classes["low"]["offered"] == classes["all"]["offered"] == result["sent"]
+        for name in ("high", "low", "all"):
+            c = classes[name]
+            assert set(c["codes"]) <= EXPECTED, c["codes"]
+            assert sum(c["codes"].values()) == c["offered"]
+            assert 0 <= c["in_time"] <= c["codes"].get("OK", 0)
+            assert c["goodput_share"] >= 0
+            for key in ("refusal_p50_ms", "refusal_p99_ms", "admitted_p99_ms", "in_time_share"):
+                assert key in c
+        assert result["server"] + ": capacity" in done.stdout
