@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 
@@ -14,9 +15,18 @@ from service.settings import Settings
 log = logging.getLogger("service.server")  # its lines read as the server's, as before the split
 
 
+def tune_gc(threshold: int) -> None:
+    """The youngest generation's threshold (settings.gc_threshold; 0 keeps Python's): in this
+    process and in every worker, before the models load."""
+    if threshold:
+        _, middle, oldest = gc.get_threshold()
+        gc.set_threshold(threshold, middle, oldest)
+
+
 async def serve(settings: Settings) -> None:
     from service.startup import StartupError
 
+    tune_gc(settings.gc_threshold)
     try:
         server = QuorumServer(settings)
         loop = asyncio.get_running_loop()

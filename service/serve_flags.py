@@ -40,6 +40,7 @@ HELP = {
     "device_overrides": 'per-variant placement as JSON, e.g. \'{"digits_cnn_a": "cpu"}\'',
     "intra_op_threads": "threads per model for ONNX Runtime / TensorFlow intra-op parallelism (0: the library's)",
     "compute_threads": "threads running batches, shared by every model on a device (0: one thread per model)",
+    "gc_threshold": "the garbage collector's youngest-generation threshold (0: Python's default, 700)",
     "inline_compute_us": "a lone request's batch computing in under this many microseconds runs on the event "
                          "loop (0: never)",
     "batch_invariance": "strict pads every batch to the max batch size (bitwise-identical outputs)",
