@@ -12,6 +12,10 @@ Rules:
 - Requests with different row shapes or dtypes are never merged: a batch is the longest
   run of compatible requests from the head of the queue; the next request starts the next.
 - A full queue rejects at once with Overloaded.
+- With priority levels (batching.priority.PRIORITY: a request's, or the batch of an ensemble
+  that asks this member), each level queues apart and a batch starts at the highest level's
+  head: a member shared by several ensembles serves their high-priority batches first, not in
+  arrival order (a request without a priority is at level 1, as before levels existed).
 - A request whose deadline passes while queued fails with DeadlineExceeded at that
   instant and never runs; a caller cancelled while queued is dropped, and so are the rows
   its `keep` no longer wants (an ensemble's batch: see queue.Keep). Once its batch has
@@ -40,6 +44,7 @@ import numpy as np
 
 from service.batching.config import BatchingConfig
 from service.batching.dispatcher import BatchDispatcher, BatchObserver, RunBatch, RunHere
+from service.batching.priority import PRIORITY
 from service.batching.queue import Keep, Pending
 from service.batching.requests import Clock, refuse_if_late, unread
 from service.errors import DeadlineExceeded, InvalidInput, ModelNotReady, Overloaded
@@ -69,7 +74,7 @@ class DynamicBatcher(BatchDispatcher):
         self._inline_rows = inline_rows if inline is not None else 0
         self._config = config
         self._observer = observer
-        self._queue: deque[Pending] = deque()
+        self._queues: dict[int, deque[Pending]] = {1: deque()}  # priority level -> its queue
         self._wakeup: asyncio.Event | None = None
         self._dispatcher: asyncio.Task[None] | None = None
         self._depth = 0          # live requests queued
@@ -141,7 +146,9 @@ class DynamicBatcher(BatchDispatcher):
             if self._batch_s is not None:
                 self._admit(rows.shape[0], deadline - now)
         loop = asyncio.get_running_loop()
-        pending = Pending(rows, deadline, now, loop.create_future(), arrivals, keep)
+        priority = PRIORITY.get()  # a member shared by ensembles: their batches' priority
+        pending = Pending(rows, deadline, now, loop.create_future(), arrivals, keep,
+                          1 if priority is None else priority.level)
         if (pending.n <= self._inline_rows and not DynamicBatcher.requests_everywhere and len(pending.arrivals) == 1
                 and not self._depth and not self._batches_running and not cfg.max_queue_delay_us):
             # A lone request small enough for the loop: computed here, at once, in the
@@ -158,7 +165,10 @@ class DynamicBatcher(BatchDispatcher):
         self._ensure_started()
         if deadline is not None:
             pending.timer = loop.call_later(deadline - now, self._expire, pending)
-        self._queue.append(pending)
+        queue = self._queues.get(pending.level)
+        if queue is None:
+            queue = self._queues[pending.level] = deque()
+        queue.append(pending)
         self._depth += 1
         self._queued_rows += pending.n
         self._wake()

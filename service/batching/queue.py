@@ -1,5 +1,6 @@
-"""A batcher's queue: the requests waiting (Pending), taken from the head as the longest run
-of compatible live ones, expired at their deadline, dropped when their caller goes away."""
+"""A batcher's queue: the requests waiting (Pending), one queue per priority level, taken from
+the head of the highest level as the longest run of compatible live ones, expired at their
+deadline, dropped when their caller goes away."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from service.batching.config import BatchingConfig
-from service.batching.requests import Clock, take_run
+from service.batching.priority import take_by_priority
+from service.batching.requests import Clock
 from service.errors import DeadlineExceeded
 
 Keep = Callable[[], np.ndarray]
@@ -21,12 +23,14 @@ away (cancelled, expired, answered at its cutoff) are not computed."""
 
 class Pending:
     __slots__ = ("rows", "n", "deadline", "arrival", "arrivals", "future", "timer", "queued", "started",
-                 "finished", "batch_rows", "keep", "mask")
+                 "finished", "batch_rows", "keep", "mask", "level")
 
     def __init__(self, rows: np.ndarray, deadline: float | None, arrival: float,
                  future: asyncio.Future[np.ndarray], arrivals: Sequence[float] | None = None,
-                 keep: Keep | None = None) -> None:
+                 keep: Keep | None = None, level: int = 1) -> None:
         self.rows = rows
+        self.level = level
+        """Its priority level (1 is the highest): the queue it waits in."""
         self.keep = keep
         self.mask: np.ndarray | None = None
         """Which of the submitted rows `rows` still holds (None: all of them)."""
@@ -49,7 +53,8 @@ class BatchQueue:
     name: str
     clock: Clock
     _config: BatchingConfig
-    _queue: deque[Pending]
+    _queues: dict[int, deque[Pending]]
+    """Priority level -> its queue (level 1 always there)."""
     _wakeup: asyncio.Event | None
     _depth: int
     _queued_rows: int
@@ -73,27 +78,32 @@ class BatchQueue:
             self._wake()
 
     def _fail_queued(self, exc: BaseException) -> None:
-        while self._queue:
-            pending = self._queue.popleft()
-            if pending.queued:
-                self._unqueue(pending)
-                if not pending.future.done():
-                    pending.future.set_exception(exc)
+        for queue in self._queues.values():
+            while queue:
+                pending = queue.popleft()
+                if pending.queued:
+                    self._unqueue(pending)
+                    if not pending.future.done():
+                        pending.future.set_exception(exc)
 
     def _wake(self) -> None:
         if self._wakeup is not None:
             self._wakeup.set()
 
     def _head(self) -> Pending | None:
-        queue = self._queue
-        while queue and not queue[0].queued:
-            queue.popleft()
-        return queue[0] if queue else None
+        """The request the next batch starts with: the head of the highest level queued."""
+        for level in sorted(self._queues) if len(self._queues) > 1 else (1,):
+            queue = self._queues[level]
+            while queue and not queue[0].queued:
+                queue.popleft()
+            if queue:
+                return queue[0]
+        return None
 
     def _prune(self) -> None:
         """Drop from the queued submissions the rows nobody waits for any more (see Keep); a
         submission left with none leaves the queue, cancelled: its batch is not computed."""
-        for pending in self._queue:
+        for pending in (p for queue in self._queues.values() for p in queue):
             if pending.keep is None or not pending.queued:
                 continue
             wanted = pending.keep()
@@ -112,9 +122,11 @@ class BatchQueue:
             pending.mask = wanted
 
     def _take(self) -> tuple[list[Pending], int]:
-        """Pop the longest run of compatible live requests that fits in one batch."""
+        """Pop the longest run of compatible live requests that fits in one batch, from the
+        highest priority level queued (priority.take_by_priority)."""
         self._prune()
-        batch, rows = take_run(self._queue, self._config.max_batch_size, self.clock(), self._expire, signature)
+        batch, rows = take_by_priority(self._queues, self._config.max_batch_size, self.clock(), self._expire,
+                                       signature)
         for pending in batch:
             if pending.timer is not None:
                 pending.timer.cancel()

@@ -27,6 +27,8 @@ Rules:
 - With priority levels (batching.priority.PRIORITY, set by the front), each level queues
   apart: a batch starts at the highest level's head and fills from the lower levels; a
   lower level may fill a smaller share of the queue and of its deadline (Priority.share).
+  A batch asks its members at its highest request's level: their queues, which several
+  ensembles may share, serve it before lower levels.
 - The next batch starts when the running one's members have all answered, so that requests
   queue and merge meanwhile; a straggler holds the queue up at most as long again as the
   batch took to reach its quorum. The dispatcher task lives only while there is work.
@@ -46,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from service.batching.priority import PRIORITY, take_by_priority
+from service.batching.priority import PRIORITY, Priority, take_by_priority
 from service.batching.requests import Clock, refuse_if_late, unread
 from service.ensemble.batch_run import BatchRunner, Entry
 from service.ensemble.outcomes import Answer, Plan
@@ -79,6 +81,7 @@ class EnsemblePipeline(BatchRunner):
         self._dispatcher: asyncio.Task | None = None
         self._batches: set[asyncio.Task] = set()
         self._batch_s: float | None = None     # recent seconds a batch held the queue (admission)
+        self._priorities: dict[int, Priority] = {}  # level -> its Priority, for the members' queues
 
     @property
     def queue_depth(self) -> int:
@@ -101,6 +104,8 @@ class EnsemblePipeline(BatchRunner):
         loop = asyncio.get_running_loop()
         entry = Entry(rows, plan, deadline, now, loop.create_future())
         entry.level = level
+        if priority is not None:
+            self._priorities[level] = priority
         if not self._holding and not self._depth and entry.stages is None:
             # Idle: this request is the batch. Run it in the caller's own task (one task
             # created and two hand-offs fewer: what a lone request pays); a traced request
@@ -209,6 +214,10 @@ class EnsemblePipeline(BatchRunner):
             context = contextvars.Context()
             if any(e.stages is not None for e in batch):
                 context.run(COLLECTOR.set, [])  # the batch's stages, copied to each traced request
+            if self._priorities:  # the members' queues serve the batch at its highest request's level
+                best = self._priorities.get(min(e.level for e in batch))
+                if best is not None:
+                    context.run(PRIORITY.set, best)
             task = loop.create_task(self._run(batch), context=context)
             self._batches.add(task)
             task.add_done_callback(self._batches.discard)

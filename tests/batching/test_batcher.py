@@ -6,12 +6,14 @@ loop time, so delays, deadlines and admission are checked to the microsecond."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 
 import numpy as np
 import pytest
 
 from service.batching.batcher import DynamicBatcher
 from service.batching.config import BatchingConfig
+from service.batching.priority import PRIORITY, Priority
 from service.errors import DeadlineExceeded, InvalidInput, ModelNotReady, Overloaded
 
 pytestmark = pytest.mark.looptime
@@ -487,3 +489,28 @@ def test_config_validates_and_sorts_preferred_sizes():
                 dict(preferred_batch_sizes=(128,))):
         with pytest.raises(ValueError):
             BatchingConfig(**bad)
+
+
+async def test_a_higher_priority_overtakes_lower_ones_queued_before_it():
+    """A member shared by ensembles queues by priority level (PRIORITY: the request's, or its
+    ensemble batch's): with the model busy, two level-2 requests then a level-1 one: the level-1
+    row goes in the next batch, the level-2 rows after it, in their order."""
+    gate = asyncio.Event()
+    model = FakeModel(gate=gate)
+    batcher = make_batcher("m", model, BatchingConfig(max_batch_size=1))
+    first = asyncio.create_task(batcher.submit(row(0)))
+    await wait_until(lambda: model.running == 1)
+
+    def at(level: int, value: float) -> asyncio.Task:
+        context = contextvars.copy_context()
+        context.run(PRIORITY.set, Priority(level, 2, 0.25))
+        return asyncio.create_task(batcher.submit(row(value)), context=context)
+
+    low = [at(2, 20.0), at(2, 21.0)]
+    await wait_until(lambda: batcher.queue_depth == 2)
+    high = at(1, 10.0)
+    await wait_until(lambda: batcher.queue_depth == 3)
+    gate.set()
+    await asyncio.gather(first, high, *low)
+    assert [float(b[0, 0]) for b in model.batches] == [0.0, 10.0, 20.0, 21.0]
+    await batcher.stop()

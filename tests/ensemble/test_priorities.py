@@ -12,10 +12,13 @@ import contextvars
 import numpy as np
 import pytest
 
+from service.batching.batcher import DynamicBatcher
+from service.batching.config import BatchingConfig
 from service.batching.priority import PRIORITY, Priority
 from service.ensemble.outcomes import FanOut, Plan
 from service.ensemble.pipeline import EnsemblePipeline
 from service.errors import Overloaded
+from service.monitoring.stages import COLLECTOR
 
 pytestmark = pytest.mark.looptime
 
@@ -120,3 +123,50 @@ async def test_a_higher_priority_does_not_count_the_lower_ones_queued_ahead_but_
     assert await high == [1.0]
     await asyncio.gather(blocker, *low)
     assert member.calls[2:] == [[1.0], [10.0], [11.0], [12.0]]
+
+
+class SharedMember:
+    """A member whose queue is a real DynamicBatcher (one row a batch), shared by ensembles."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.batches: list[float] = []
+        self.batcher = DynamicBatcher("m:1", self._run, BatchingConfig(max_batch_size=1),
+                                      clock=asyncio.get_running_loop().time)
+
+    async def _run(self, batch: np.ndarray) -> np.ndarray:
+        self.batches.append(float(batch[0, 0]))
+        await self.gate.wait()
+        return batch
+
+    @contextlib.contextmanager
+    def lease(self):
+        yield self
+
+    async def infer(self, rows, deadline=None, arrivals=None, keep=None):
+        return await self.batcher.submit(rows, deadline, arrivals, keep)
+
+
+async def test_a_member_shared_by_ensembles_serves_their_batches_by_priority_not_arrival():
+    """Ensembles a and b share one busy member: b's low request reaches the member's queue
+    first, its batch through b's dispatcher (a traced request goes that way), which runs in a
+    context of its own and carries its request's level to the member; then a's high request
+    (a was idle: its request is its batch, in the caller's task). The member's next batch is
+    a's row, then b's."""
+    member = SharedMember()
+    loop_time = asyncio.get_running_loop().time
+    a, b = (EnsemblePipeline(name, answer, 8, 100, clock=loop_time) for name in ("a", "b"))
+    plan = Plan({"m": member}, {}, 1, 0.0, None, "p")
+    filler = asyncio.create_task(member.batcher.submit(rows(0.0)))  # holds the member
+    await until(lambda: member.batches == [0.0])
+    context = contextvars.copy_context()
+    context.run(PRIORITY.set, Priority(2, 2, 0.5))
+    context.run(COLLECTOR.set, [])  # traced: queued at b, dispatched in a batch context of its own
+    low = asyncio.create_task(b.submit(plan, rows(20.0), None), context=context)
+    await until(lambda: member.batcher.queue_depth == 1)
+    high = at(1, a.submit(plan, rows(10.0), None))
+    await until(lambda: member.batcher.queue_depth == 2)
+    member.gate.set()
+    await asyncio.gather(filler, low, high)
+    assert member.batches == [0.0, 10.0, 20.0]
+    await member.batcher.stop()
