@@ -23,11 +23,10 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from service.objectives.redis_layout import KEY, LABEL_SCRIPT, WRITE_SCRIPT
-from service.objectives.state_codec import (decode_prediction, decode_row, encode_prediction, encode_row, stored,
-                                            window_accuracy)
-from service.objectives.store import (FEEDBACK_CHUNK, FeedbackOutcome, LiveRow, PodCounters, StoreUnavailable,
-                                      per_member, score)
+from service.objectives.redis_labels import LabelBatches
+from service.objectives.redis_layout import KEY, WRITE_SCRIPT
+from service.objectives.state_codec import decode_row, encode_prediction, stored, window_accuracy
+from service.objectives.store import FEEDBACK_CHUNK, FeedbackOutcome, LiveRow, PodCounters, StoreUnavailable
 
 log = logging.getLogger(__name__)
 ERRORS = (RedisError, OSError, TimeoutError)
@@ -58,8 +57,10 @@ class RedisStore:
         self.last_feedback_at: float | None = None
         self._broken = broken  # why the URL cannot work (malformed): never connects
         self._client: Redis | None = None if broken else Redis.from_url(
-            url, password=password, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+            url, password=password, socket_timeout=None, socket_connect_timeout=timeout_s,
             retry=Retry(NoBackoff(), 0))  # no retries: a request never waits, a write that fails is counted
+        # every command runs under an asyncio.timeout (a batch's): redis-py's socket timeout
+        # as well cost a task (asyncio.wait_for) and a timer per command
         self._ttl = max(1, round(ttl_s))
         self._refresh_s, self._timeout_s, self._window = refresh_s, timeout_s, window
         self._queue: deque[tuple[str, Any, int]] = deque()
@@ -73,7 +74,7 @@ class RedisStore:
         self._rows: dict[str, list[LiveRow]] = {}
         self._live: dict[str, dict[str, tuple[float | None, int]]] = {}  # model -> key -> (accuracy, samples)
         self._tasks: list[asyncio.Task] = []
-        self._label = self._client.register_script(LABEL_SCRIPT) if self._client is not None else None
+        self._labels = LabelBatches(self._client, self.counters, self._ttl, window, timeout_s) if self._client else None
         self._store = self._client.register_script(WRITE_SCRIPT) if self._client is not None else None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -198,6 +199,10 @@ class RedisStore:
         """Read the fleet's windows of labelled rows, only those that changed since the last read."""
         redis = self._redis()
         async with asyncio.timeout(self._timeout_s):
+            before = time.time()
+            seconds, micros = await redis.time()  # the labelling script's deadlines are in Redis's clock
+            if self._labels is not None:
+                self._labels.clock_offset = seconds + micros / 1e6 - (before + time.time()) / 2
             members: Awaitable[set[bytes]] = redis.smembers(f"{KEY}models")  # type: ignore[assignment]
             models = sorted(m.decode() for m in await members)
             pipe = redis.pipeline(transaction=False)
@@ -236,9 +241,11 @@ class RedisStore:
             raise StoreUnavailable(f"the feedback store {self.name} cannot be used ({self._broken}): "
                                    "no label can be checked or counted until the server restarts with a valid URL")
         try:
-            for start in range(0, len(labels), FEEDBACK_CHUNK):
-                async with asyncio.timeout(3 * self._timeout_s):
-                    await self._add_chunk(labels[start:start + FEEDBACK_CHUNK], outcome)
+            assert self._labels is not None  # a broken store never gets this far
+            chunks = [labels] if len(labels) <= FEEDBACK_CHUNK else (  # most calls: one chunk, no copy
+                labels[start:start + FEEDBACK_CHUNK] for start in range(0, len(labels), FEEDBACK_CHUNK))
+            for chunk in chunks:  # the batch of each chunk goes at a later turn: a large call never holds the loop
+                await self._labels.label(chunk, outcome)
         except ERRORS as exc:
             self._unreachable(exc)
             counted = f"; {outcome.accepted} labels of this call were counted before it failed" if outcome.accepted else ""
@@ -248,45 +255,3 @@ class RedisStore:
         if outcome.accepted:
             self.last_feedback_at = now
         return outcome
-
-    async def _add_chunk(self, chunk: Any, outcome: FeedbackOutcome) -> None:
-        redis = self._redis()
-        ids = list(dict.fromkeys(item.request_id for item in chunk))
-        blobs = await redis.mget([f"{KEY}p:{request_id}" for request_id in ids])
-        known = {i: decode_prediction(blob) for i, blob in zip(ids, blobs) if blob is not None}
-        candidates, seen = [], set()
-        for item in chunk:
-            prediction = known.get(item.request_id)
-            if prediction is None:
-                outcome.unknown[item.request_id] = None
-            elif (not 0 <= item.row < len(prediction.predicted) or item.label not in prediction.labels
-                  or (item.request_id, item.row) in seen):
-                outcome.rejected += 1
-            else:
-                seen.add((item.request_id, item.row))
-                candidates.append((item.request_id, item.row, prediction.labels.index(item.label)))
-        if not candidates:
-            return
-        args: list[Any] = [self._ttl, self._window, KEY]
-        scored = []
-        for request_id, row, truth in candidates:
-            p = known[request_id]
-            separate = per_member(p.model, p.members)
-            predicted = int(p.predicted[row])
-            uncertain = p.uncertain.outcome(row, truth, predicted) if p.uncertain else None
-            live, outcomes = score(p.model, p.version, predicted, truth,
-                                   {m: (v, probs[row]) for m, (v, probs) in p.members.items()}, separate, uncertain)
-            fields = [f"labelled|{member}|{version}" for _, member, version, _ in outcomes]
-            fields += [f"correct|{member}|{version}" for _, member, version, right in outcomes if right]
-            args += [f"{KEY}l:{request_id}", row, p.model, encode_row(live, outcomes[0][3], separate), len(fields),
-                     *fields]
-            scored.append((p.model, outcomes, uncertain))
-        assert self._label is not None  # a broken store never gets this far
-        added = await self._label(args=args)  # one round trip: a row is labelled, pushed and counted at once
-        for new, (model, outcomes, uncertain) in zip(added, scored):
-            if new:
-                self.counters.add(outcomes)
-                self.counters.add_uncertain(model, uncertain)
-                outcome.accepted += 1
-            else:
-                outcome.rejected += 1  # another call, on this replica or another, labelled it first
