@@ -189,9 +189,13 @@ async def main() -> None:
     parser.add_argument("--lag", type=int, default=32, help="Feedback labels the answer this many requests back")
     parser.add_argument("--batch", type=int, default=16, help="labels per Feedback call in the batched run")
     parser.add_argument("--no-redis", action="store_true", help="skip the Redis-vs-in-process comparison")
+    parser.add_argument("--redis-only", action="store_true", help="only the Redis-vs-in-process comparison")
+    parser.add_argument("--modes", default="alone,one,batch",
+                        help="the Redis comparison's traffic: Predict alone, one label a call, --batch labels a call")
     args = parser.parse_args()
-    in_process(args.fill)
-    await empty_vs_full(args)
+    if not args.redis_only:
+        in_process(args.fill)
+        await empty_vs_full(args)
     if not args.no_redis:
         await redis_vs_in_process(args)
 
@@ -231,8 +235,9 @@ async def redis_vs_in_process(args: argparse.Namespace) -> None:
             for address in addresses.values():
                 await wait_ready(address)
                 await drive(address, 2.0, args.concurrency, "warm", lag=args.lag)
-            kinds = {"Predict alone": 0, "Predict+Feedback, 1 label a call": 1,
-                     f"Predict+Feedback, {args.batch} labels a call": args.batch}
+            modes = {"alone": ("Predict alone", 0), "one": ("Predict+Feedback, 1 label a call", 1),
+                     "batch": (f"Predict+Feedback, {args.batch} labels a call", args.batch)}
+            kinds = dict(modes[mode] for mode in args.modes.split(","))
             rates: dict[tuple[str, str], list[float]] = {(kind, name): [] for kind in kinds for name in servers}
             accepted = {key: [0, 0] for key in rates}
             predicts = {key: [0] for key in rates}
