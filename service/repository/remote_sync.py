@@ -171,8 +171,8 @@ class RemoteMembers(VersionLoading):
         current = model.current()
         if current is not None and current.state in (State.AVAILABLE, State.START):
             current.state = State.START if cause else State.AVAILABLE
-        if problem == model.problem:
-            return
+        if problem == model.problem or (problem and _kind(problem) == _kind(model.problem)):
+            return  # the same cause in other words (gRPC's details vary from one failed call to the next)
         model.problem = problem
         if cause:
             self._report(f"remote {spec.name}", 0, f"remote member {spec.name} at {spec.endpoint} is not ready: {cause}",
@@ -194,6 +194,11 @@ class RemoteMembers(VersionLoading):
             log.error("ensemble %s FAILED to load: %s", ensemble.entry.name, conflict)
             self._count_failure(ensemble.entry.name, 1)
         ensemble.spec, ensemble.contract_error, ensemble.checked = None, conflict, ()
+
+
+def _kind(problem: str) -> str:
+    """A problem without its details (what is in parentheses): what is logged once per change."""
+    return problem.split(" (", 1)[0]
 
 
 def _same(named: tuple) -> tuple:
