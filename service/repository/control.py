@@ -125,7 +125,8 @@ class ModelControl(RepositorySync):
             if entry.kind != "ensemble":
                 continue
             config = load_ensemble_config(entry.path)  # ModelLoadError: nothing changed yet
-            missing = [m for m in config.members if scan_model(self.root, m) is None]
+            elsewhere = {m.name for m in config.remote}  # served by other servers: not in this repository
+            missing = [m for m in config.members if m not in elsewhere and scan_model(self.root, m) is None]
             if missing:
                 raise InvalidInput(f"ensemble '{name}' needs members not in the repository: {missing}; "
                                    "nothing was changed")
@@ -145,7 +146,7 @@ class ModelControl(RepositorySync):
                     with contextlib.suppress(QuorumError):
                         await self._unload(name)
                 return errors
-            for name in [n for n in list(self.variants) + list(self.ensembles) if n not in keep]:
+            for name in [n for n in list(self.variants) + list(self.ensembles) if n not in keep and n not in self.remotes]:
                 await self._unload(name)
             return []
 

@@ -22,6 +22,8 @@ from tests.e2e.fixtures import module_server, vote_temperatures
 from tests.e2e.remote_servers import STRICT, DelayProxy, infer, left_out, remote, repository, server_on
 from tests.e2e.traffic import GoodClient
 from tests.helpers import copy_variant, free_port, onnx_models, wait_until
+from tests.server import EXPLICIT_CONTROL
+from tensorflow_serving.apis import model_management_pb2, model_service_pb2_grpc
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 MEMBERS = ("digits_mlp_a", "digits_cnn_a", "digits_logreg")  # the bundled ONNX members, as onnx_models() orders them
@@ -193,6 +195,24 @@ def test_a_new_version_on_a_is_recalibrated_and_another_label_set_refused(tmp_pa
                    "version 3 refused")
         assert logreg_version() == 2 and c2.health("digits/complete") == SERVING
     assert f"remote member digits_logreg at {endpoint}: serving version 2" in c2.output()
+
+
+def test_reload_config_keeps_an_ensemble_whose_members_are_elsewhere(tmp_path, a, b, test_split):
+    """TF Serving's HandleReloadConfigRequest (--model-control explicit) listing the ensemble:
+    its remote members are not this repository's, and what is not listed is unloaded."""
+    repo = repository(tmp_path / "c" / "models", {"local_logreg": "digits_logreg"},
+                      ensembles={"digits": _trio(a.address, b.address)})
+    request = model_management_pb2.ReloadConfigRequest()
+    request.config.model_config_list.config.add(name="digits", model_platform="onnx")
+    with server_on(tmp_path, repo, free_port(), [*STRICT, *EXPLICIT_CONTROL]) as c2, \
+            grpc.insecure_channel(c2.address) as channel:
+        assert c2.health("local_logreg") == SERVING
+        answer = model_service_pb2_grpc.ModelServiceStub(channel).HandleReloadConfigRequest(request, timeout=60)
+        assert answer.status.error_code == 0, answer.status.error_message
+        wait_until(lambda: c2.health("local_logreg") == NOT_SERVING, "local_logreg unloaded")  # health follows in 0.5 s
+        assert c2.health("digits/complete") == SERVING
+        with grpcclient.InferenceServerClient(c2.address) as client:
+            assert left_out(infer(client, "digits", test_split[0][:4].astype(np.float32))) == ""
 
 
 def _metric(server, name: str) -> float:
