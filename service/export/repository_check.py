@@ -9,7 +9,7 @@ from pathlib import Path
 
 from service.errors import ModelLoadError
 from service.repository.config import load_ensemble_config, load_model_config
-from service.repository.contract import EnsembleContractError, check_ensemble
+from service.repository.contract import EnsembleContractError
 from service.repository.manifest import VariantManifest, load_version_manifest
 from service.repository.members import Missing, contract_of, missing, would_break
 from service.repository.version_plan import plan_refusals, read_candidates
